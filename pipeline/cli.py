@@ -1,0 +1,131 @@
+"""The command line: ``pipeline run | status | prices``. ``asyncio.run`` lives only here.
+
+Exit codes: 0 every row succeeded; 1 finished, some rows failed; 2 usage,
+job or input error (nothing sent); 3 stopped early, resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+from typing import Any
+
+from .errors import PipelineError, UserError
+from .job import Job, load_job
+
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description="Run batches of LLM requests over datasets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job (resumes where the last run stopped)")
+    run.add_argument("job", help="a job file, or a name in jobs/ (NAME means jobs/NAME.toml)")
+    run.add_argument("--dry-run", action="store_true", help="count tokens and cost; send nothing, need no key")
+    run.add_argument("--sample", type=_positive, metavar="N", help="send N random rows and extrapolate the cost")
+    run.add_argument("--json", action="store_true", help="print the report or summary as one JSON object")
+    run.add_argument("--quiet", action="store_true", help="print only errors (for cron)")
+    run.add_argument("--fresh", action="store_true", help="start over: set the old journal aside")
+    run.add_argument("--retry-failed", action="store_true", help="also retry rows that failed permanently")
+    run.add_argument("--output", metavar="PATH", help="write the output here instead of [output] path")
+    status = sub.add_parser("status", help="show a job's progress from its journal")
+    status.add_argument("job")
+    status.add_argument("--json", action="store_true")
+    prices = sub.add_parser("prices", help="show or refresh the price table")
+    prices.add_argument("model", nargs="?", help="show one model")
+    prices.add_argument("--refresh", action="store_true", help="fetch prices from OpenRouter into the local cache")
+    prices.add_argument("--base-url", default="https://openrouter.ai/api/v1")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except PipelineError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except sqlite3.Error as exc:
+        _error(f"journal error: {exc}")
+        return EXIT_ROWS_FAILED
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_STOPPED
+
+
+def _error(message: str) -> None:
+    print(f"pipeline: error: {message}", file=sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "prices":
+        return _prices(args)
+    job = load_job(args.job)
+    if getattr(args, "output", None):
+        from pathlib import Path
+
+        job = _with_output(job, Path(args.output))
+    if args.command == "status":
+        return _status(job, args.json)
+    if args.dry_run:
+        return _dry_run(job, args.json)
+    return _run(job, args)
+
+
+def _with_output(job: Job, path: Any) -> Job:
+    return job.model_copy(update={"output": job.output.model_copy(update={"path": path})})
+
+
+def _status(job: Job, as_json: bool) -> int:
+    from .status import format_status, job_status
+
+    status = job_status(job)
+    print(json.dumps(status) if as_json else format_status(status))
+    return EXIT_OK
+
+
+def _dry_run(job: Job, as_json: bool) -> int:
+    from .estimate import dry_run, format_report
+    from .plan import prepare
+
+    report = dry_run(prepare(job, need_key=False))
+    print(json.dumps(report) if as_json else format_report(report))
+    return EXIT_OK
+
+
+def _run(job: Job, args: argparse.Namespace) -> int:
+    from .plan import prepare
+    from .report import print_summary
+    from .runner import RunOptions, run_plan
+
+    plan = prepare(job)
+    options = RunOptions(quiet=args.quiet, fresh=args.fresh, retry_failed=args.retry_failed, sample=args.sample)
+    result = asyncio.run(run_plan(plan, options))
+    print_summary(plan, result, args)
+    return result.exit_code
+
+
+def _prices(args: argparse.Namespace) -> int:
+    from .pricing import model_info, refresh_prices
+
+    if args.refresh:
+        path, count = asyncio.run(refresh_prices(args.base_url))
+        print(f"refreshed prices of {count} models from {args.base_url} into {path}")
+    if args.model:
+        info = model_info(args.model)
+        print(f"{info.model}: {info.input_per_million} / {info.output_per_million} USD per million tokens "
+              f"in/out, context {info.context_length}, from {info.source}")
+    return EXIT_OK

@@ -1,0 +1,138 @@
+"""The HTTP client: one request per row, retried with backoff and jitter.
+
+The retry loop is written out rather than delegated to tenacity or stamina
+because every attempt must pass the shared rate limiter, a 429 must pause the
+whole job, and a graceful stop must cut a backoff short: these hooks are the
+whole loop, so a library would add indirection without removing code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from .limiter import RateLimiter
+from .providers import Dialect, Reply, parse_response
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 60.0
+RETRY_AFTER_CAP_S = 600.0
+
+
+class Stopper:
+    """The run's stop flag: set by signals, auth failures or the budget."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self.event.is_set()
+
+    async def sleep(self, seconds: float) -> bool:
+        """Sleep unless a stop comes first; True if the full time passed."""
+        if self.event.is_set():
+            return False
+        try:
+            await asyncio.wait_for(self.event.wait(), seconds)
+        except TimeoutError:
+            return True
+        return False
+
+
+@dataclass(slots=True)
+class Attempted:
+    """The final reply for a row and what it took to get it."""
+
+    reply: Reply
+    attempts: int
+    latency_s: float
+    cost: float  # billed across all attempts, when the server reports it
+
+
+def backoff_delay(attempt: int, retry_after: float | None) -> float:
+    """Full-jitter exponential backoff, never shorter than the server's Retry-After."""
+    jitter = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+    if retry_after is not None:
+        return min(RETRY_AFTER_CAP_S, retry_after) + jitter * 0.1
+    return jitter
+
+
+class ChatClient:
+    """Sends chat requests for the runner; knows nothing of rows or journals."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, dialect: Dialect, headers: dict[str, str],
+        limiter: RateLimiter, stopper: Stopper, max_attempts: int, timeout_s: float,
+    ) -> None:
+        self.session = session
+        self.dialect = dialect
+        self.headers = headers
+        self.limiter = limiter
+        self.stopper = stopper
+        self.max_attempts = max_attempts
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
+
+    async def complete(self, body: bytes, tokens: int = 0, first_attempt: int = 1) -> Attempted | None:
+        """Send until success, a permanent error, or attempts run out.
+
+        Returns None when the run is stopping before the first attempt went out.
+        """
+        cost = 0.0
+        attempt = first_attempt - 1
+        reply = Reply("retry", error="stopped before sending (not_run)")
+        while attempt < self.max_attempts and not self.stopper.stopped:
+            await self.limiter.acquire(tokens)
+            if self.stopper.stopped:
+                break
+            attempt += 1
+            started = time.perf_counter()
+            reply = await self._send_once(body)
+            latency = time.perf_counter() - started
+            cost += reply.cost or 0.0
+            if reply.kind != "retry" or attempt >= self.max_attempts:
+                return Attempted(reply, attempt, latency, cost)
+            delay = backoff_delay(attempt, reply.retry_after)
+            if reply.status == 429:
+                self.limiter.cool_down(delay)
+            if not await self.stopper.sleep(delay):
+                return Attempted(reply, attempt, latency, cost)
+        if attempt < first_attempt:
+            return None
+        return Attempted(reply, attempt, 0.0, cost)
+
+    async def _send_once(self, body: bytes) -> Reply:
+        """One POST; transport failures become retryable replies, never exceptions."""
+        try:
+            async with self.session.post(
+                self.dialect.url, data=body, headers=self.headers, timeout=self.timeout
+            ) as resp:
+                raw = await resp.read()
+                return parse_response(resp.status, raw, resp.headers)
+        except TimeoutError:
+            return Reply("retry", error=f"timeout after {self.timeout_s:g} s")
+        except aiohttp.ClientError as exc:
+            return Reply("retry", error=f"connection error: {type(exc).__name__}: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] if text else "no details"
+
+
+def request_headers(api_key: str | None, extra: dict[str, str]) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", **extra}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers

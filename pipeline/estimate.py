@@ -1,0 +1,133 @@
+"""Dry runs: what a job would send and cost, offline, without a key.
+
+Every row is read and rendered, and its whole chat request is counted with
+the model's own tokenizer where we have it (Mistral models: exact), in
+batches. Expected output tokens come from rows already answered (for example
+by ``--sample N``) when there are any; otherwise half of ``max_tokens`` is
+assumed, and the report says so.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from .journal import Journal
+from .limiter import estimated_duration_s
+from .plan import Plan
+
+
+def dry_run(plan: Plan) -> dict[str, Any]:
+    started = time.perf_counter()
+    rows = empty = too_long = input_tokens = 0
+    to_send = 0
+    limit = plan.context_length
+    max_tokens = plan.job.model.max_tokens
+    for batch, _keys, rendered in plan.batches():
+        rows += batch.num_rows
+        idx = [i for i in range(batch.num_rows) if not rendered.blank[i]]
+        empty += batch.num_rows - len(idx)
+        systems = [rendered.systems[i] for i in idx] if rendered.systems is not None else [None] * len(idx)
+        counts = plan.counter.count_chat(systems, [rendered.users[i] for i in idx]) if idx else []
+        for tokens in counts:
+            if limit is not None and tokens + max_tokens > limit:
+                too_long += 1
+            else:
+                to_send += 1
+                input_tokens += tokens
+    elapsed = time.perf_counter() - started
+    report = _figures(plan, rows, to_send, input_tokens, _sample_stats(plan.job.output.journal_path))
+    report["skipped"] = {"empty_prompt": empty, "over_context": too_long, "total": empty + too_long}
+    report["rows_per_s"] = round(rows / elapsed) if elapsed > 0 else None
+    return report
+
+
+def _sample_stats(journal_path: Path) -> list[int]:
+    if not journal_path.exists():
+        return []
+    journal = Journal(journal_path, readonly=True)
+    try:
+        return journal.completion_token_sample()
+    finally:
+        journal.close()
+
+
+def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: list[int]) -> dict[str, Any]:
+    info = plan.info
+    max_tokens = plan.job.model.max_tokens
+    if sample:
+        mean = statistics.fmean(sample)
+        half_width = 1.96 * statistics.stdev(sample) / math.sqrt(len(sample)) if len(sample) > 1 else mean
+        basis = f"mean of {len(sample)} answered rows in the journal"
+    else:
+        mean, half_width = max_tokens / 2, max_tokens / 2
+        basis = "assumed half of max_tokens (run with --sample N to measure)"
+    expected = round(min(mean, max_tokens) * to_send)
+    low = round(max(0.0, mean - half_width) * to_send)
+    high = round(min(max_tokens, mean + half_width) * to_send)
+    limits = plan.job.limits
+    return {
+        "rows": rows,
+        "rows_to_send": to_send,
+        "input_tokens": input_tokens,
+        "output_tokens_max": to_send * max_tokens,
+        "output_tokens_expected": expected,
+        "output_tokens_interval": [low, high],
+        "output_tokens_basis": basis,
+        "cost_usd_min": _cost(plan, input_tokens, 0),
+        "cost_usd_expected": _cost(plan, input_tokens, expected),
+        "cost_usd_interval": [_cost(plan, input_tokens, low), _cost(plan, input_tokens, high)],
+        "cost_usd_max": _cost(plan, input_tokens, to_send * max_tokens),
+        "duration_s_min": estimated_duration_s(
+            to_send, limits.requests_per_minute, input_tokens + to_send * max_tokens, limits.tokens_per_minute
+        ) if limits.requests_per_minute else 0.0,
+        "model": plan.model_name,
+        "tokenizer": plan.counter.name,
+        "tokens_exact": plan.counter.exact,
+        "price_source": info.source,
+        "input_price_per_million": info.input_per_million,
+        "output_price_per_million": info.output_per_million,
+        "context_length": plan.context_length,
+    }
+
+
+def _cost(plan: Plan, prompt_tokens: int, completion_tokens: int) -> float | None:
+    cost = plan.info.cost(prompt_tokens, completion_tokens)
+    return None if cost is None else round(cost, 6)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable dry-run report."""
+    approx = "" if report["tokens_exact"] else " (approximate)"
+    skipped = report["skipped"]
+    money = _money
+    lines = [
+        f"dry run: {report['rows']:,} rows, {report['rows_to_send']:,} would be sent; nothing was sent",
+        f"  skipped: {skipped['empty_prompt']:,} empty prompt, {skipped['over_context']:,} over the "
+        f"{report['context_length'] or '?'}-token context window",
+        f"  input tokens: {report['input_tokens']:,}{approx} ({report['tokenizer']})",
+        f"  output tokens: max {report['output_tokens_max']:,}, expected {report['output_tokens_expected']:,} "
+        f"({report['output_tokens_basis']})",
+        f"  cost: min {money(report['cost_usd_min'])}, expected {money(report['cost_usd_expected'])} "
+        f"(interval {money(report['cost_usd_interval'][0])} to {money(report['cost_usd_interval'][1])}), "
+        f"max {money(report['cost_usd_max'])}",
+        f"  prices: {report['model']} at {report['input_price_per_million']} / "
+        f"{report['output_price_per_million']} USD per million tokens in/out, from {report['price_source']}",
+        f"  time: at least {_duration(report['duration_s_min'])} at the job's rate limits",
+    ]
+    return "\n".join(lines)
+
+
+def _money(value: float | None) -> str:
+    return "unknown (no price)" if value is None else f"${value:,.4f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,246 @@
+"""The journal: every response, durable before its row counts as done.
+
+SQLite in WAL mode. A committed transaction survives ``kill -9`` of the
+process (WAL with ``synchronous=NORMAL`` gives up durability only on power
+loss), and a torn tail of the WAL is discarded by SQLite's frame checksums.
+Commits are grouped: every response that arrives in one turn of the event loop
+is committed together, and the workers that sent them wait for that commit
+before taking their next row. So at most ``concurrency`` requests are ever
+paid for without being journaled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import IdentityError, LockedError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS results (
+    key TEXT PRIMARY KEY,
+    prompt_hash TEXT NOT NULL,
+    status TEXT NOT NULL,
+    completion TEXT,
+    finish_reason TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    cost_usd REAL,
+    model TEXT,
+    provider TEXT,
+    generation_id TEXT,
+    attempts INTEGER,
+    latency_s REAL,
+    error TEXT,
+    parsed TEXT,
+    invalid_tries INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL
+);
+"""
+
+# Columns of a result row, in the order Journal.write expects them.
+RESULT_FIELDS = (
+    "key", "prompt_hash", "status", "completion", "finish_reason", "prompt_tokens",
+    "completion_tokens", "cost_usd", "model", "provider", "generation_id", "attempts",
+    "latency_s", "error", "parsed", "invalid_tries", "updated",
+)
+_UPSERT = (
+    f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) "
+    f"VALUES ({', '.join('?' * len(RESULT_FIELDS))})"
+)
+
+# Row statuses. "transient" rows are retried by the next run; "failed" and
+# "invalid" rows only with --retry-failed (or retry_invalid for invalid ones).
+OK, FAILED, INVALID, TRANSIENT, SKIPPED = "ok", "failed", "invalid", "transient", "skipped"
+DONE_STATUSES = frozenset({OK, FAILED, INVALID, SKIPPED})
+
+
+class RunLock:
+    """One run per journal. ``flock`` dies with its process, so a killed run never blocks."""
+
+    def __init__(self, journal_path: Path) -> None:
+        self.path = journal_path.with_name(journal_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"another run of this job is active (pid {holder}; lock {self.path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def holder(self) -> int | None:
+        """The pid of an active run, or None (for ``pipeline status``)."""
+        if not self.path.exists():
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)
+        return None
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the journal knows of a row when deciding whether to send it."""
+
+    prompt_hash: str
+    status: str
+    invalid_tries: int
+
+
+class Journal:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path = path
+        uri = f"file:{path}?mode=ro" if readonly else str(path)
+        self.conn = sqlite3.connect(uri, uri=readonly, isolation_level=None, check_same_thread=False)
+        if not readonly:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.executescript(SCHEMA)
+        self._pending: list[tuple[Any, ...]] = []
+        self._pending_cost = 0.0
+        self._flushed: asyncio.Future[None] | None = None
+
+    @classmethod
+    def open(cls, path: Path, identity: dict[str, Any], fresh: bool = False) -> Journal:
+        """Open (or create) the journal for a job, checking it is the same job."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and path.exists():
+            set_aside(path)
+        journal = cls(path)
+        stored = journal.get_meta("identity")
+        if stored is None:
+            journal.set_meta("identity", json.dumps(identity, sort_keys=True, default=str))
+            journal.set_meta("created", str(time.time()))
+        else:
+            changed = changed_keys(json.loads(stored), json.loads(json.dumps(identity, default=str)))
+            if changed:
+                journal.close()
+                raise IdentityError(
+                    f"the job changed since its journal was written ({', '.join(changed)}): "
+                    f"rerun with --fresh to start over (the old journal is kept aside), "
+                    f"or restore the old settings to resume"
+                )
+        return journal
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def seen(self, keys: list[str]) -> dict[str, Seen]:
+        """Journal state for a batch of row keys (one query per batch)."""
+        rows = self.conn.execute(
+            "SELECT key, prompt_hash, status, invalid_tries FROM results "
+            "WHERE key IN (SELECT value FROM json_each(?))",
+            (json.dumps(keys),),
+        )
+        return {key: Seen(h, s, n) for key, h, s, n in rows}
+
+    def results(self, keys: list[str], fields: Iterable[str]) -> dict[str, tuple[Any, ...]]:
+        cols = ", ".join(fields)
+        rows = self.conn.execute(
+            f"SELECT key, {cols} FROM results WHERE key IN (SELECT value FROM json_each(?))",
+            (json.dumps(keys),),
+        )
+        return {row[0]: row[1:] for row in rows}
+
+    def write(self, row: tuple[Any, ...], cost: float = 0.0) -> asyncio.Future[None]:
+        """Queue a result; the returned future resolves once it is committed."""
+        self._pending.append(row)
+        self._pending_cost += cost
+        if self._flushed is None:
+            loop = asyncio.get_running_loop()
+            self._flushed = loop.create_future()
+            # Runs after every callback already scheduled in this loop turn.
+            loop.call_soon(self._flush)
+        return self._flushed
+
+    def _flush(self) -> None:
+        rows, cost, done = self._pending, self._pending_cost, self._flushed
+        self._pending, self._pending_cost, self._flushed = [], 0.0, None
+        try:
+            self.write_now(rows, cost)
+        except sqlite3.Error as exc:
+            if done is not None:
+                done.set_exception(exc)
+            return
+        if done is not None:
+            done.set_result(None)
+
+    def write_now(self, rows: list[tuple[Any, ...]], cost: float = 0.0) -> None:
+        """Commit rows (and what they cost) in one transaction."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany(_UPSERT, rows)
+            if cost:
+                self.conn.execute(
+                    "INSERT INTO meta VALUES ('spent_usd', ?) ON CONFLICT(key) "
+                    "DO UPDATE SET value = CAST(value AS REAL) + excluded.value",
+                    (cost,),
+                )
+
+    def spent(self) -> float:
+        """Everything this job has been billed, across runs."""
+        value = self.get_meta("spent_usd")
+        return float(value) if value else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, tokens and cost by status, for ``pipeline status``."""
+        by_status = dict(self.conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall())
+        tokens = self.conn.execute(
+            "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), MAX(updated) FROM results"
+        ).fetchone()
+        return {"by_status": by_status, "prompt_tokens": tokens[0], "completion_tokens": tokens[1], "last_update": tokens[2]}
+
+    def completion_token_sample(self, limit: int = 100_000) -> list[int]:
+        rows = self.conn.execute(
+            "SELECT completion_tokens FROM results WHERE status = 'ok' AND completion_tokens IS NOT NULL LIMIT ?",
+            (limit,),
+        )
+        return [r[0] for r in rows]
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def set_aside(path: Path) -> Path:
+    """Move a journal (and its WAL files) out of the way for ``--fresh``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.{stamp}.old")
+    for suffix in ("", "-wal", "-shm"):
+        part = Path(str(path) + suffix)
+        if part.exists():
+            part.rename(Path(str(target) + suffix))
+    return target

@@ -1,0 +1,74 @@
+"""The rate cap: requests per minute, tokens per minute and a shared cool-down.
+
+Built on aiolimiter's leaky bucket. A bucket as large as the per-minute rate
+would allow a full minute's requests in the first instant; strict providers
+answer such a start-up burst with 429s. So the request bucket holds at most
+two requests and leaks at the per-second rate: arrivals are spread evenly.
+Two places absorb the event loop's timer jitter, which would otherwise cost a
+few percent of the rate; the leak rate is lowered by that one extra request
+per minute so that no 60-second window ever holds more than
+``requests_per_minute`` requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from aiolimiter import AsyncLimiter
+
+
+def request_bucket(requests_per_minute: float) -> AsyncLimiter:
+    """A limiter that admits at most rpm requests in any minute, evenly spread.
+
+    With capacity ``b`` and leak rate ``r`` per second, any window of ``w``
+    seconds admits at most ``b - 1 + ceil(r * w)`` requests. ``b = 2`` keeps
+    one second within ``1.5 * rpm / 60 + 1`` once the rate is 2/s or more;
+    below that, ``b = 1`` (strict spacing).
+    """
+    per_second = requests_per_minute / 60
+    capacity = 2 if per_second >= 2 else 1
+    leak_per_minute = requests_per_minute - (capacity - 1)
+    return AsyncLimiter(capacity, capacity * 60 / leak_per_minute)
+
+
+class RateLimiter:
+    """Admits requests under the job's caps; a 429 pauses every worker."""
+
+    def __init__(self, requests_per_minute: float, tokens_per_minute: int = 0, max_tokens: int = 0) -> None:
+        self._requests = request_bucket(requests_per_minute)
+        self._tokens: AsyncLimiter | None = None
+        self._token_capacity = 0
+        if tokens_per_minute:
+            # Bucket: a tenth of a minute's tokens, but always room for a large request.
+            self._token_capacity = min(tokens_per_minute, max(tokens_per_minute // 10, 2 * max_tokens + 2048))
+            self._tokens = AsyncLimiter(self._token_capacity, self._token_capacity * 60 / tokens_per_minute)
+        self._paused_until = 0.0
+
+    async def acquire(self, tokens: int = 0) -> None:
+        """Wait for a cool-down to pass, then for room under both caps."""
+        await self._wait_cool_down()
+        if self._tokens is not None and tokens:
+            # A request larger than the bucket waits for an empty bucket.
+            await self._tokens.acquire(min(tokens, self._token_capacity))
+        await self._requests.acquire()
+        # A 429 may have arrived while we waited for a slot.
+        await self._wait_cool_down()
+
+    def cool_down(self, seconds: float) -> None:
+        """Pause all new requests for ``seconds`` (after a 429: the whole job slows)."""
+        loop = asyncio.get_running_loop()
+        self._paused_until = max(self._paused_until, loop.time() + seconds)
+
+    async def _wait_cool_down(self) -> None:
+        # Sleeps to the deadline known now; acquire() checks again after its wait.
+        delay = self._paused_until - asyncio.get_running_loop().time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def estimated_duration_s(rows: int, requests_per_minute: float, tokens: int = 0, tokens_per_minute: int = 0) -> float:
+    """The least time the caps allow for ``rows`` requests carrying ``tokens``."""
+    by_requests = rows / requests_per_minute * 60
+    by_tokens = tokens / tokens_per_minute * 60 if tokens_per_minute else 0.0
+    return math.ceil(max(by_requests, by_tokens) * 10) / 10

@@ -1,0 +1,112 @@
+"""The output writer: input rows plus result columns, written atomically.
+
+The output is assembled by streaming: one input batch at a time is joined
+with its rows from the journal and appended as a row group, so memory stays
+bounded for any number of rows. It is written to a temporary file beside the
+target and renamed into place, so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .journal import Journal
+
+# The documented result columns and their Arrow types. Types are fixed, so a
+# column keeps its type even when every value is null.
+RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("completion", pa.string()),
+    ("finish_reason", pa.string()),
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("cost_usd", pa.float64()),
+    ("model", pa.string()),
+    ("provider", pa.string()),
+    ("generation_id", pa.string()),
+    ("attempts", pa.int64()),
+    ("latency_s", pa.float64()),
+    ("error", pa.string()),
+]
+_JOURNAL_FIELDS = [name for name, _ in RESULT_COLUMNS] + ["prompt_hash", "parsed"]
+NOT_RUN = "not_run: the run stopped before this row was sent; rerun the job to finish it"
+
+
+class Structured:
+    """What the output writer needs from a structured-output spec."""
+
+    columns: list[tuple[str, pa.DataType]]
+
+    def to_arrays(self, parsed: list[dict[str, Any] | None]) -> list[pa.Array]: ...
+
+
+def output_schema(input_schema: pa.Schema, structured: Any | None) -> pa.Schema:
+    fields = list(input_schema)
+    fields += [pa.field(name, kind) for name, kind in RESULT_COLUMNS]
+    if structured is not None:
+        fields += [pa.field(name, kind) for name, kind in structured.columns]
+    return pa.schema(fields)
+
+
+def result_arrays(
+    keys: list[str], hashes: list[str], journal: Journal, structured: Any | None
+) -> list[pa.Array]:
+    """The result columns for one batch, in the batch's row order."""
+    found = journal.results(keys, _JOURNAL_FIELDS)
+    width = len(RESULT_COLUMNS)
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    parsed: list[dict[str, Any] | None] = []
+    for key, prompt_hash in zip(keys, hashes, strict=True):
+        row = found.get(key)
+        if row is None or row[width] != prompt_hash:
+            # Never journaled, or journaled for a prompt that has since changed.
+            row = (None,) * (width - 1) + (NOT_RUN, prompt_hash, None)
+        for i in range(width):
+            columns[i].append(row[i])
+        parsed.append(json.loads(row[width + 1]) if row[width + 1] else None)
+    arrays = [pa.array(values, type=kind) for values, (_, kind) in zip(columns, RESULT_COLUMNS, strict=True)]
+    if structured is not None:
+        arrays += structured.to_arrays(parsed)
+    return arrays
+
+
+def write_output(
+    path: Path,
+    schema: pa.Schema,
+    batches: Iterator[tuple[pa.RecordBatch, list[str], list[str]]],
+    journal: Journal,
+    structured: Any | None,
+) -> int:
+    """Stream (input batch, keys, prompt hashes) into ``path`` atomically; returns rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch, keys, hashes in batches:
+                arrays = list(batch.columns) + result_arrays(keys, hashes, journal, structured)
+                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+                rows += batch.num_rows
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return rows
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+ProgressFn = Callable[[int], None]

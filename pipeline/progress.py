@@ -1,0 +1,100 @@
+"""The tracker: one object owns the run's counters and its progress bar.
+
+Workers only call :meth:`Tracker.report`. The bar's text is refreshed at most
+a few times a second, so progress costs next to nothing per row.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+REFRESH_S = 0.5
+
+
+@dataclass
+class Counters:
+    ok: int = 0
+    failed: int = 0
+    invalid: int = 0
+    skipped: int = 0
+    resumed: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class Tracker:
+    def __init__(self, total: int, quiet: bool = False, desc: str = "rows") -> None:
+        self.counters = Counters()
+        self.started = time.monotonic()
+        self.quiet = quiet
+        self._next_refresh = 0.0
+        self.bar = tqdm(
+            total=total, desc=desc, unit="row", disable=quiet, file=sys.stderr,
+            dynamic_ncols=True, smoothing=0.05, mininterval=REFRESH_S,
+        )
+
+    def resumed(self, rows: int) -> None:
+        """Rows already done by an earlier run count toward the total."""
+        self.counters.resumed += rows
+        self.bar.update(rows)
+
+    def skipped(self, rows: int) -> None:
+        self.counters.skipped += rows
+        self.bar.update(rows)
+
+    def report(self, status: str, attempts: int, prompt_tokens: int | None,
+               completion_tokens: int | None, cost: float, error: str | None) -> None:
+        c = self.counters
+        c.requests += attempts
+        c.prompt_tokens += prompt_tokens or 0
+        c.completion_tokens += completion_tokens or 0
+        c.cost_usd += cost
+        if status == "ok":
+            c.ok += 1
+        elif status == "invalid":
+            c.invalid += 1
+        else:
+            c.failed += 1
+        if error:
+            kind = error.split(":", 1)[0][:40]
+            c.errors[kind] = c.errors.get(kind, 0) + 1
+        self.bar.update(1)
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self._next_refresh = now + REFRESH_S
+            self._refresh_postfix()
+
+    def _refresh_postfix(self) -> None:
+        c = self.counters
+        tokens = c.prompt_tokens + c.completion_tokens
+        self.bar.set_postfix_str(
+            f"${c.cost_usd:.4f}, {tokens:,} tok, {c.failed + c.invalid} err", refresh=False
+        )
+
+    def close(self) -> None:
+        self._refresh_postfix()
+        self.bar.close()
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def summary(self) -> dict[str, Any]:
+        c = self.counters
+        elapsed = self.elapsed_s
+        return {
+            "rows_ok": c.ok, "rows_failed": c.failed, "rows_invalid": c.invalid,
+            "rows_skipped": c.skipped, "rows_resumed": c.resumed, "requests": c.requests,
+            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "cost_usd": round(c.cost_usd, 8), "wall_s": round(elapsed, 2),
+            "requests_per_minute": round(c.requests / elapsed * 60, 1) if elapsed > 0 else 0.0,
+            "errors": dict(c.errors),
+        }

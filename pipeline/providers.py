@@ -1,0 +1,181 @@
+"""Provider dialects: request bodies, response parsing and error classes.
+
+This is the seam between the generic runner and provider-specific shapes. The
+runner only sees :class:`Reply` objects whose ``kind`` says what to do next:
+
+- ``ok``: a completion (journal it);
+- ``retry``: transient (408, 409, 429, 5xx, timeouts, dropped connections,
+  HTTP-200 bodies carrying an error): back off and try again;
+- ``fatal``: the request itself is wrong (400, 404, 422, ...): the row ends;
+- ``auth``: the key is rejected or out of credits (401, 402, 403 about the
+  key): stop sending at once, the run is resumable.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .job import ModelSpec
+
+RETRY_STATUSES = frozenset({408, 409, 425, 429})
+AUTH_STATUSES = frozenset({401, 402})
+
+
+@dataclass(slots=True)
+class Reply:
+    """One HTTP exchange, classified."""
+
+    kind: str  # "ok" | "retry" | "fatal" | "auth"
+    status: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    content: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost: float | None = None
+    model: str | None = None
+    provider: str | None = None
+    generation_id: str | None = None
+
+
+class Dialect:
+    """How one kind of server wants its requests and words its answers."""
+
+    def __init__(self, spec: ModelSpec, model_name: str, structured_fields: dict[str, Any]) -> None:
+        self.profile = spec.profile
+        self.url = f"{spec.base_url}/chat/completions"
+        self._base = self._base_body(spec, model_name, structured_fields)
+
+    def _base_body(self, spec: ModelSpec, model_name: str, structured: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model_name, "max_tokens": spec.max_tokens}
+        if spec.temperature is not None:
+            body["temperature"] = spec.temperature
+        params = dict(spec.params)
+        if self.profile == "mistral" and "seed" in params:
+            # Mistral's API calls the seed random_seed.
+            params["random_seed"] = params.pop("seed")
+        _deep_merge(body, structured)
+        _deep_merge(body, params)  # the job's own params win
+        return body
+
+    def body(self, messages: list[dict[str, str]]) -> bytes:
+        return json.dumps({**self._base, "messages": messages}, ensure_ascii=False).encode()
+
+    def identity(self) -> dict[str, Any]:
+        return {key: value for key, value in self._base.items() if key != "model"}
+
+
+def _deep_merge(target: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Merge nested tables, e.g. the job's ``provider`` routing with ``require_parameters``."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value)
+        else:
+            target[key] = value
+
+
+def parse_response(status: int, body: bytes, headers: Any) -> Reply:
+    """Classify one HTTP response (status, raw body, headers)."""
+    data = _json_or_none(body)
+    if status == 200 and isinstance(data, dict):
+        return _parse_success(data)
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    message = _error_message(data, body)
+    if status == 200:
+        return Reply("retry", status, f"HTTP 200 with an unreadable body: {message}")
+    return Reply(classify_status(status, message), status, f"HTTP {status}: {message}", retry_after)
+
+
+def classify_status(status: int, message: str) -> str:
+    if status in RETRY_STATUSES or status >= 500:
+        return "retry"
+    if status in AUTH_STATUSES or (status == 403 and _about_key(message)):
+        return "auth"
+    return "fatal"
+
+
+def _about_key(message: str) -> bool:
+    text = message.lower()
+    return any(word in text for word in ("key", "credit", "auth", "token", "limit exceeded"))
+
+
+def _parse_success(data: dict[str, Any]) -> Reply:
+    if isinstance(data.get("error"), dict):
+        # OpenRouter reports a provider failure after streaming started as a 200.
+        err = data["error"]
+        return Reply("retry", 200, f"provider error (HTTP 200): {_clip(str(err.get('message', err)))}")
+    try:
+        choice = data["choices"][0]
+        message = choice.get("message") or {}
+        finish = choice.get("finish_reason")
+        usage = data.get("usage") or {}
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return Reply("retry", 200, "HTTP 200 without choices")
+    if finish == "error":
+        return Reply("retry", 200, "provider error (HTTP 200, finish_reason error)")
+    return Reply(
+        "ok", 200,
+        content=message.get("content"),
+        finish_reason=finish,
+        prompt_tokens=_int(usage.get("prompt_tokens")),
+        completion_tokens=_int(usage.get("completion_tokens")),
+        cost=_float(usage.get("cost")),
+        model=data.get("model"),
+        provider=data.get("provider"),
+        generation_id=data.get("id"),
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` is either seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _error_message(data: Any, body: bytes) -> str:
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return _clip(str(err["message"]))
+        if isinstance(err, str):
+            return _clip(err)
+        if data.get("message") or data.get("detail"):
+            return _clip(str(data.get("message") or data.get("detail")))
+    text = body.decode("utf-8", "replace").strip()
+    return _clip(text) if text else "(empty body)"
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)

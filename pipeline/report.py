@@ -1,0 +1,88 @@
+"""The end-of-run summary, for people (or ``--json`` for scripts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .plan import Plan
+from .runner import RunResult
+
+
+def run_summary(plan: Plan, result: RunResult) -> dict[str, Any]:
+    s = dict(result.summary)
+    estimated = plan.info.cost(s["prompt_tokens"], s["completion_tokens"])
+    s.update({
+        "exit_code": result.exit_code,
+        "stop_reason": result.stop_reason,
+        "output": str(plan.job.output.path) if result.output_rows else None,
+        "output_rows": result.output_rows,
+        "job_spent_usd": round(result.spent_usd, 8),
+        "cost_usd_estimated": None if estimated is None else round(estimated, 8),
+        "price_source": plan.info.source,
+        "model": plan.model_name,
+    })
+    return s
+
+
+def print_summary(plan: Plan, result: RunResult, args: argparse.Namespace) -> None:
+    summary = run_summary(plan, result)
+    if args.sample:
+        _print_sample_estimate(plan, args)
+    if args.json:
+        print(json.dumps(summary))
+        return
+    if args.quiet:
+        _print_problems(plan, summary)
+        return
+    print(format_summary(plan, summary, args.job))
+
+
+def format_summary(plan: Plan, s: dict[str, Any], job_arg: str) -> str:
+    est = s["cost_usd_estimated"]
+    est_text = "unknown" if est is None else f"${est:.6f}"
+    lines = [
+        f"{plan.job.name}: {s['rows_ok']:,} rows ok, {s['rows_failed'] + s['rows_invalid']:,} failed, "
+        f"{s['rows_skipped']:,} skipped, {s['rows_resumed']:,} already done "
+        f"in {s['wall_s']:.1f} s ({s['requests']:,} requests, {s['requests_per_minute']:,.0f} per minute)",
+        f"  tokens: {s['prompt_tokens']:,} in + {s['completion_tokens']:,} out; cost ${s['cost_usd']:.6f} "
+        f"(estimated from tokens {est_text}, prices from {s['price_source']}); "
+        f"job total ${s['job_spent_usd']:.6f}",
+    ]
+    if s["errors"]:
+        lines.append("  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["errors"].items())))
+    if s["output"]:
+        lines.append(f"  output: {s['output']} ({s['output_rows']:,} rows)")
+    lines += _stop_lines(s, job_arg)
+    return "\n".join(lines)
+
+
+def _stop_lines(s: dict[str, Any], job_arg: str) -> list[str]:
+    if s["exit_code"] == 3:
+        return [f"  stopped: {s['stop_reason']}", f"  resume with: pipeline run {job_arg}"]
+    if s["exit_code"] == 1:
+        return [f"  some rows failed: see the error column; rerun to retry transient failures "
+                f"(add --retry-failed for the others): pipeline run {job_arg}"]
+    return []
+
+
+def _print_problems(plan: Plan, s: dict[str, Any]) -> None:
+    """``--quiet``: nothing on success; one line per problem on stderr."""
+    if s["exit_code"] == 3:
+        print(f"pipeline: {plan.job.name} stopped: {s['stop_reason']}; rerun to resume", file=sys.stderr)
+    elif s["exit_code"] == 1:
+        failed = s["rows_failed"] + s["rows_invalid"]
+        print(f"pipeline: {plan.job.name}: {failed} rows failed (see the error column of {s['output']})",
+              file=sys.stderr)
+
+
+def _print_sample_estimate(plan: Plan, args: argparse.Namespace) -> None:
+    from .estimate import dry_run, format_report
+
+    report = dry_run(plan)
+    if args.json:
+        print(json.dumps({"estimate": report}))
+    else:
+        print("estimate for the full job from the sample:\n" + format_report(report))
