@@ -96,7 +96,7 @@ def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: lis
 
 def _cost(plan: Plan, prompt_tokens: int, completion_tokens: int) -> float | None:
     cost = plan.info.cost(prompt_tokens, completion_tokens)
-    return None if cost is None else round(cost, 6)
+    return None if cost is None else round(cost, 10)
 
 
 def format_report(report: dict[str, Any]) -> str:

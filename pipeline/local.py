@@ -142,11 +142,12 @@ def free_port() -> int:
 # The child runs llama_cpp.server's own entry point after switching off
 # llama.cpp's "extra buffer types" (weight repacking for special CPU kernels).
 # On CPUs that advertise AMX, llama.cpp moves the weights to its AMX buffer type,
-# and on these machines the first multi-token batch dies in ``ldtilecfg`` with a
-# general protection fault: the server segfaults on every chat completion.
-# The plain CPU kernels are fast enough for small models and give the same
-# results on every machine. llama-cpp-python exposes no flag for this, hence
-# the patch of the default model parameters, which ``Llama`` reads at load.
+# and on the project's machines (Firecracker VMs, CI included) the first
+# multi-token batch then dies in ``ldtilecfg`` with a general protection fault:
+# the server segfaults on every chat completion. The plain CPU kernels are fast
+# enough for small models and behave the same on every machine.
+# llama-cpp-python exposes no flag for this, hence the patch of the default
+# model parameters, which ``Llama`` reads when it loads the model.
 _SERVER_LAUNCHER = """\
 import llama_cpp.llama_cpp as lib
 _default_params = lib.llama_model_default_params
@@ -188,6 +189,9 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
     ``PR_SET_PDEATHSIG`` is Linux-only; elsewhere the server is still stopped on
     every normal exit path, just not after ``kill -9`` of the pipeline. libc is
     resolved here, before the fork, so the child only makes one call.
+
+    The signal fires when the thread that forked the child ends, which is the
+    event loop's thread: run the loop in the main thread (``asyncio.run``).
     """
     if not sys.platform.startswith("linux"):
         return None

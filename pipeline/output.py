@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,6 @@ RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
 ]
 _JOURNAL_FIELDS = [name for name, _ in RESULT_COLUMNS] + ["prompt_hash", "parsed"]
 NOT_RUN = "not_run: the run stopped before this row was sent; rerun the job to finish it"
-
-
-class Structured:
-    """What the output writer needs from a structured-output spec."""
-
-    columns: list[tuple[str, pa.DataType]]
-
-    def to_arrays(self, parsed: list[dict[str, Any] | None]) -> list[pa.Array]: ...
 
 
 def output_schema(input_schema: pa.Schema, structured: Any | None) -> pa.Schema:
@@ -82,23 +74,28 @@ def write_output(
     batches: Iterator[tuple[pa.RecordBatch, list[str], list[str]]],
     journal: Journal,
     structured: Any | None,
-) -> int:
-    """Stream (input batch, keys, prompt hashes) into ``path`` atomically; returns rows."""
+) -> tuple[int, int]:
+    """Stream (input batch, keys, prompt hashes) into ``path`` atomically.
+
+    Returns the number of rows written and how many of them carry an error.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    rows = 0
+    rows = errors = 0
+    error_index = len(schema) - len(structured.columns if structured is not None else []) - 1
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             for batch, keys, hashes in batches:
                 arrays = list(batch.columns) + result_arrays(keys, hashes, journal, structured)
                 writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
                 rows += batch.num_rows
+                errors += len(arrays[error_index]) - arrays[error_index].null_count
         _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return rows
+    return rows, errors
 
 
 def _fsync(path: Path) -> None:
@@ -107,6 +104,3 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-ProgressFn = Callable[[int], None]

@@ -173,10 +173,14 @@ def _parse_entry(fields: Any) -> _Entry | None:
     input_price, output_price = fields.get("input_per_million"), fields.get("output_per_million")
     if not (_valid_price(input_price) and _valid_price(output_price)):
         return None
-    context = fields.get("context_length")
-    if not (isinstance(context, int) and not isinstance(context, bool) and context > 0):
-        context = None
-    return _Entry(float(input_price), float(output_price), context)
+    return _Entry(float(input_price), float(output_price), _context_length(fields.get("context_length")))
+
+
+def _context_length(value: object) -> int | None:
+    """A positive integer context window, or None when missing or nonsense."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
 
 
 def _valid_price(value: object) -> TypeGuard[float]:
@@ -321,10 +325,7 @@ def _parse_model(item: Any) -> tuple[str, _Entry] | None:
     completion = _per_million(pricing.get("completion"))
     if prompt is None or completion is None:
         return None
-    context = item.get("context_length")
-    if not (isinstance(context, int) and not isinstance(context, bool) and context > 0):
-        context = None
-    return item["id"], _Entry(prompt, completion, context)
+    return item["id"], _Entry(prompt, completion, _context_length(item.get("context_length")))
 
 
 def _per_million(per_token: Any) -> float | None:

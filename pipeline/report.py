@@ -63,7 +63,8 @@ def _stop_lines(s: dict[str, Any], job_arg: str) -> list[str]:
     if s["exit_code"] == 3:
         return [f"  stopped: {s['stop_reason']}", f"  resume with: pipeline run {job_arg}"]
     if s["exit_code"] == 1:
-        return [f"  some rows failed: see the error column; rerun to retry transient failures "
+        return [f"  {s.get('output_rows_with_error', 0):,} rows have an error (see the error column); "
+                f"rerun to retry transient failures "
                 f"(add --retry-failed for the others): pipeline run {job_arg}"]
     return []
 
@@ -73,8 +74,8 @@ def _print_problems(plan: Plan, s: dict[str, Any]) -> None:
     if s["exit_code"] == 3:
         print(f"pipeline: {plan.job.name} stopped: {s['stop_reason']}; rerun to resume", file=sys.stderr)
     elif s["exit_code"] == 1:
-        failed = s["rows_failed"] + s["rows_invalid"]
-        print(f"pipeline: {plan.job.name}: {failed} rows failed (see the error column of {s['output']})",
+        failed = s.get("output_rows_with_error") or s["rows_failed"] + s["rows_invalid"]
+        print(f"pipeline: {plan.job.name}: {failed} rows have an error (see the error column of {s['output']})",
               file=sys.stderr)
 
 

@@ -313,7 +313,7 @@ class Run:
             return jr.FAILED, reply.error, None
         return jr.TRANSIENT, reply.error, None
 
-    def write_output(self) -> int:
+    def write_output(self) -> tuple[int, int]:
         schema = output_schema(self.plan.source.schema, self.plan.structured)
         batches = (
             (batch, keys, [rendered.prompt_hash(i) for i in range(batch.num_rows)])
@@ -345,21 +345,23 @@ async def run_plan(plan: Plan, options: RunOptions) -> RunResult:
             run = Run(plan, journal, options)
             async with server_for(plan) as base_url:
                 await run.execute(base_url)
-            rows = run.write_output() if options.write_output and not options.sample else 0
-            return _result(run, rows)
+            rows, errors = run.write_output() if options.write_output and not options.sample else (0, 0)
+            return _result(run, rows, errors)
         finally:
             journal.close()
     finally:
         lock.release()
 
 
-def _result(run: Run, rows: int) -> RunResult:
+def _result(run: Run, rows: int, rows_with_error: int) -> RunResult:
+    """Exit code: 3 stopped early; 1 some output row carries an error; else 0."""
     summary = run.tracker.summary()
     c = run.tracker.counters
     if run.stopper.stopped:
         code = 3
-    elif c.failed or c.invalid:
+    elif rows_with_error or c.failed or c.invalid:
         code = 1
     else:
         code = 0
+    summary["output_rows_with_error"] = rows_with_error
     return RunResult(code, run.stopper.reason, summary, rows, run.budget.spent)
