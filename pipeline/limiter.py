@@ -36,7 +36,7 @@ class RateLimiter:
     """Admits requests under the job's caps; a 429 pauses every worker."""
 
     def __init__(self, requests_per_minute: float, tokens_per_minute: int = 0, max_tokens: int = 0) -> None:
-        self._requests = request_bucket(requests_per_minute)
+        self._requests = request_bucket(requests_per_minute) if requests_per_minute else None
         self._tokens: AsyncLimiter | None = None
         self._token_capacity = 0
         if tokens_per_minute:
@@ -51,7 +51,8 @@ class RateLimiter:
         if self._tokens is not None and tokens:
             # A request larger than the bucket waits for an empty bucket.
             await self._tokens.acquire(min(tokens, self._token_capacity))
-        await self._requests.acquire()
+        if self._requests is not None:
+            await self._requests.acquire()
         # A 429 may have arrived while we waited for a slot.
         await self._wait_cool_down()
 
@@ -69,6 +70,6 @@ class RateLimiter:
 
 def estimated_duration_s(rows: int, requests_per_minute: float, tokens: int = 0, tokens_per_minute: int = 0) -> float:
     """The least time the caps allow for ``rows`` requests carrying ``tokens``."""
-    by_requests = rows / requests_per_minute * 60
+    by_requests = rows / requests_per_minute * 60 if requests_per_minute else 0.0
     by_tokens = tokens / tokens_per_minute * 60 if tokens_per_minute else 0.0
     return math.ceil(max(by_requests, by_tokens) * 10) / 10

@@ -205,6 +205,21 @@ def test_structured_column_clashes_with_input(
 # --------------------------------------------------------------------------- input
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: error messages list column names verbatim, so a header with a line break spans two stderr lines",
+)
+def test_column_name_with_line_break_keeps_error_on_one_line(
+    server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A spreadsheet header with a line break ("Customer\\nName") must not split the error line."""
+    (workdir / "data" / "in.csv").write_text('id,"Customer\nName",text\n1,Bob,hi\n', encoding="utf-8")
+    write_job(workdir, server.base_url, input_path="data/in.csv", user="{texts}")
+    code = run_main("job")
+    assert_user_error(code, capsys, server, workdir, "texts")
+
+
+
 def test_missing_input_file(server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A missing dataset names its path."""
     write_job(workdir, server.base_url, input_path="data/absent.parquet")
