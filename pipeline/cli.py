@@ -126,6 +126,8 @@ def _prices(args: argparse.Namespace) -> int:
         print(f"refreshed prices of {count} models from {args.base_url} into {path}")
     if args.model:
         info = model_info(args.model)
-        print(f"{info.model}: {info.input_per_million} / {info.output_per_million} USD per million tokens "
-              f"in/out, context {info.context_length}, from {info.source}")
+        print(
+            f"{info.model}: {info.input_per_million} / {info.output_per_million} USD per million tokens "
+            f"in/out, context {info.context_length}, from {info.source}"
+        )
     return EXIT_OK

@@ -72,8 +72,14 @@ class ChatClient:
     """Sends chat requests for the runner; knows nothing of rows or journals."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, dialect: Dialect, headers: dict[str, str],
-        limiter: RateLimiter, stopper: Stopper, max_attempts: int, timeout_s: float,
+        self,
+        session: aiohttp.ClientSession,
+        dialect: Dialect,
+        headers: dict[str, str],
+        limiter: RateLimiter,
+        stopper: Stopper,
+        max_attempts: int,
+        timeout_s: float,
     ) -> None:
         self.session = session
         self.dialect = dialect

@@ -83,7 +83,9 @@ def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: lis
         "cost_usd_max": _cost(plan, input_tokens, to_send * max_tokens),
         "duration_s_min": estimated_duration_s(
             to_send, limits.requests_per_minute, input_tokens + to_send * max_tokens, limits.tokens_per_minute
-        ) if limits.requests_per_minute else 0.0,
+        )
+        if limits.requests_per_minute
+        else 0.0,
         "model": plan.model_name,
         "tokenizer": plan.counter.name,
         "tokens_exact": plan.counter.exact,

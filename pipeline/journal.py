@@ -49,14 +49,25 @@ CREATE TABLE IF NOT EXISTS results (
 
 # Columns of a result row, in the order Journal.write expects them.
 RESULT_FIELDS = (
-    "key", "prompt_hash", "status", "completion", "finish_reason", "prompt_tokens",
-    "completion_tokens", "cost_usd", "model", "provider", "generation_id", "attempts",
-    "latency_s", "error", "parsed", "invalid_tries", "updated",
+    "key",
+    "prompt_hash",
+    "status",
+    "completion",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "model",
+    "provider",
+    "generation_id",
+    "attempts",
+    "latency_s",
+    "error",
+    "parsed",
+    "invalid_tries",
+    "updated",
 )
-_UPSERT = (
-    f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) "
-    f"VALUES ({', '.join('?' * len(RESULT_FIELDS))})"
-)
+_UPSERT = f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) VALUES ({', '.join('?' * len(RESULT_FIELDS))})"
 
 # Row statuses. "transient" rows are retried by the next run; "failed" and
 # "invalid" rows only with --retry-failed (or retry_invalid for invalid ones).
@@ -161,8 +172,7 @@ class Journal:
     def seen(self, keys: list[str]) -> dict[str, Seen]:
         """Journal state for a batch of row keys (one query per batch)."""
         rows = self.conn.execute(
-            "SELECT key, prompt_hash, status, invalid_tries FROM results "
-            "WHERE key IN (SELECT value FROM json_each(?))",
+            "SELECT key, prompt_hash, status, invalid_tries FROM results WHERE key IN (SELECT value FROM json_each(?))",
             (json.dumps(keys),),
         )
         return {key: Seen(h, s, n) for key, h, s, n in rows}
@@ -221,7 +231,12 @@ class Journal:
         tokens = self.conn.execute(
             "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), MAX(updated) FROM results"
         ).fetchone()
-        return {"by_status": by_status, "prompt_tokens": tokens[0], "completion_tokens": tokens[1], "last_update": tokens[2]}
+        return {
+            "by_status": by_status,
+            "prompt_tokens": tokens[0],
+            "completion_tokens": tokens[1],
+            "last_update": tokens[2],
+        }
 
     def completion_token_sample(self, limit: int = 100_000) -> list[int]:
         rows = self.conn.execute(

@@ -46,9 +46,7 @@ def output_schema(input_schema: pa.Schema, structured: Any | None) -> pa.Schema:
     return pa.schema(fields)
 
 
-def result_arrays(
-    keys: list[str], hashes: list[str], journal: Journal, structured: Any | None
-) -> list[pa.Array]:
+def result_arrays(keys: list[str], hashes: list[str], journal: Journal, structured: Any | None) -> list[pa.Array]:
     """The result columns for one batch, in the batch's row order."""
     found = journal.results(keys, _JOURNAL_FIELDS)
     width = len(RESULT_COLUMNS)

@@ -99,8 +99,10 @@ def prepare(job: Job, *, need_key: bool = True) -> Plan:
     renderer.check_columns(source.columns, str(job.input.path))
     require_text_columns(renderer, source.schema)
     structured = StructuredSpec.from_job(
-        labels=job.prompt.labels, json_schema=job.prompt.json_schema,
-        json_schema_file=job.prompt.json_schema_file, column_prefix=job.prompt.column_prefix,
+        labels=job.prompt.labels,
+        json_schema=job.prompt.json_schema,
+        json_schema_file=job.prompt.json_schema_file,
+        column_prefix=job.prompt.column_prefix,
     )
     if structured is not None:
         structured.check_clashes(source.columns)
@@ -108,8 +110,10 @@ def prepare(job: Job, *, need_key: bool = True) -> Plan:
     total = check_id_column(source, id_column) if id_column else source.count_rows()
     model_name = _model_name(job)
     info = model_info(
-        model_name, local=job.model.profile == "local",
-        input_price=job.model.input_price_per_million, output_price=job.model.output_price_per_million,
+        model_name,
+        local=job.model.profile == "local",
+        input_price=job.model.input_price_per_million,
+        output_price=job.model.output_price_per_million,
     )
     if job.limits.budget_usd is not None and (info.input_per_million is None or info.output_per_million is None):
         raise JobError(
@@ -135,6 +139,6 @@ def _api_key(job: Job) -> str | None:
     if not key:
         raise CredentialsError(
             f"[model] api_key_env: environment variable {env} is not set; export your API key "
-            "there (or set api_key_env = \"\" for a server that needs none; --dry-run needs no key)"
+            'there (or set api_key_env = "" for a server that needs none; --dry-run needs no key)'
         )
     return key

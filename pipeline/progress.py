@@ -37,8 +37,14 @@ class Tracker:
         self.quiet = quiet
         self._next_refresh = 0.0
         self.bar = tqdm(
-            total=total, desc=desc, unit="row", disable=quiet, file=sys.stderr,
-            dynamic_ncols=True, smoothing=0.05, mininterval=REFRESH_S,
+            total=total,
+            desc=desc,
+            unit="row",
+            disable=quiet,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0.05,
+            mininterval=REFRESH_S,
         )
 
     def resumed(self, rows: int) -> None:
@@ -50,8 +56,15 @@ class Tracker:
         self.counters.skipped += rows
         self.bar.update(rows)
 
-    def report(self, status: str, attempts: int, prompt_tokens: int | None,
-               completion_tokens: int | None, cost: float, error: str | None) -> None:
+    def report(
+        self,
+        status: str,
+        attempts: int,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        cost: float,
+        error: str | None,
+    ) -> None:
         c = self.counters
         c.requests += attempts
         c.prompt_tokens += prompt_tokens or 0
@@ -75,9 +88,7 @@ class Tracker:
     def _refresh_postfix(self) -> None:
         c = self.counters
         tokens = c.prompt_tokens + c.completion_tokens
-        self.bar.set_postfix_str(
-            f"${c.cost_usd:.4f}, {tokens:,} tok, {c.failed + c.invalid} err", refresh=False
-        )
+        self.bar.set_postfix_str(f"${c.cost_usd:.4f}, {tokens:,} tok, {c.failed + c.invalid} err", refresh=False)
 
     def close(self) -> None:
         self._refresh_postfix()
@@ -91,10 +102,16 @@ class Tracker:
         c = self.counters
         elapsed = self.elapsed_s
         return {
-            "rows_ok": c.ok, "rows_failed": c.failed, "rows_invalid": c.invalid,
-            "rows_skipped": c.skipped, "rows_resumed": c.resumed, "requests": c.requests,
-            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            "cost_usd": round(c.cost_usd, 8), "wall_s": round(elapsed, 2),
+            "rows_ok": c.ok,
+            "rows_failed": c.failed,
+            "rows_invalid": c.invalid,
+            "rows_skipped": c.skipped,
+            "rows_resumed": c.resumed,
+            "requests": c.requests,
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "cost_usd": round(c.cost_usd, 8),
+            "wall_s": round(elapsed, 2),
             "requests_per_minute": round(c.requests / elapsed * 60, 1) if elapsed > 0 else 0.0,
             "errors": dict(c.errors),
         }

@@ -28,7 +28,8 @@ class Template:
     def parse(cls, text: str, key: str) -> Template:
         try:
             parsed = [
-                (literal, field) for literal, field, spec, conv in string.Formatter().parse(text)
+                (literal, field)
+                for literal, field, spec, conv in string.Formatter().parse(text)
                 if _plain_field(field, spec, conv, key)
             ]
         except ValueError as exc:

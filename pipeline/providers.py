@@ -119,7 +119,8 @@ def _parse_success(data: dict[str, Any]) -> Reply:
     if finish == "error":
         return Reply("retry", 200, "provider error (HTTP 200, finish_reason error)")
     return Reply(
-        "ok", 200,
+        "ok",
+        200,
         content=message.get("content"),
         finish_reason=finish,
         prompt_tokens=_int(usage.get("prompt_tokens")),

@@ -14,16 +14,18 @@ from .runner import RunResult
 def run_summary(plan: Plan, result: RunResult) -> dict[str, Any]:
     s = dict(result.summary)
     estimated = plan.info.cost(s["prompt_tokens"], s["completion_tokens"])
-    s.update({
-        "exit_code": result.exit_code,
-        "stop_reason": result.stop_reason,
-        "output": str(plan.job.output.path) if result.output_rows else None,
-        "output_rows": result.output_rows,
-        "job_spent_usd": round(result.spent_usd, 8),
-        "cost_usd_estimated": None if estimated is None else round(estimated, 8),
-        "price_source": plan.info.source,
-        "model": plan.model_name,
-    })
+    s.update(
+        {
+            "exit_code": result.exit_code,
+            "stop_reason": result.stop_reason,
+            "output": str(plan.job.output.path) if result.output_rows else None,
+            "output_rows": result.output_rows,
+            "job_spent_usd": round(result.spent_usd, 8),
+            "cost_usd_estimated": None if estimated is None else round(estimated, 8),
+            "price_source": plan.info.source,
+            "model": plan.model_name,
+        }
+    )
     return s
 
 
@@ -63,9 +65,11 @@ def _stop_lines(s: dict[str, Any], job_arg: str) -> list[str]:
     if s["exit_code"] == 3:
         return [f"  stopped: {s['stop_reason']}", f"  resume with: pipeline run {job_arg}"]
     if s["exit_code"] == 1:
-        return [f"  {s.get('output_rows_with_error', 0):,} rows have an error (see the error column); "
-                f"rerun to retry transient failures "
-                f"(add --retry-failed for the others): pipeline run {job_arg}"]
+        return [
+            f"  {s.get('output_rows_with_error', 0):,} rows have an error (see the error column); "
+            f"rerun to retry transient failures "
+            f"(add --retry-failed for the others): pipeline run {job_arg}"
+        ]
     return []
 
 
@@ -75,8 +79,10 @@ def _print_problems(plan: Plan, s: dict[str, Any]) -> None:
         print(f"pipeline: {plan.job.name} stopped: {s['stop_reason']}; rerun to resume", file=sys.stderr)
     elif s["exit_code"] == 1:
         failed = s.get("output_rows_with_error") or s["rows_failed"] + s["rows_invalid"]
-        print(f"pipeline: {plan.job.name}: {failed} rows have an error (see the error column of {s['output']})",
-              file=sys.stderr)
+        print(
+            f"pipeline: {plan.job.name}: {failed} rows have an error (see the error column of {s['output']})",
+            file=sys.stderr,
+        )
 
 
 def _print_sample_estimate(plan: Plan, args: argparse.Namespace) -> None:

@@ -112,8 +112,13 @@ class Run:
         connector = aiohttp.TCPConnector(limit=limits.concurrency + 4)
         async with aiohttp.ClientSession(connector=connector) as session:
             client = ChatClient(
-                session, self.dialect, headers, limiter, self.stopper,
-                limits.max_attempts, limits.timeout_s,
+                session,
+                self.dialect,
+                headers,
+                limiter,
+                self.stopper,
+                limits.max_attempts,
+                limits.timeout_s,
             )
             with self._signals():
                 await self._run_tasks(client)
@@ -228,7 +233,9 @@ class Run:
         counted = dict(zip(need, await asyncio.to_thread(self.plan.counter.count_chat, systems, users), strict=True))
         return [counted.get(i, 0) for i in todo]
 
-    def _skip_too_long(self, keys: list[str], hashes: list[str], todo: list[int], tokens: list[int]) -> tuple[list[int], list[int]]:
+    def _skip_too_long(
+        self, keys: list[str], hashes: list[str], todo: list[int], tokens: list[int]
+    ) -> tuple[list[int], list[int]]:
         limit = self.plan.context_length
         max_tokens = self.job.model.max_tokens
         if limit is None:
@@ -236,8 +243,10 @@ class Run:
         keep, kept_tokens = [], []
         for i, t in zip(todo, tokens, strict=True):
             if t and t + max_tokens > limit:
-                error = (f"skipped: prompt of {t} tokens + max_tokens {max_tokens} exceeds the model's "
-                         f"context window of {limit} tokens; nothing was sent")
+                error = (
+                    f"skipped: prompt of {t} tokens + max_tokens {max_tokens} exceeds the model's "
+                    f"context window of {limit} tokens; nothing was sent"
+                )
                 self._journal_skipped([(keys[i], hashes[i])], error)
             else:
                 keep.append(i)
@@ -246,10 +255,12 @@ class Run:
 
     def _journal_skipped(self, rows: list[tuple[str, str]], error: str) -> None:
         now = time.time()
-        self.journal.write_now([
-            (key, h, jr.SKIPPED, None, None, None, None, None, None, None, None, 0, None, error, None, 0, now)
-            for key, h in rows
-        ])
+        self.journal.write_now(
+            [
+                (key, h, jr.SKIPPED, None, None, None, None, None, None, None, None, 0, None, error, None, 0, now)
+                for key, h in rows
+            ]
+        )
         self.tracker.skipped(len(rows))
 
     async def _work(self, client: ChatClient) -> None:
@@ -284,7 +295,9 @@ class Run:
         self.budget.settle(worst, cost)
         self.tracker.report(status, attempted.attempts, row[5], row[6], cost, row[13])
         if attempted.reply.kind == "auth":
-            self.stopper.stop(f"the provider refused the key ({attempted.reply.error}); fix the key or credits and rerun")
+            self.stopper.stop(
+                f"the provider refused the key ({attempted.reply.error}); fix the key or credits and rerun"
+            )
 
     def _result_row(self, item: Item, attempted: Attempted, tries: int) -> tuple[tuple[Any, ...], str, float]:
         reply = attempted.reply
@@ -295,10 +308,23 @@ class Run:
             cost = None if priced is None else attempted.cost + priced
         status, error, parsed = self._status(attempted)
         row = (
-            item.key, item.prompt_hash, status, reply.content, reply.finish_reason, reply.prompt_tokens,
-            reply.completion_tokens, cost if reply.kind == "ok" or cost else None, reply.model, reply.provider,
-            reply.generation_id, attempted.attempts, round(attempted.latency_s, 4), error,
-            json.dumps(parsed) if parsed is not None else None, tries, time.time(),
+            item.key,
+            item.prompt_hash,
+            status,
+            reply.content,
+            reply.finish_reason,
+            reply.prompt_tokens,
+            reply.completion_tokens,
+            cost if reply.kind == "ok" or cost else None,
+            reply.model,
+            reply.provider,
+            reply.generation_id,
+            attempted.attempts,
+            round(attempted.latency_s, 4),
+            error,
+            json.dumps(parsed) if parsed is not None else None,
+            tries,
+            time.time(),
         )
         return row, status, cost or 0.0
 

@@ -129,9 +129,15 @@ def check_id_column(source: Source, id_column: str) -> int:
     Only the id column is read; returns the number of rows.
     """
     if id_column not in source.columns:
-        raise InputError(f"[input] id_column: column {id_column!r} not in {source.path} (columns: {', '.join(source.columns)})")
+        raise InputError(
+            f"[input] id_column: column {id_column!r} not in {source.path} (columns: {', '.join(source.columns)})"
+        )
     chunks = [batch.column(0) for batch in source.batches([id_column])]
-    ids = pa.chunked_array(chunks, type=source.schema.field(id_column).type) if chunks else pa.chunked_array([], pa.string())
+    ids = (
+        pa.chunked_array(chunks, type=source.schema.field(id_column).type)
+        if chunks
+        else pa.chunked_array([], pa.string())
+    )
     if ids.null_count:
         raise InputError(f"[input] id_column: column {id_column!r} has {ids.null_count} null values")
     if source.format == "csv":

@@ -13,12 +13,24 @@ def job_status(job: Job) -> dict[str, Any]:
     path = job.output.journal_path
     holder = RunLock(path).holder()
     status: dict[str, Any] = {
-        "job": job.name, "journal": str(path), "active": holder is not None, "active_pid": holder,
+        "job": job.name,
+        "journal": str(path),
+        "active": holder is not None,
+        "active_pid": holder,
     }
     if not path.exists():
-        return {**status, "started": False, "rows_total": None, "rows_done": 0, "rows_failed": 0,
-                "rows_pending": None, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
-                "last_progress": None}
+        return {
+            **status,
+            "started": False,
+            "rows_total": None,
+            "rows_done": 0,
+            "rows_failed": 0,
+            "rows_pending": None,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "cost_usd": 0.0,
+            "last_progress": None,
+        }
     journal = Journal(path, readonly=True)
     try:
         summary = journal.summary()
@@ -34,9 +46,16 @@ def job_status(job: Job) -> dict[str, Any]:
     pending = rows_total - done - failed - skipped if rows_total is not None else None
     last = summary["last_update"]
     return {
-        **status, "started": True, "rows_total": rows_total, "rows_done": done, "rows_failed": failed,
-        "rows_skipped": skipped, "rows_retryable": by.get("transient", 0), "rows_pending": pending,
-        "prompt_tokens": summary["prompt_tokens"], "completion_tokens": summary["completion_tokens"],
+        **status,
+        "started": True,
+        "rows_total": rows_total,
+        "rows_done": done,
+        "rows_failed": failed,
+        "rows_skipped": skipped,
+        "rows_retryable": by.get("transient", 0),
+        "rows_pending": pending,
+        "prompt_tokens": summary["prompt_tokens"],
+        "completion_tokens": summary["completion_tokens"],
         "cost_usd": round(spent, 8),
         "last_progress": dt.datetime.fromtimestamp(last, dt.UTC).isoformat(timespec="seconds") if last else None,
     }
@@ -48,11 +67,13 @@ def format_status(s: dict[str, Any]) -> str:
         return f"{s['job']}: never run ({active}); journal would be {s['journal']}"
     total = f"{s['rows_total']:,}" if s["rows_total"] is not None else "?"
     pending = f"{s['rows_pending']:,}" if s["rows_pending"] is not None else "?"
-    return "\n".join([
-        f"{s['job']}: {active}",
-        f"  rows: {s['rows_done']:,} done, {s['rows_failed']:,} failed, {s['rows_skipped']:,} skipped, "
-        f"{pending} pending of {total} ({s['rows_retryable']:,} to retry)",
-        f"  tokens: {s['prompt_tokens']:,} in, {s['completion_tokens']:,} out; cost so far ${s['cost_usd']:.4f}",
-        f"  last progress: {s['last_progress'] or 'never'}",
-        f"  journal: {s['journal']}",
-    ])
+    return "\n".join(
+        [
+            f"{s['job']}: {active}",
+            f"  rows: {s['rows_done']:,} done, {s['rows_failed']:,} failed, {s['rows_skipped']:,} skipped, "
+            f"{pending} pending of {total} ({s['rows_retryable']:,} to retry)",
+            f"  tokens: {s['prompt_tokens']:,} in, {s['completion_tokens']:,} out; cost so far ${s['cost_usd']:.4f}",
+            f"  last progress: {s['last_progress'] or 'never'}",
+            f"  journal: {s['journal']}",
+        ]
+    )

@@ -13,7 +13,25 @@ from pipeline.cli import main
 from tests.conftest import read_output, run_cli, write_job, write_parquet
 from tests.fakeserver import get_tekken
 
-WORDS = "the quick brown fox jumps over a lazy dog while reviews of café crème 😀 arrive daily".split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "reviews",
+    "of",
+    "café",
+    "crème",
+    "😀",
+    "arrive",
+    "daily",
+]
 
 
 def random_texts(n: int, seed: int = 1) -> list[str]:
@@ -97,8 +115,9 @@ def test_budget_stops_before_overspending_and_resumes(workdir, server, capsys):
     assert "budget" in capsys.readouterr().err
     billed = server.stats()["cost"]
     assert 0 < billed <= budget
-    write_job(workdir, server.base_url, model={"max_tokens": 32},
-              limits={"concurrency": 8, "budget_usd": full_cost * 3})
+    write_job(
+        workdir, server.base_url, model={"max_tokens": 32}, limits={"concurrency": 8, "budget_usd": full_cost * 3}
+    )
     assert run_cli("job") == 0
     assert server.duplicates() == 0
     assert read_output(workdir / "data/out/job.parquet").column("error").null_count == 300

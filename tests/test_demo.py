@@ -35,7 +35,11 @@ def test_demo_job_fills_every_row_and_leaves_no_server(tmp_path: Path) -> None:
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "jobs/demo.toml", "--output", str(out), "--quiet"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     table = pq.read_table(out)
