@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error(message: str) -> None:
-    print(f"pipeline: error: {message}", file=sys.stderr)
+    # One line, whatever the message quotes (a column name may hold a line break).
+    print(f"pipeline: error: {' '.join(message.split())}", file=sys.stderr)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

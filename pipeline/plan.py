@@ -16,8 +16,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from .errors import CredentialsError, JobError
+from .errors import CredentialsError, InputError, JobError
 from .job import Job, identity_hash
+from .output import RESULT_COLUMNS
 from .pricing import ModelInfo, model_info
 from .prompts import PromptRenderer, RenderedBatch, require_text_columns
 from .providers import Dialect
@@ -98,6 +99,8 @@ def prepare(job: Job, *, need_key: bool = True) -> Plan:
     renderer = PromptRenderer(job.prompt.user, job.prompt.system)
     renderer.check_columns(source.columns, str(job.input.path))
     require_text_columns(renderer, source.schema)
+    check_result_column_clash(source)
+    check_output_path(job)
     structured = StructuredSpec.from_job(
         labels=job.prompt.labels,
         json_schema=job.prompt.json_schema,
@@ -122,6 +125,24 @@ def prepare(job: Job, *, need_key: bool = True) -> Plan:
         )
     api_key = _api_key(job) if need_key else None
     return Plan(job, source, renderer, structured, info, model_name, total, api_key)
+
+
+def check_result_column_clash(source: Source) -> None:
+    """An input that already has a ``completion`` column (an earlier output?) would repeat it."""
+    clash = [name for name, _ in RESULT_COLUMNS if name in source.columns]
+    if clash:
+        raise InputError(
+            f"{source.path}: input column {clash[0]!r} has the name of a result column; rename it "
+            f"(is this an earlier output? result columns: {', '.join(n for n, _ in RESULT_COLUMNS)})"
+        )
+
+
+def check_output_path(job: Job) -> None:
+    """The output must not overwrite the input or land inside an input folder."""
+    source = job.input.path.resolve()
+    target = job.output.path.resolve()
+    if target == source or source in target.parents:
+        raise JobError(f"[output] path: {job.output.path} would overwrite or sit inside the input {job.input.path}")
 
 
 def _model_name(job: Job) -> str:

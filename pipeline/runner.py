@@ -75,6 +75,9 @@ class Budget:
         self.reserved += worst
         return True
 
+    def within_limit(self) -> bool:
+        return self.limit is None or self.spent + self.reserved <= self.limit
+
     def settle(self, worst: float, actual: float) -> None:
         if self.limit is not None:
             self.reserved -= worst
@@ -278,28 +281,36 @@ class Run:
                 "raise [limits] budget_usd and rerun to continue"
             )
             return
-        tries = 0
+        tries, prior_cost, prior_attempts = 0, 0.0, 0
         while True:
             attempted = await client.complete(item.body, item.tokens)
             if attempted is None:
                 self.budget.settle(worst, 0.0)
                 return
-            row, status, cost = self._result_row(item, attempted, tries)
-            if status == jr.INVALID and tries < self.job.prompt.retry_invalid and not self.stopper.stopped:
-                tries += 1
-                self.budget.settle(0.0, cost)
-                await self.journal.write(row, cost)  # keep the invalid reply until a better one comes
-                continue
-            break
-        await self.journal.write(row, cost)
-        self.budget.settle(worst, cost)
-        self.tracker.report(status, attempted.attempts, row[5], row[6], cost, row[13])
+            row, status, cost = self._result_row(item, attempted, tries, prior_cost, prior_attempts)
+            await self.journal.write(row, cost)
+            self.budget.settle(0.0, cost)
+            if not self._retry_invalid(status, tries):
+                break
+            # Ask again for a reply that fits the schema; the row keeps the total cost.
+            tries, prior_cost, prior_attempts = tries + 1, prior_cost + cost, prior_attempts + attempted.attempts
+        self.budget.settle(worst, 0.0)
+        self.tracker.report(status, row[11], row[5], row[6], cost, row[13])
         if attempted.reply.kind == "auth":
             self.stopper.stop(
                 f"the provider refused the key ({attempted.reply.error}); fix the key or credits and rerun"
             )
 
-    def _result_row(self, item: Item, attempted: Attempted, tries: int) -> tuple[tuple[Any, ...], str, float]:
+    def _retry_invalid(self, status: str, tries: int) -> bool:
+        if status != jr.INVALID or tries >= self.job.prompt.retry_invalid or self.stopper.stopped:
+            return False
+        # This row's reservation is still held, so it covers the new attempt.
+        return self.budget.within_limit()
+
+    def _result_row(
+        self, item: Item, attempted: Attempted, tries: int, prior_cost: float = 0.0, prior_attempts: int = 0
+    ) -> tuple[tuple[Any, ...], str, float]:
+        """The journal row for a reply; cost and attempts include earlier tries of this row."""
         reply = attempted.reply
         cost: float | None = attempted.cost
         if reply.kind == "ok" and reply.cost is None:
@@ -307,6 +318,10 @@ class Run:
             priced = self.plan.info.cost(reply.prompt_tokens or 0, reply.completion_tokens or 0)
             cost = None if priced is None else attempted.cost + priced
         status, error, parsed = self._status(attempted)
+        # Unknown price and no reported cost: null, not a misleading 0.
+        row_cost = None if cost is None and not prior_cost else prior_cost + (cost or 0.0)
+        if reply.kind != "ok" and not row_cost:
+            row_cost = None
         row = (
             item.key,
             item.prompt_hash,
@@ -315,11 +330,11 @@ class Run:
             reply.finish_reason,
             reply.prompt_tokens,
             reply.completion_tokens,
-            cost if reply.kind == "ok" or cost else None,
+            row_cost,
             reply.model,
             reply.provider,
             reply.generation_id,
-            attempted.attempts,
+            prior_attempts + attempted.attempts,
             round(attempted.latency_s, 4),
             error,
             json.dumps(parsed) if parsed is not None else None,

@@ -7,6 +7,7 @@ whole dataset. CSV columns are read as text so that what is in the file
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,33 @@ class Source:
             raise InputError(f"[input] path: {path}: use .parquet, .csv, .jsonl or a folder of Parquet files")
         source = cls(path, fmt, pa.schema([]), batch_size)
         try:
-            first = next(source._raw_batches(), None)
+            schema = source._infer_schema()
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{path}: cannot read {fmt}: {_one_line(exc)}") from None
-        if first is None:
+        if schema is None:
             raise InputError(f"{path}: no data")
-        return cls(path, fmt, first.schema, batch_size)
+        return cls(path, fmt, schema, batch_size)
+
+    def _infer_schema(self) -> pa.Schema | None:
+        if self.format == "parquet":
+            return self._parquet_schema()
+        if self.format == "jsonl":
+            return _jsonl_schema(self.path)
+        first = next(self._raw_batches(), None)
+        return None if first is None else first.schema
+
+    def _parquet_schema(self) -> pa.Schema:
+        """Every file of a folder must have the same columns (in any order)."""
+        files = self._parquet_files()
+        schema = pq.read_schema(files[0])
+        for file in files[1:]:
+            other = pq.read_schema(file)
+            if set(other.names) != set(schema.names):
+                raise InputError(
+                    f"[input] path: {file} has columns {', '.join(other.names)} but {files[0]} has "
+                    f"{', '.join(schema.names)}: every Parquet file of the folder needs the same columns"
+                )
+        return schema
 
     @property
     def columns(self) -> list[str]:
@@ -77,9 +99,13 @@ class Source:
         return files
 
     def _parquet_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        names = columns or (self.schema.names if len(self.schema) else None)
+        target = pa.schema([self.schema.field(n) for n in names]) if names and len(self.schema) else None
         for file in self._parquet_files():
             parquet = pq.ParquetFile(file)
-            yield from parquet.iter_batches(batch_size=self.batch_size, columns=columns)
+            for batch in parquet.iter_batches(batch_size=self.batch_size, columns=names):
+                # Files of a folder may order (or type) their columns differently.
+                yield batch if target is None or batch.schema == target else batch.select(names).cast(target)
 
     def _csv_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         header = pacsv.open_csv(self.path, parse_options=_CSV_PARSE).schema.names
@@ -97,7 +123,10 @@ class Source:
         yield from _rebatch(reader, self.batch_size)
 
     def _jsonl_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-        reader = pajson.open_json(self.path, read_options=pajson.ReadOptions(block_size=4 << 20))
+        # An explicit schema from a first pass: the reader would otherwise infer
+        # types from its first block only and fail on a column that starts null.
+        parse = pajson.ParseOptions(explicit_schema=self.schema) if len(self.schema) else None
+        reader = pajson.open_json(self.path, read_options=pajson.ReadOptions(block_size=4 << 20), parse_options=parse)
         for batch in _rebatch(reader, self.batch_size):
             yield batch.select(columns) if columns else batch
 
@@ -110,6 +139,20 @@ class Source:
 
 
 _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
+_JSONL_CHUNK = 4 << 20
+
+
+def _jsonl_schema(path: Path) -> pa.Schema | None:
+    """Unify the types of every block of a JSON Lines file (one streaming pass)."""
+    schemas = []
+    with path.open("rb") as handle:
+        while chunk := handle.read(_JSONL_CHUNK):
+            chunk += handle.readline()  # end the block on a line boundary
+            if chunk.strip():
+                schemas.append(pajson.read_json(io.BytesIO(chunk)).schema)
+    if not schemas:
+        return None
+    return pa.unify_schemas(schemas, promote_options="permissive")
 
 
 def _rebatch(reader: pa.RecordBatchReader, size: int) -> Iterator[pa.RecordBatch]:

@@ -205,10 +205,6 @@ def test_structured_column_clashes_with_input(
 # --------------------------------------------------------------------------- input
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: error messages list column names verbatim, so a header with a line break spans two stderr lines",
-)
 def test_column_name_with_line_break_keeps_error_on_one_line(
     server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -218,6 +214,18 @@ def test_column_name_with_line_break_keeps_error_on_one_line(
     code = run_main("job")
     assert_user_error(code, capsys, server, workdir, "texts")
 
+
+
+def test_input_column_named_like_result_column(
+    server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Running a job over an earlier output (it has ``completion``) must be refused, not write duplicate columns."""
+    data = reviews(3)
+    data["completion"] = ["earlier reply a", "earlier reply b", "earlier reply c"]
+    write_parquet(workdir / "data" / "in.parquet", data)
+    write_job(workdir, server.base_url)
+    code = run_main("job")
+    assert_user_error(code, capsys, server, workdir, "completion")
 
 
 def test_missing_input_file(server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
