@@ -251,9 +251,13 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def set_aside(path: Path) -> Path:
-    """Move a journal (and its WAL files) out of the way for ``--fresh``."""
+    """Move a journal (and its WAL files) out of the way for ``--fresh``; never overwrite."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = path.with_name(f"{path.name}.{stamp}.old")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{stamp}-{n}.old")
     for suffix in ("", "-wal", "-shm"):
         part = Path(str(path) + suffix)
         if part.exists():

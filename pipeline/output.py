@@ -78,6 +78,9 @@ def write_output(
     Returns the number of rows written and how many of them carry an error.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The run lock is held, so a temporary file left here is from a killed run.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     rows = errors = 0
     error_index = len(schema) - len(structured.columns if structured is not None else []) - 1
