@@ -95,7 +95,7 @@ class ModelSpec(_Section):
 
 
 class LimitsSpec(_Section):
-    requests_per_minute: float = Field(default=600, ge=0)  # 0: no cap
+    requests_per_minute: int = Field(default=600, ge=0)  # 0: no cap
     tokens_per_minute: int = Field(default=0, ge=0)
     concurrency: int = Field(default=32, gt=0, le=4096)
     max_attempts: int = Field(default=6, ge=1)

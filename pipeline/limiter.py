@@ -43,14 +43,19 @@ class RateLimiter:
             # Bucket: a tenth of a minute's tokens, but always room for a large request.
             self._token_capacity = min(tokens_per_minute, max(tokens_per_minute // 10, 2 * max_tokens + 2048))
             self._tokens = AsyncLimiter(self._token_capacity, self._token_capacity * 60 / tokens_per_minute)
+        self._max_tokens = max_tokens
         self._paused_until = 0.0
 
-    async def acquire(self, tokens: int = 0) -> None:
-        """Wait for a cool-down to pass, then for room under both caps."""
+    async def acquire(self, prompt_tokens: int = 0) -> None:
+        """Wait for a cool-down to pass, then for room under both caps.
+
+        The token cap is charged the prompt plus ``max_tokens``: the most the
+        request can use, which is what providers count against the limit.
+        """
         await self._wait_cool_down()
-        if self._tokens is not None and tokens:
+        if self._tokens is not None:
             # A request larger than the bucket waits for an empty bucket.
-            await self._tokens.acquire(min(tokens, self._token_capacity))
+            await self._tokens.acquire(min(prompt_tokens + self._max_tokens, self._token_capacity))
         if self._requests is not None:
             await self._requests.acquire()
         # A 429 may have arrived while we waited for a slot.
