@@ -52,14 +52,16 @@ class RateLimiter:
         The token cap is charged the prompt plus ``max_tokens``: the most the
         request can use, which is what providers count against the limit.
         """
-        await self._wait_cool_down()
+        if self._paused_until:
+            await self._wait_cool_down()
         if self._tokens is not None:
             # A request larger than the bucket waits for an empty bucket.
             await self._tokens.acquire(min(prompt_tokens + self._max_tokens, self._token_capacity))
         if self._requests is not None:
             await self._requests.acquire()
-        # A 429 may have arrived while we waited for a slot.
-        await self._wait_cool_down()
+        if self._paused_until:
+            # A 429 may have arrived while we waited for a slot.
+            await self._wait_cool_down()
 
     def cool_down(self, seconds: float) -> None:
         """Pause all new requests for ``seconds`` (after a 429: the whole job slows)."""

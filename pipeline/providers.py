@@ -50,6 +50,10 @@ class Dialect:
         self.profile = spec.profile
         self.url = f"{spec.base_url}/chat/completions"
         self._base = self._base_body(spec, model_name, structured_fields)
+        # The fixed part of every body, serialised once: only the messages vary.
+        fixed = json.dumps({**self._base, "messages": None}, ensure_ascii=False).encode()
+        self._prefix, self._suffix = fixed.split(b'"messages": null', 1)
+        self._prefix += b'"messages": '
 
     def _base_body(self, spec: ModelSpec, model_name: str, structured: dict[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model_name, "max_tokens": spec.max_tokens}
@@ -64,7 +68,7 @@ class Dialect:
         return body
 
     def body(self, messages: list[dict[str, str]]) -> bytes:
-        return json.dumps({**self._base, "messages": messages}, ensure_ascii=False).encode()
+        return self._prefix + json.dumps(messages, ensure_ascii=False).encode() + self._suffix
 
     def identity(self) -> dict[str, Any]:
         return {key: value for key, value in self._base.items() if key != "model"}

@@ -274,7 +274,7 @@ class Run:
             await self._process(client, item)
 
     async def _process(self, client: ChatClient, item: Item) -> None:
-        worst = self.plan.worst_cost(item.tokens) or 0.0
+        worst = (self.plan.worst_cost(item.tokens) or 0.0) if self.budget.limit is not None else 0.0
         if not self.budget.reserve(worst):
             self.stopper.stop(
                 f"budget reached: ${self.budget.spent:.4f} spent of budget_usd ${self.budget.limit:g}; "

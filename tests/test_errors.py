@@ -447,3 +447,20 @@ def test_blank_prompts_are_not_sent(workdir: Path, server: FakeServer) -> None:
     # A rerun sends nothing more.
     assert run_cli(str(job)) == 1
     assert server.stats()["requests"] == 2
+
+
+def test_request_body_is_the_dialects_json() -> None:
+    """The pre-serialised body prefix yields exactly the JSON of the full request."""
+    import json
+
+    from pipeline.job import ModelSpec
+    from pipeline.providers import Dialect
+
+    spec = ModelSpec(params={"seed": 7, "provider": {"order": ["a"]}, "stop": ['"messages": null']})
+    dialect = Dialect(spec, "m/x", {"provider": {"require_parameters": True}})
+    messages = [{"role": "system", "content": "s é 😀"}, {"role": "user", "content": 'say "hi"\n'}]
+    body = json.loads(dialect.body(messages))
+    assert body == {
+        "model": "m/x", "max_tokens": 256, "temperature": 0.0, "seed": 7, "stop": ['"messages": null'],
+        "provider": {"order": ["a"], "require_parameters": True}, "messages": messages,
+    }
