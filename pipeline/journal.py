@@ -169,6 +169,9 @@ class Journal:
     def set_meta(self, key: str, value: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def has_rows(self) -> bool:
+        return self.conn.execute("SELECT EXISTS (SELECT 1 FROM results)").fetchone()[0] == 1
+
     def seen(self, keys: list[str]) -> dict[str, Seen]:
         """Journal state for a batch of row keys (one query per batch)."""
         rows = self.conn.execute(

@@ -46,30 +46,34 @@ def output_schema(input_schema: pa.Schema, structured: Any | None) -> pa.Schema:
     return pa.schema(fields)
 
 
-def result_arrays(keys: list[str], hashes: list[str], journal: Journal, structured: Any | None) -> list[pa.Array]:
-    """The result columns for one batch, in the batch's row order."""
+def result_arrays(
+    keys: list[str], hashes: list[str] | None, journal: Journal, structured: Any | None
+) -> list[pa.Array]:
+    """The result columns for one batch, in the batch's row order.
+
+    With ``hashes``, a journaled row whose prompt hash differs counts as not run.
+    """
     found = journal.results(keys, _JOURNAL_FIELDS)
     width = len(RESULT_COLUMNS)
-    columns: list[list[Any]] = [[] for _ in range(width)]
-    parsed: list[dict[str, Any] | None] = []
-    for key, prompt_hash in zip(keys, hashes, strict=True):
+    # Never journaled, or journaled for a prompt that has since changed.
+    missing = (None,) * (width - 1) + (NOT_RUN, None, None)
+    rows = []
+    for i, key in enumerate(keys):
         row = found.get(key)
-        if row is None or row[width] != prompt_hash:
-            # Never journaled, or journaled for a prompt that has since changed.
-            row = (None,) * (width - 1) + (NOT_RUN, prompt_hash, None)
-        for i in range(width):
-            columns[i].append(row[i])
-        parsed.append(json.loads(row[width + 1]) if row[width + 1] else None)
-    arrays = [pa.array(values, type=kind) for values, (_, kind) in zip(columns, RESULT_COLUMNS, strict=True)]
+        if row is None or (hashes is not None and row[width] != hashes[i]):
+            row = missing
+        rows.append(row)
+    columns = list(zip(*rows, strict=True)) if rows else [()] * (width + 2)
+    arrays = [pa.array(columns[j], type=kind) for j, (_, kind) in enumerate(RESULT_COLUMNS)]
     if structured is not None:
-        arrays += structured.to_arrays(parsed)
+        arrays += structured.to_arrays([json.loads(p) if p else None for p in columns[width + 1]])
     return arrays
 
 
 def write_output(
     path: Path,
     schema: pa.Schema,
-    batches: Iterator[tuple[pa.RecordBatch, list[str], list[str]]],
+    batches: Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]],
     journal: Journal,
     structured: Any | None,
 ) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -23,8 +23,10 @@ from .pricing import ModelInfo, model_info
 from .prompts import PromptRenderer, RenderedBatch, require_text_columns
 from .providers import Dialect
 from .source import Source, check_id_column, row_keys
-from .structured import StructuredSpec
 from .tokens import TokenCounter, counter_for
+
+if TYPE_CHECKING:
+    from .structured import StructuredSpec
 
 # Tokens a chat template can add around the messages: an upper bound used to
 # skip tokenizing prompts that obviously fit the context window.
@@ -82,15 +84,30 @@ class Plan:
             yield batch, keys, self.renderer.render(batch)
             offset += batch.num_rows
 
+    def keyed_batches(self) -> Iterator[tuple[pa.RecordBatch, list[str]]]:
+        """Input batches with their row keys, without rendering prompts."""
+        offset = 0
+        for batch in self.source.batches():
+            yield batch, row_keys(batch, self.job.input.id_column, offset)
+            offset += batch.num_rows
+
     def fits_without_counting(self, rendered: RenderedBatch, i: int) -> bool:
-        """True when a prompt surely fits the context: tokens never exceed UTF-8 bytes."""
+        """True when a prompt surely fits the context window without tokenizing it.
+
+        Byte-level BPE never makes more tokens than UTF-8 bytes, and a character
+        is at most 4 bytes: the cheap character bound settles almost every row.
+        """
         limit = self.context_length
         if limit is None:
             return True
-        size = len(rendered.users[i].encode()) + TEMPLATE_SLACK
+        budget = limit - self.job.model.max_tokens - TEMPLATE_SLACK
+        chars = len(rendered.users[i]) + (len(rendered.systems[i]) if rendered.systems is not None else 0)
+        if 4 * chars <= budget:
+            return True
+        size = len(rendered.users[i].encode())
         if rendered.systems is not None:
             size += len(rendered.systems[i].encode())
-        return size + self.job.model.max_tokens <= limit
+        return size <= budget
 
 
 def prepare(job: Job, *, need_key: bool = True) -> Plan:
@@ -101,12 +118,7 @@ def prepare(job: Job, *, need_key: bool = True) -> Plan:
     require_text_columns(renderer, source.schema)
     check_result_column_clash(source)
     check_output_path(job)
-    structured = StructuredSpec.from_job(
-        labels=job.prompt.labels,
-        json_schema=job.prompt.json_schema,
-        json_schema_file=job.prompt.json_schema_file,
-        column_prefix=job.prompt.column_prefix,
-    )
+    structured = _structured_spec(job)
     if structured is not None:
         structured.check_clashes(source.columns)
     id_column = job.input.id_column
@@ -125,6 +137,20 @@ def prepare(job: Job, *, need_key: bool = True) -> Plan:
         )
     api_key = _api_key(job) if need_key else None
     return Plan(job, source, renderer, structured, info, model_name, total, api_key)
+
+
+def _structured_spec(job: Job) -> StructuredSpec | None:
+    prompt = job.prompt
+    if prompt.labels is None and prompt.json_schema is None and prompt.json_schema_file is None:
+        return None  # and jsonschema need not be imported
+    from .structured import StructuredSpec
+
+    return StructuredSpec.from_job(
+        labels=prompt.labels,
+        json_schema=prompt.json_schema,
+        json_schema_file=prompt.json_schema_file,
+        column_prefix=prompt.column_prefix,
+    )
 
 
 def check_result_column_clash(source: Source) -> None:

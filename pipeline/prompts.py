@@ -117,11 +117,12 @@ def _texts(column: pa.Array | pa.ChunkedArray) -> list[str]:
 
 
 def _blank_rows(users: list[str], user_columns: list[list[str]]) -> list[bool]:
-    blank = [not u.strip() for u in users]
+    """A row is blank if its user prompt is, or if every column the template uses is."""
+    blank = [not u or u.isspace() for u in users]
     if user_columns:
-        for i in range(len(users)):
-            if not blank[i] and all(not col[i].strip() for col in user_columns):
-                blank[i] = True
+        # isspace() tests without building a stripped copy of every value.
+        columns_blank = [[not v or v.isspace() for v in col] for col in user_columns]
+        blank = [b or all(flags) for b, *flags in zip(blank, *columns_blank, strict=True)]
     return blank
 
 

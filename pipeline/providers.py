@@ -109,10 +109,10 @@ def _about_key(message: str) -> bool:
 
 
 def _parse_success(data: dict[str, Any]) -> Reply:
-    if isinstance(data.get("error"), dict):
+    error = data.get("error")
+    if isinstance(error, dict):
         # OpenRouter reports a provider failure after streaming started as a 200.
-        err = data["error"]
-        return Reply("retry", 200, f"provider error (HTTP 200): {_clip(str(err.get('message', err)))}")
+        return Reply("retry", 200, f"provider error (HTTP 200): {_clip(str(error.get('message', error)))}")
     try:
         choice = data["choices"][0]
         message = choice.get("message") or {}
@@ -122,14 +122,18 @@ def _parse_success(data: dict[str, Any]) -> Reply:
         return Reply("retry", 200, "HTTP 200 without choices")
     if finish == "error":
         return Reply("retry", 200, "provider error (HTTP 200, finish_reason error)")
+    prompt_tokens = usage.get("prompt_tokens")
+    completion_tokens = usage.get("completion_tokens")
+    cost: Any = usage.get("cost")
     return Reply(
         "ok",
         200,
         content=message.get("content"),
         finish_reason=finish,
-        prompt_tokens=_int(usage.get("prompt_tokens")),
-        completion_tokens=_int(usage.get("completion_tokens")),
-        cost=_float(usage.get("cost")),
+        # Checked inline (this runs once per row): ints for tokens, a number for cost.
+        prompt_tokens=prompt_tokens if type(prompt_tokens) is int else None,
+        completion_tokens=completion_tokens if type(completion_tokens) is int else None,
+        cost=float(cost) if type(cost) in (int, float) else None,
         model=data.get("model"),
         provider=data.get("provider"),
         generation_id=data.get("id"),
@@ -174,13 +178,3 @@ def _error_message(data: Any, body: bytes) -> str:
 def _clip(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)

@@ -100,6 +100,9 @@ class Run:
         self.sample_rows = self._pick_sample()
         self.dialect = plan.dialect()
         self._hurry = asyncio.Event()
+        self.produced_all = False
+        # A new journal has nothing to look up: skip one query per batch.
+        self.journal_had_rows = journal.has_rows()
 
     def _pick_sample(self) -> set[int] | None:
         if not self.options.sample:
@@ -185,12 +188,13 @@ class Run:
                 await self.queue.put(item)
             if self.stopper.stopped:
                 return
+        self.produced_all = True
         for _ in range(self.job.limits.concurrency):
             await self.queue.put(None)
 
     async def _batch_items(self, keys: list[str], rendered: RenderedBatch, offset: int) -> list[Item]:
         """Decide, row by row, what still needs a request; journal skipped rows."""
-        seen = self.journal.seen(keys)
+        seen = self.journal.seen(keys) if self.journal_had_rows else {}
         todo: list[int] = []
         hashes: list[str] = []
         resumed = 0
@@ -356,11 +360,17 @@ class Run:
 
     def write_output(self) -> tuple[int, int]:
         schema = output_schema(self.plan.source.schema, self.plan.structured)
-        batches = (
+        if self.produced_all and not self.stopper.stopped:
+            # Every row was looked at in this run and journaled under its current
+            # prompt, so the journal is current: no need to render prompts again.
+            fast = ((batch, keys, None) for batch, keys in self.plan.keyed_batches())
+            return write_output(self.job.output.path, schema, fast, self.journal, self.plan.structured)
+        # Stopped early: a row whose prompt changed may still hold an old answer.
+        checked = (
             (batch, keys, [rendered.prompt_hash(i) for i in range(batch.num_rows)])
             for batch, keys, rendered in self.plan.batches()
         )
-        return write_output(self.job.output.path, schema, batches, self.journal, self.plan.structured)
+        return write_output(self.job.output.path, schema, checked, self.journal, self.plan.structured)
 
 
 @contextlib.asynccontextmanager

@@ -191,8 +191,9 @@ def check_id_column(source: Source, id_column: str) -> int:
         if empty:
             raise InputError(f"[input] id_column: column {id_column!r} has {empty} empty values")
     counts = pc.value_counts(ids)
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(repeated):
+    # max() first: comparing with a Python scalar makes pyarrow import pandas.
+    if len(counts) and pc.max(counts.field("counts")).as_py() > 1:
+        repeated = counts.filter(pc.greater(counts.field("counts"), 1))
         example = repeated[0]["values"].as_py()
         raise InputError(
             f"[input] id_column: column {id_column!r} has {len(repeated)} duplicated values (e.g. {example!r})"
