@@ -121,9 +121,8 @@ class ChatClient:
     async def _send_once(self, body: bytes) -> Reply:
         """One POST; transport failures become retryable replies, never exceptions."""
         try:
-            async with self.session.post(
-                self.dialect.url, data=body, headers=self.headers, timeout=self.timeout
-            ) as resp:
+            # Headers and timeout are the session's defaults (set once per run).
+            async with self.session.post(self.dialect.url, data=body) as resp:
                 raw = await resp.read()
                 return parse_response(resp.status, raw, resp.headers)
         except TimeoutError:

@@ -29,6 +29,7 @@ from .output import output_schema, write_output
 from .plan import Plan
 from .progress import Tracker
 from .prompts import RenderedBatch
+from .workqueue import WorkQueue
 
 
 @dataclass(slots=True)
@@ -96,7 +97,7 @@ class Run:
         self.tracker = Tracker(options.sample or plan.total_rows, quiet=options.quiet, desc=plan.job.name)
         self.budget = Budget(self.job.limits.budget_usd, journal.spent())
         self.need_tokens = bool(self.job.limits.tokens_per_minute or self.job.limits.budget_usd)
-        self.queue: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=2 * self.job.limits.concurrency)
+        self.queue: WorkQueue[Item] = WorkQueue(low_water=2 * self.job.limits.concurrency)
         self.sample_rows = self._pick_sample()
         self.dialect = plan.dialect()
         self._hurry = asyncio.Event()
@@ -116,7 +117,8 @@ class Run:
         limiter = RateLimiter(limits.requests_per_minute, limits.tokens_per_minute, self.job.model.max_tokens)
         headers = request_headers(self.plan.api_key, self.job.model.headers)
         connector = aiohttp.TCPConnector(limit=limits.concurrency + 4)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        timeout = aiohttp.ClientTimeout(total=limits.timeout_s)
+        async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as session:
             client = ChatClient(
                 session,
                 self.dialect,
@@ -158,7 +160,7 @@ class Run:
     async def _guard(self, workers: list[asyncio.Task[None]]) -> None:
         """On a stop: unblock idle workers, then give busy ones the grace period."""
         await self.stopper.event.wait()
-        self._drain_queue()
+        self.queue.close(drop_pending=True)  # idle workers return at once
         grace = asyncio.create_task(asyncio.sleep(self.job.limits.stop_grace_s))
         hurry = asyncio.create_task(self._hurry.wait())
         waiting = asyncio.create_task(asyncio.wait(workers))
@@ -168,29 +170,20 @@ class Run:
         for worker in workers:
             worker.cancel()  # a no-op for workers that already finished
 
-    def _drain_queue(self) -> None:
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        for _ in range(self.job.limits.concurrency):
-            try:
-                self.queue.put_nowait(None)
-            except asyncio.QueueFull:
-                break
-
     async def _produce(self) -> None:
         offset = 0
         for batch, keys, rendered in self.plan.batches():
             items = await self._batch_items(keys, rendered, offset)
             offset += batch.num_rows
-            for item in items:
+            step = max(64, self.job.limits.concurrency)
+            for start in range(0, len(items), step):
                 if self.stopper.stopped:
                     return
-                await self.queue.put(item)
+                await self.queue.put_many(items[start : start + step])
             if self.stopper.stopped:
                 return
         self.produced_all = True
-        for _ in range(self.job.limits.concurrency):
-            await self.queue.put(None)
+        self.queue.close()
 
     async def _batch_items(self, keys: list[str], rendered: RenderedBatch, offset: int) -> list[Item]:
         """Decide, row by row, what still needs a request; journal skipped rows."""
