@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sqlite3
 import sys
@@ -113,10 +114,24 @@ def _run(job: Job, args: argparse.Namespace) -> int:
     from .runner import RunOptions, run_plan
 
     plan = prepare(job)
+    _tune_gc()
     options = RunOptions(quiet=args.quiet, fresh=args.fresh, retry_failed=args.retry_failed, sample=args.sample)
     result = asyncio.run(run_plan(plan, options))
     print_summary(plan, result, args)
     return result.exit_code
+
+
+def _tune_gc() -> None:
+    """Keep the garbage collector off the hot path of a long run.
+
+    Profiling showed a sizeable share of a fast run's CPU in collections that
+    walk every object of the imported libraries (pyarrow, pydantic, aiohttp):
+    freezing them moves them out of the collector's view, and a larger first
+    generation means fewer collections among the per-request objects, which
+    rarely form cycles.
+    """
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)
 
 
 def _prices(args: argparse.Namespace) -> int:

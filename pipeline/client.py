@@ -75,7 +75,6 @@ class ChatClient:
         self,
         session: aiohttp.ClientSession,
         dialect: Dialect,
-        headers: dict[str, str],
         limiter: RateLimiter,
         stopper: Stopper,
         max_attempts: int,
@@ -83,11 +82,9 @@ class ChatClient:
     ) -> None:
         self.session = session
         self.dialect = dialect
-        self.headers = headers
         self.limiter = limiter
         self.stopper = stopper
         self.max_attempts = max_attempts
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.timeout_s = timeout_s
 
     async def complete(self, body: bytes, tokens: int = 0, first_attempt: int = 1) -> Attempted | None:

@@ -205,10 +205,10 @@ class Journal:
         try:
             self.write_now(rows, cost)
         except sqlite3.Error as exc:
-            if done is not None:
+            if done is not None and not done.done():
                 done.set_exception(exc)
             return
-        if done is not None:
+        if done is not None and not done.done():
             done.set_result(None)
 
     def write_now(self, rows: list[tuple[Any, ...]], cost: float = 0.0) -> None:

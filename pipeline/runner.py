@@ -119,15 +119,7 @@ class Run:
         connector = aiohttp.TCPConnector(limit=limits.concurrency + 4)
         timeout = aiohttp.ClientTimeout(total=limits.timeout_s)
         async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as session:
-            client = ChatClient(
-                session,
-                self.dialect,
-                headers,
-                limiter,
-                self.stopper,
-                limits.max_attempts,
-                limits.timeout_s,
-            )
+            client = ChatClient(session, self.dialect, limiter, self.stopper, limits.max_attempts, limits.timeout_s)
             with self._signals():
                 await self._run_tasks(client)
         self.tracker.close()
@@ -285,6 +277,9 @@ class Run:
                 self.budget.settle(worst, 0.0)
                 return
             row, status, cost = self._result_row(item, attempted, tries, prior_cost, prior_attempts)
+            # The commit is shared by every row of this loop turn. Cancelling
+            # workers (end of a grace period) cancels it for all of them, which is
+            # fine: all are being cancelled, and the rows are committed regardless.
             await self.journal.write(row, cost)
             self.budget.settle(0.0, cost)
             if not self._retry_invalid(status, tries):
