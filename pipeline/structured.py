@@ -48,6 +48,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
 from .errors import JobError
+from .output import RESULT_COLUMNS
 
 __all__ = ["StructuredSpec"]
 
@@ -133,19 +134,8 @@ class StructuredSpec:
     "not JSON" rather than as a strange label.
     """
 
-    RESERVED: ClassVar[list[str]] = [
-        "completion",
-        "finish_reason",
-        "prompt_tokens",
-        "completion_tokens",
-        "cost_usd",
-        "model",
-        "provider",
-        "generation_id",
-        "attempts",
-        "latency_s",
-        "error",
-    ]
+    # The pipeline's own result columns, which a structured column may not shadow.
+    RESERVED: ClassVar[list[str]] = [name for name, _ in RESULT_COLUMNS]
 
     def __init__(
         self,
