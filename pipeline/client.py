@@ -87,13 +87,13 @@ class ChatClient:
         self.max_attempts = max_attempts
         self.timeout_s = timeout_s
 
-    async def complete(self, body: bytes, tokens: int = 0, first_attempt: int = 1) -> Attempted | None:
+    async def complete(self, body: bytes, tokens: int = 0) -> Attempted | None:
         """Send until success, a permanent error, or attempts run out.
 
         Returns None when the run is stopping before the first attempt went out.
         """
         cost = 0.0
-        attempt = first_attempt - 1
+        attempt = 0
         reply = Reply("retry", error="stopped before sending (not_run)")
         while attempt < self.max_attempts and not self.stopper.stopped:
             await self.limiter.acquire(tokens)
@@ -111,7 +111,7 @@ class ChatClient:
                 self.limiter.cool_down(delay)
             if not await self.stopper.sleep(delay):
                 return Attempted(reply, attempt, latency, cost)
-        if attempt < first_attempt:
+        if attempt == 0:
             return None
         return Attempted(reply, attempt, 0.0, cost)
 

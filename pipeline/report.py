@@ -32,9 +32,15 @@ def run_summary(plan: Plan, result: RunResult) -> dict[str, Any]:
 def print_summary(plan: Plan, result: RunResult, args: argparse.Namespace) -> None:
     summary = run_summary(plan, result)
     if args.sample:
-        _print_sample_estimate(plan, args)
+        from .estimate import dry_run, format_report
+
+        estimate = dry_run(plan)  # extrapolates from the rows the sample just answered
+        if args.json:
+            summary["estimate"] = estimate
+        else:
+            print("estimate for the full job from the sample:\n" + format_report(estimate))
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary))  # one JSON object, for scripts
         return
     if args.quiet:
         _print_problems(plan, summary)
@@ -83,13 +89,3 @@ def _print_problems(plan: Plan, s: dict[str, Any]) -> None:
             f"pipeline: {plan.job.name}: {failed} rows have an error (see the error column of {s['output']})",
             file=sys.stderr,
         )
-
-
-def _print_sample_estimate(plan: Plan, args: argparse.Namespace) -> None:
-    from .estimate import dry_run, format_report
-
-    report = dry_run(plan)
-    if args.json:
-        print(json.dumps({"estimate": report}))
-    else:
-        print("estimate for the full job from the sample:\n" + format_report(report))

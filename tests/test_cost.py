@@ -129,7 +129,8 @@ def test_sample_is_paid_once_and_extrapolated(workdir, server, capsys):
     write_job(workdir, server.base_url)
     assert main(["run", "job", "--sample", "20", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    estimate = next(line["estimate"] for line in lines if "estimate" in line)
+    assert len(lines) == 1  # --json prints one object: the summary with the estimate inside
+    estimate = lines[0]["estimate"]
     assert server.stats()["ok"] == 20
     assert "20 answered rows" in estimate["output_tokens_basis"]
     low, high = estimate["cost_usd_interval"]
