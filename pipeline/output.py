@@ -87,7 +87,7 @@ def write_output(
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     rows = errors = 0
-    error_index = len(schema) - len(structured.columns if structured is not None else []) - 1
+    error_index = schema.get_field_index("error")  # unique: inputs may not use result names
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             for batch, keys, hashes in batches:

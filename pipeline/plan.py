@@ -78,11 +78,8 @@ class Plan:
 
     def batches(self) -> Iterator[tuple[pa.RecordBatch, list[str], RenderedBatch]]:
         """Input batches with their row keys and rendered prompts."""
-        offset = 0
-        for batch in self.source.batches():
-            keys = row_keys(batch, self.job.input.id_column, offset)
+        for batch, keys in self.keyed_batches():
             yield batch, keys, self.renderer.render(batch)
-            offset += batch.num_rows
 
     def keyed_batches(self) -> Iterator[tuple[pa.RecordBatch, list[str]]]:
         """Input batches with their row keys, without rendering prompts."""

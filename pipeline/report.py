@@ -72,7 +72,7 @@ def _stop_lines(s: dict[str, Any], job_arg: str) -> list[str]:
         return [f"  stopped: {s['stop_reason']}", f"  resume with: pipeline run {job_arg}"]
     if s["exit_code"] == 1:
         return [
-            f"  {s.get('output_rows_with_error', 0):,} rows have an error (see the error column); "
+            f"  {_rows_with_error(s):,} rows have an error (see the error column); "
             f"rerun to retry transient failures "
             f"(add --retry-failed for the others): pipeline run {job_arg}"
         ]
@@ -84,8 +84,13 @@ def _print_problems(plan: Plan, s: dict[str, Any]) -> None:
     if s["exit_code"] == 3:
         print(f"pipeline: {plan.job.name} stopped: {s['stop_reason']}; rerun to resume", file=sys.stderr)
     elif s["exit_code"] == 1:
-        failed = s.get("output_rows_with_error") or s["rows_failed"] + s["rows_invalid"]
         print(
-            f"pipeline: {plan.job.name}: {failed} rows have an error (see the error column of {s['output']})",
+            f"pipeline: {plan.job.name}: {_rows_with_error(s)} rows have an error "
+            f"(see the error column of {s['output']})",
             file=sys.stderr,
         )
+
+
+def _rows_with_error(s: dict[str, Any]) -> int:
+    """Rows of the output with an error; without an output (a sample), this run's failures."""
+    return s["output_rows_with_error"] or s["rows_failed"] + s["rows_invalid"]

@@ -15,11 +15,12 @@ import json
 import random
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import pyarrow as pa
 
 from . import journal as jr
 from .client import Attempted, ChatClient, Stopper, request_headers
@@ -164,10 +165,10 @@ class Run:
 
     async def _produce(self) -> None:
         offset = 0
+        step = max(64, self.job.limits.concurrency)
         for batch, keys, rendered in self.plan.batches():
             items = await self._batch_items(keys, rendered, offset)
             offset += batch.num_rows
-            step = max(64, self.job.limits.concurrency)
             for start in range(0, len(items), step):
                 if self.stopper.stopped:
                     return
@@ -310,10 +311,9 @@ class Run:
             priced = self.plan.info.cost(reply.prompt_tokens or 0, reply.completion_tokens or 0)
             cost = None if priced is None else attempted.cost + priced
         status, error, parsed = self._status(attempted)
-        # Unknown price and no reported cost: null, not a misleading 0.
-        row_cost = None if cost is None and not prior_cost else prior_cost + (cost or 0.0)
-        if reply.kind != "ok" and not row_cost:
-            row_cost = None
+        # Null, not a misleading 0, when nothing is known to have been billed.
+        total = prior_cost + (cost or 0.0)
+        row_cost = total if total or (cost is not None and reply.kind == "ok") else None
         row = (
             item.key,
             item.prompt_hash,
@@ -348,17 +348,18 @@ class Run:
 
     def write_output(self) -> tuple[int, int]:
         schema = output_schema(self.plan.source.schema, self.plan.structured)
+        batches: Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]]
         if self.produced_all and not self.stopper.stopped:
             # Every row was looked at in this run and journaled under its current
             # prompt, so the journal is current: no need to render prompts again.
-            fast = ((batch, keys, None) for batch, keys in self.plan.keyed_batches())
-            return write_output(self.job.output.path, schema, fast, self.journal, self.plan.structured)
-        # Stopped early: a row whose prompt changed may still hold an old answer.
-        checked = (
-            (batch, keys, [rendered.prompt_hash(i) for i in range(batch.num_rows)])
-            for batch, keys, rendered in self.plan.batches()
-        )
-        return write_output(self.job.output.path, schema, checked, self.journal, self.plan.structured)
+            batches = ((batch, keys, None) for batch, keys in self.plan.keyed_batches())
+        else:
+            # Stopped early: a row whose prompt changed may still hold an old answer.
+            batches = (
+                (batch, keys, [rendered.prompt_hash(i) for i in range(batch.num_rows)])
+                for batch, keys, rendered in self.plan.batches()
+            )
+        return write_output(self.job.output.path, schema, batches, self.journal, self.plan.structured)
 
 
 @contextlib.asynccontextmanager

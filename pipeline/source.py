@@ -99,8 +99,8 @@ class Source:
         return files
 
     def _parquet_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-        names = columns or (self.schema.names if len(self.schema) else None)
-        target = pa.schema([self.schema.field(n) for n in names]) if names and len(self.schema) else None
+        names = columns or self.schema.names
+        target = pa.schema([self.schema.field(n) for n in names])
         for file in self._parquet_files():
             # Buffered, un-prebuffered reads decode a large row group page by page
             # instead of holding its whole column chunks in memory (410 MB -> 160 MB
@@ -108,7 +108,7 @@ class Source:
             parquet = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 20)
             for batch in parquet.iter_batches(batch_size=self.batch_size, columns=names):
                 # Files of a folder may order (or type) their columns differently.
-                yield batch if target is None or batch.schema == target else batch.select(names).cast(target)
+                yield batch if batch.schema == target else batch.select(names).cast(target)
 
     def _csv_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         header = pacsv.open_csv(self.path, parse_options=_CSV_PARSE).schema.names
@@ -128,7 +128,7 @@ class Source:
     def _jsonl_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         # An explicit schema from a first pass: the reader would otherwise infer
         # types from its first block only and fail on a column that starts null.
-        parse = pajson.ParseOptions(explicit_schema=self.schema) if len(self.schema) else None
+        parse = pajson.ParseOptions(explicit_schema=self.schema)
         reader = pajson.open_json(self.path, read_options=pajson.ReadOptions(block_size=4 << 20), parse_options=parse)
         for batch in _rebatch(reader, self.batch_size):
             yield batch.select(columns) if columns else batch
