@@ -40,10 +40,13 @@ def prepare_bodies(table: pa.Table) -> list[bytes]:
     base = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE}
     return [
         json.dumps(
-            {**base, "messages": [
-                {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": USER.format(text=text)},
-            ]},
+            {
+                **base,
+                "messages": [
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": USER.format(text=text)},
+                ],
+            },
             ensure_ascii=False,
         ).encode()
         for text in table.column("text").to_pylist()
@@ -72,8 +75,12 @@ async def send_all(url: str, bodies: list[bytes], concurrency: int) -> list[Resu
             choice = data["choices"][0]
             usage = data.get("usage") or {}
             results[i] = (
-                choice["message"].get("content"), choice.get("finish_reason"),
-                usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("cost"), None,
+                choice["message"].get("content"),
+                choice.get("finish_reason"),
+                usage.get("prompt_tokens"),
+                usage.get("completion_tokens"),
+                usage.get("cost"),
+                None,
             )
 
     connector = aiohttp.TCPConnector(limit=concurrency)

@@ -347,7 +347,7 @@ max_attempts = 3
 timeout_s = 60
 
 [output]
-path = "{(OUT / f'{name}.parquet').relative_to(ROOT).as_posix()}"
+path = "{(OUT / f"{name}.parquet").relative_to(ROOT).as_posix()}"
 """
     path = JOBS / f"{name}.toml"
     path.write_text(text, encoding="utf-8")
@@ -409,8 +409,10 @@ def check_run(run: ChildRun, stats: dict[str, Any], rows: int, output: Path | No
     if run.returncode != 0:
         problems.append(run.describe_failure())
     if stats["requests"] != rows or stats["ok"] != rows:
-        problems.append(f"server saw {stats['requests']} requests, {stats['ok']} ok, for {rows} rows "
-                        f"(statuses {stats['status_counts']})")
+        problems.append(
+            f"server saw {stats['requests']} requests, {stats['ok']} ok, for {rows} rows "
+            f"(statuses {stats['status_counts']})"
+        )
     if output is not None and (found := parquet_rows(output)) != rows:
         problems.append(f"output {output.name} has {found} rows, expected {rows}")
     return problems
@@ -433,19 +435,31 @@ def timed_minimal(server: Server, data: Path, rows: int) -> Loop:
     output = clean_output("minimal")
     server.reset()
     cpu0, busy0 = server.cpu_s(), system_busy_s()
-    run = run_child([
-        PY, str(ROOT / "benchmarks" / "minimal_loop.py"), "--url", server.base_url,
-        "--input", str(data), "--output", str(output), "--concurrency", str(CONCURRENCY),
-    ])
+    run = run_child(
+        [
+            PY,
+            str(ROOT / "benchmarks" / "minimal_loop.py"),
+            "--url",
+            server.base_url,
+            "--input",
+            str(data),
+            "--output",
+            str(output),
+            "--concurrency",
+            str(CONCURRENCY),
+        ]
+    )
     server_cpu, busy = server.cpu_s() - cpu0, system_busy_s() - busy0
     return Loop(run, rows, server_cpu, busy, check_run(run, server.stats(), rows, output))
 
 
 def _loop_text(loop: Loop, runs: list[Loop]) -> str:
     all_rps = ", ".join(f"{x.rps:,.0f}" for x in runs)
-    return (f"{loop.rps:,.0f} req/s (best of {all_rps}); client CPU {loop.cpu_ms:.3f} ms/req; "
-            f"server CPU {loop.server_cpu_ms:.3f} ms/req; wall {loop.run.wall_s:.1f} s; "
-            f"other processes busy {loop.other_cores:.1f} cores")
+    return (
+        f"{loop.rps:,.0f} req/s (best of {all_rps}); client CPU {loop.cpu_ms:.3f} ms/req; "
+        f"server CPU {loop.server_cpu_ms:.3f} ms/req; wall {loop.run.wall_s:.1f} s; "
+        f"other processes busy {loop.other_cores:.1f} cores"
+    )
 
 
 def bench_overhead(server: Server, repeats: int, log: Any) -> list[Row]:
@@ -455,12 +469,17 @@ def bench_overhead(server: Server, repeats: int, log: Any) -> list[Row]:
     mini_runs: list[Loop] = []
     for i in range(repeats):  # interleaved, so drift affects both alike
         for kind, runs in (("pipeline", pipe_runs), ("minimal loop", mini_runs)):
-            loop = (timed_pipeline(server, "overhead", job, OVERHEAD_ROWS) if kind == "pipeline"
-                    else timed_minimal(server, data, OVERHEAD_ROWS))
+            loop = (
+                timed_pipeline(server, "overhead", job, OVERHEAD_ROWS)
+                if kind == "pipeline"
+                else timed_minimal(server, data, OVERHEAD_ROWS)
+            )
             runs.append(loop)
-            log(f"overhead: {kind} run {i + 1}: {loop.rps:,.0f} req/s, client CPU {loop.cpu_ms:.3f} ms/req, "
+            log(
+                f"overhead: {kind} run {i + 1}: {loop.rps:,.0f} req/s, client CPU {loop.cpu_ms:.3f} ms/req, "
                 f"server CPU {loop.server_cpu_ms:.3f} ms/req, others {loop.other_cores:.1f} cores "
-                f"{loop.problems or ''}")
+                f"{loop.problems or ''}"
+            )
     problems = [p for x in pipe_runs + mini_runs for p in x.problems]
     pipe = max(pipe_runs, key=lambda x: x.rps)
     mini = max(mini_runs, key=lambda x: x.rps)
@@ -470,8 +489,12 @@ def bench_overhead(server: Server, repeats: int, log: Any) -> list[Row]:
     return [
         Row(f"{label}: pipeline", _loop_text(pipe, pipe_runs)),
         Row(f"{label}: minimal aiohttp loop", _loop_text(mini, mini_runs)),
-        Row(f"{label}: pipeline / minimal loop", f"{ratio:.1%} of the minimal loop's req/s",
-            f"≥ {OVERHEAD_TARGET:.0%}", verdict),
+        Row(
+            f"{label}: pipeline / minimal loop",
+            f"{ratio:.1%} of the minimal loop's req/s",
+            f"≥ {OVERHEAD_TARGET:.0%}",
+            verdict,
+        ),
     ]
 
 
@@ -503,11 +526,13 @@ def bench_cap(server: Server, log: Any) -> list[Row]:
     label = f"2. cap precision, {CAP_ROWS:,} rows, cap {CAP_RPM}/min, server rps={cap_rps:g}"
     rate_verdict = "PASS" if rate >= CAP_TARGET * cap_rps else "FAIL"
     return [
-        Row(f"{label}: achieved rate",
+        Row(
+            f"{label}: achieved rate",
             f"{rate:.2f} req/s = {rate / cap_rps:.1%} of the cap ({n:,} requests in {span:.2f} s; "
             f"max {burst} in any 1 s window)",
             f"≥ {CAP_TARGET:.0%} of {cap_rps:g}/s",
-            ("ERROR: " + "; ".join(problems)) if problems else rate_verdict),
+            ("ERROR: " + "; ".join(problems)) if problems else rate_verdict,
+        ),
         Row(f"{label}: 429s at the server", f"{too_many}", "0", "PASS" if too_many == 0 else "FAIL"),
     ]
 
@@ -537,8 +562,10 @@ def bench_memory(server: Server, quick: bool, log: Any) -> list[Row]:
         loop = timed_pipeline(server, name, job, rows)
         peak = loop.run.peak_rss_mb
         peaks[rows] = peak
-        log(f"memory: {rows:,} rows: peak {peak:.0f} MB (ru_maxrss {loop.run.maxrss_mb:.0f}, "
-            f"VmHWM {loop.run.hwm_mb:.0f}), {loop.rps:,.0f} req/s {loop.problems or ''}")
+        log(
+            f"memory: {rows:,} rows: peak {peak:.0f} MB (ru_maxrss {loop.run.maxrss_mb:.0f}, "
+            f"VmHWM {loop.run.hwm_mb:.0f}), {loop.rps:,.0f} req/s {loop.problems or ''}"
+        )
         measured = f"{peak:,.0f} MB ({loop.rps:,.0f} req/s, wall {loop.run.wall_s:,.1f} s)"
         target, verdict = "", ""
         if rows == MEMORY_ROWS[1] and MEMORY_ROWS[0] in peaks:
@@ -574,14 +601,16 @@ def bench_dry_run(log: Any) -> list[Row]:
     if report.get("rows") != DRY_ROWS:
         problems.append(f"report counts {report.get('rows')} rows")
     verdict = "goal met" if wall_rate >= DRY_GOAL_ROWS_PER_S else "below goal"
-    return [Row(
-        label,
-        f"{wall_rate:,.0f} rows/s (whole command, {run.wall_s:.1f} s); report's rows_per_s "
-        f"{report.get('rows_per_s'):,}; {report.get('input_tokens', 0):,} input tokens "
-        f"({report.get('tokenizer')}); peak RSS {run.peak_rss_mb:,.0f} MB",
-        f"no target; goal ≥ {DRY_GOAL_ROWS_PER_S:,} rows/s",
-        ("ERROR: " + "; ".join(problems)) if problems else verdict,
-    )]
+    return [
+        Row(
+            label,
+            f"{wall_rate:,.0f} rows/s (whole command, {run.wall_s:.1f} s); report's rows_per_s "
+            f"{report.get('rows_per_s'):,}; {report.get('input_tokens', 0):,} input tokens "
+            f"({report.get('tokenizer')}); peak RSS {run.peak_rss_mb:,.0f} MB",
+            f"no target; goal ≥ {DRY_GOAL_ROWS_PER_S:,} rows/s",
+            ("ERROR: " + "; ".join(problems)) if problems else verdict,
+        )
+    ]
 
 
 # -------------------------------------------------------------------------------- report
@@ -635,16 +664,26 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_memory(server, args.quick, log)
     rows += bench_dry_run(log)
 
-    header = [*machine(), f"- load average {load_start} at the start, {load_average()} at the end "
-              "(1, 5, 15 min; the start figure is other processes' load: well above 0 means noisier figures)"]
+    header = [
+        *machine(),
+        f"- load average {load_start} at the start, {load_average()} at the end "
+        "(1, 5, 15 min; the start figure is other processes' load: well above 0 means noisier figures)",
+    ]
     mode = "quick (--quick: no 1,000,000-row memory run)" if args.quick else "full"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    text = "\n".join([
-        "# Benchmark results", "",
-        f"`python benchmarks/run.py{' --quick' if args.quick else ''}`, {mode}, {stamp}, "
-        f"took {time.perf_counter() - started:,.0f} s", "",
-        *header, "", table(rows), "",
-    ])
+    text = "\n".join(
+        [
+            "# Benchmark results",
+            "",
+            f"`python benchmarks/run.py{' --quick' if args.quick else ''}`, {mode}, {stamp}, "
+            f"took {time.perf_counter() - started:,.0f} s",
+            "",
+            *header,
+            "",
+            table(rows),
+            "",
+        ]
+    )
     RESULTS.write_text(text, encoding="utf-8")
     print("\n".join(header))
     print()

@@ -3,7 +3,8 @@
 The public surface is re-exported here; everything else is implementation.
 """
 
-from .errors import (
+from pipeline.config.job import Job, load_job
+from pipeline.errors import (
     CredentialsError,
     IdentityError,
     InputError,
@@ -14,7 +15,6 @@ from .errors import (
     StopRun,
     UserError,
 )
-from .job import Job, load_job
 
 __all__ = [
     "CredentialsError",
@@ -37,8 +37,8 @@ def run_job(job: Job, *, quiet: bool = True, fresh: bool = False, retry_failed: 
     """Run a job from Python (outside any event loop); returns the CLI's exit code."""
     import asyncio
 
-    from .plan import prepare
-    from .runner import RunOptions, run_plan
+    from pipeline.engine.plan import prepare
+    from pipeline.engine.runner import RunOptions, run_plan
 
     result = asyncio.run(run_plan(prepare(job), RunOptions(quiet=quiet, fresh=fresh, retry_failed=retry_failed)))
     return result.exit_code

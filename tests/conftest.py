@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.app import main
 from tests.fakeserver import FakeServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.app import main
 from tests.conftest import read_output, run_cli, write_job, write_parquet
 from tests.fakeserver import get_tekken
 

@@ -453,14 +453,19 @@ def test_request_body_is_the_dialects_json() -> None:
     """The pre-serialised body prefix yields exactly the JSON of the full request."""
     import json
 
-    from pipeline.job import ModelSpec
-    from pipeline.providers import Dialect
+    from pipeline.config.job import ModelSpec
+    from pipeline.providers.base import Dialect
 
     spec = ModelSpec(params={"seed": 7, "provider": {"order": ["a"]}, "stop": ['"messages": null']})
     dialect = Dialect(spec, "m/x", {"provider": {"require_parameters": True}})
     messages = [{"role": "system", "content": "s é 😀"}, {"role": "user", "content": 'say "hi"\n'}]
     body = json.loads(dialect.body(messages))
     assert body == {
-        "model": "m/x", "max_tokens": 256, "temperature": 0.0, "seed": 7, "stop": ['"messages": null'],
-        "provider": {"order": ["a"], "require_parameters": True}, "messages": messages,
+        "model": "m/x",
+        "max_tokens": 256,
+        "temperature": 0.0,
+        "seed": 7,
+        "stop": ['"messages": null'],
+        "provider": {"order": ["a"], "require_parameters": True},
+        "messages": messages,
     }

@@ -18,10 +18,10 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from pipeline.cli import main
-from pipeline.job import ModelSpec, load_job
-from pipeline.plan import prepare
-from pipeline.providers import Dialect
+from pipeline.cli.app import main
+from pipeline.config.job import ModelSpec, load_job
+from pipeline.engine.plan import prepare
+from pipeline.providers.base import Dialect
 from tests.conftest import read_output, reviews, run_cli, spawn, write_job, write_parquet
 from tests.fakeserver import (
     LLAMACPP_SCHEMA_ERROR,
@@ -36,19 +36,21 @@ LABELS = ["positive", "negative", "neutral"]
 LABELS_EXTRA = 'labels = ["positive", "negative", "neutral"]'
 USER_PREFIX = "Summarise in one sentence:\n\n"  # write_job's default user template, rendered
 
-RESULT_SCHEMA = pa.schema([
-    ("completion", pa.string()),
-    ("finish_reason", pa.string()),
-    ("prompt_tokens", pa.int64()),
-    ("completion_tokens", pa.int64()),
-    ("cost_usd", pa.float64()),
-    ("model", pa.string()),
-    ("provider", pa.string()),
-    ("generation_id", pa.string()),
-    ("attempts", pa.int64()),
-    ("latency_s", pa.float64()),
-    ("error", pa.string()),
-])
+RESULT_SCHEMA = pa.schema(
+    [
+        ("completion", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),
+        ("model", pa.string()),
+        ("provider", pa.string()),
+        ("generation_id", pa.string()),
+        ("attempts", pa.int64()),
+        ("latency_s", pa.float64()),
+        ("error", pa.string()),
+    ]
+)
 
 # A schema with one property of every supported JSON type, as the job file writes it.
 REVIEW_SCHEMA: dict[str, Any] = {
@@ -85,14 +87,16 @@ items = { type = "string" }
 type = "object"
 properties = { lang = { type = "string" }, words = { type = "integer" } }
 """
-REVIEW_COLUMNS = pa.schema([
-    ("title", pa.string()),
-    ("stars", pa.int64()),
-    ("score", pa.float64()),
-    ("recommended", pa.bool_()),
-    ("tags", pa.list_(pa.string())),
-    ("meta", pa.struct([("lang", pa.string()), ("words", pa.int64())])),
-])
+REVIEW_COLUMNS = pa.schema(
+    [
+        ("title", pa.string()),
+        ("stars", pa.int64()),
+        ("score", pa.float64()),
+        ("recommended", pa.bool_()),
+        ("tags", pa.list_(pa.string())),
+        ("meta", pa.struct([("lang", pa.string()), ("words", pa.int64())])),
+    ]
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -137,7 +141,7 @@ TRICKY_ROWS: list[dict[str, str]] = [
     {"id": "7", "code": "0042", "price": "10.00", "text": "line one\nline two\n\nline four"},
     {"id": "a,b", "code": "", "price": "N/A", "text": "Crème brûlée — naïve façade; 日本語のレビュー; Ελληνικά"},
     {"id": "x-4", "code": "00", "price": "1e5", "text": "emoji 🎉👍🏽 and a family 👨\u200d👩\u200d👧 in one review"},
-    {"id": "x-5", "code": "NULL", "price": "-0.0", "text": "  padded with spaces, a tab\tand a quote \" inside  "},
+    {"id": "x-5", "code": "NULL", "price": "-0.0", "text": '  padded with spaces, a tab\tand a quote " inside  '},
     {"id": "x-6", "code": "TRUE", "price": "NA", "text": "windows\r\nline break and a backslash \\ at the end\\"},
     {"id": "x-7", "code": "null", "price": "0x1F", "text": '""quoted"" start, comma, end,'},
     {"id": "x-8", "code": "1,000", "price": "1.50", "text": "null"},
@@ -158,9 +162,7 @@ def write_tricky_csv(path: Path, lineterminator: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("lineterminator", ["\n", "\r\n"], ids=["lf", "crlf"])
-def test_csv_values_reach_prompt_and_output_unchanged(
-    server: FakeServer, workdir: Path, lineterminator: str
-) -> None:
+def test_csv_values_reach_prompt_and_output_unchanged(server: FakeServer, workdir: Path, lineterminator: str) -> None:
     """Quotes, commas, newlines, non-ASCII, emoji, "007", "1.50", "NULL" reach the server and output as written."""
     rows = write_tricky_csv(workdir / "data" / "in.csv", lineterminator)
     write_job(workdir, server.base_url, input_path="data/in.csv", user=CSV_TEMPLATE)
@@ -440,8 +442,11 @@ def test_labels_end_to_end(server: FakeServer, workdir: Path) -> None:
     data = reviews(100)
     write_parquet(workdir / "data" / "in.parquet", data)
     write_job(
-        workdir, server.base_url, prompt_extra=LABELS_EXTRA,
-        model={"provider": "openrouter", "max_tokens": 32}, limits={"concurrency": 16},
+        workdir,
+        server.base_url,
+        prompt_extra=LABELS_EXTRA,
+        model={"provider": "openrouter", "max_tokens": 32},
+        limits={"concurrency": 16},
     )
     assert run_cli("job") == 0
     table = read_output(out_path(workdir))
@@ -466,7 +471,9 @@ def test_json_schema_end_to_end(server: FakeServer, workdir: Path) -> None:
     data = reviews(12)
     write_parquet(workdir / "data" / "in.parquet", data)
     write_job(
-        workdir, server.base_url, prompt_extra=REVIEW_SCHEMA_TOML,
+        workdir,
+        server.base_url,
+        prompt_extra=REVIEW_SCHEMA_TOML,
         model={"provider": "openrouter", "max_tokens": 256},
     )
     assert load_job("job").prompt.json_schema == REVIEW_SCHEMA
@@ -482,7 +489,9 @@ def test_json_schema_end_to_end(server: FakeServer, workdir: Path) -> None:
 def invalid_reply_job(server: FakeServer, workdir: Path, extra: str = "") -> None:
     write_parquet(workdir / "data" / "in.parquet", reviews(10))
     write_job(
-        workdir, server.base_url, prompt_extra=LABELS_EXTRA + extra,
+        workdir,
+        server.base_url,
+        prompt_extra=LABELS_EXTRA + extra,
         model={"provider": "openrouter", "max_tokens": 32},
     )
 
@@ -549,7 +558,9 @@ def test_retry_invalid_cost_is_in_cost_column(server: FakeServer, workdir: Path)
 def schema_job_plan(server: FakeServer, workdir: Path, provider: str) -> Any:
     write_parquet(workdir / "data" / "in.parquet", reviews(3))
     write_job(
-        workdir, server.base_url, prompt_extra=REVIEW_SCHEMA_TOML,
+        workdir,
+        server.base_url,
+        prompt_extra=REVIEW_SCHEMA_TOML,
         model={"provider": provider, "max_tokens": 256},
     )
     return prepare(load_job("job"))
@@ -580,8 +591,11 @@ def test_local_profile_sends_json_object_with_schema(server: FakeServer, workdir
     assert json.loads(reply["choices"][0]["message"]["content"]) == expected_json("Rate this kettle", REVIEW_SCHEMA)
 
     # The OpenAI form of the same request is what llama-cpp-python refuses.
-    openai = Dialect(ModelSpec(provider="openai", base_url=server.base_url), plan.model_name,
-                     plan.structured.request_fields("openai"))
+    openai = Dialect(
+        ModelSpec(provider="openai", base_url=server.base_url),
+        plan.model_name,
+        plan.structured.request_fields("openai"),
+    )
     status, reply = post(openai.url, openai.body(messages))
     assert status == 500 and reply["error"]["message"] == LLAMACPP_SCHEMA_ERROR
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.app import main
 from tests.conftest import read_output, reviews, spawn, write_job, write_parquet
 from tests.fakeserver import FakeServer, expected_reply
 
@@ -146,9 +146,7 @@ def test_missing_required_key(server: FakeServer, workdir: Path, capsys: pytest.
     assert "missing" in line
 
 
-def test_authorization_header_refused(
-    server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_authorization_header_refused(server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A key written into ``[model] headers`` is refused: keys come from the environment."""
     good_input(workdir)
     write_job(workdir, server.base_url, model={"headers": {"Authorization": "Bearer sk-in-the-file"}})
@@ -157,9 +155,7 @@ def test_authorization_header_refused(
     assert "sk-in-the-file" not in line
 
 
-def test_labels_and_json_schema_both_set(
-    server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_labels_and_json_schema_both_set(server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Labels and a JSON schema together are refused."""
     good_input(workdir)
     write_job(workdir, server.base_url, prompt_extra='labels = ["a", "b"]\n' + SCHEMA_EXTRA)
@@ -171,9 +167,7 @@ def test_labels_and_json_schema_both_set(
 # ------------------------------------------------------------------------- prompts
 
 
-def test_template_names_missing_column(
-    server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_template_names_missing_column(server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A placeholder for a column the dataset lacks names that column."""
     good_input(workdir)
     write_job(workdir, server.base_url, user="Review: {review_body}")
@@ -215,7 +209,6 @@ def test_column_name_with_line_break_keeps_error_on_one_line(
     assert_user_error(code, capsys, server, workdir, "texts")
 
 
-
 def test_input_column_named_like_result_column(
     server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -235,9 +228,7 @@ def test_missing_input_file(server: FakeServer, workdir: Path, capsys: pytest.Ca
     assert_user_error(code, capsys, server, workdir, "data/absent.parquet")
 
 
-def test_unsupported_input_extension(
-    server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_unsupported_input_extension(server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file that exists but has an unknown extension is named, with the supported ones."""
     (workdir / "data" / "in.xlsx").write_bytes(b"PK\x03\x04 not really a spreadsheet")
     write_job(workdir, server.base_url, input_path="data/in.xlsx")
@@ -332,9 +323,7 @@ def test_budget_without_price(server: FakeServer, workdir: Path, capsys: pytest.
 # ------------------------------------------------------------------- name lookup
 
 
-def test_run_name_resolves_jobs_folder(
-    server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_run_name_resolves_jobs_folder(server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``pipeline run NAME`` runs jobs/NAME.toml (and writes that job's output)."""
     good_input(workdir, 4)
     write_job(workdir, server.base_url, name="reviews_nightly")

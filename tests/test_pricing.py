@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from pipeline import pricing
+from pipeline.engine import pricing
+from pipeline.engine.pricing import ModelInfo, cache_path, model_info, refresh_prices
 from pipeline.errors import PipelineError
-from pipeline.pricing import ModelInfo, cache_path, model_info, refresh_prices
 
 MINISTRAL = "mistralai/ministral-8b"
 
@@ -117,7 +117,7 @@ def test_cost_uses_each_price_for_its_own_tokens() -> None:
 
 
 def test_builtin_table_has_as_of_and_aliases(tmp_path: Path) -> None:
-    raw = json.loads((Path(pricing.__file__).parent / "prices.json").read_text())
+    raw = json.loads((Path(pricing.__file__).parent.parent / "prices.json").read_text())
     assert re.fullmatch(r"\d{4}-\d{2}", raw["as_of"])
     assert model_info("ministral-8b-2410", cache_dir=tmp_path).input_per_million == 0.10
     assert model_info("MistralAI/Ministral-3B", cache_dir=tmp_path).output_per_million == 0.04

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.limiter import RateLimiter, request_bucket
-from pipeline.tokens import counter_for
+from pipeline.cli.app import main
+from pipeline.engine.limiter import RateLimiter, request_bucket
+from pipeline.engine.tokens import counter_for
 from tests.conftest import read_output, reviews, run_cli, write_job, write_parquet
 from tests.fakeserver import FakeServer, max_per_window
 

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.app import main
 from tests.conftest import read_output, reviews, run_cli, spawn, write_job, write_parquet
 from tests.fakeserver import FakeServer, expected_reply, last_user_content
 

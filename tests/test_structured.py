@@ -14,9 +14,9 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from pipeline import structured
+from pipeline.config import structured
+from pipeline.config.structured import StructuredSpec
 from pipeline.errors import JobError
-from pipeline.structured import StructuredSpec
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = ["positive", "negative", "neutral"]

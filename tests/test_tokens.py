@@ -8,8 +8,8 @@ import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from pipeline import tokens
-from pipeline.tokens import (
+from pipeline.engine import tokens
+from pipeline.engine.tokens import (
     APPROX_TOKENS_PER_MESSAGE,
     ApproximateCounter,
     TekkenV3ChatCounter,

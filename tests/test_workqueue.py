@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pipeline.workqueue import WorkQueue
+from pipeline.engine.workqueue import WorkQueue
 
 
 async def test_items_come_out_in_order_then_none_after_close() -> None:

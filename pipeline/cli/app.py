@@ -14,8 +14,8 @@ import sqlite3
 import sys
 from typing import Any
 
-from .errors import PipelineError, UserError
-from .job import Job, load_job
+from pipeline.config.job import Job, load_job
+from pipeline.errors import PipelineError, UserError
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -92,7 +92,7 @@ def _with_output(job: Job, path: Any) -> Job:
 
 
 def _status(job: Job, as_json: bool) -> int:
-    from .status import format_status, job_status
+    from pipeline.cli.status import format_status, job_status
 
     status = job_status(job)
     print(json.dumps(status) if as_json else format_status(status))
@@ -100,8 +100,8 @@ def _status(job: Job, as_json: bool) -> int:
 
 
 def _dry_run(job: Job, as_json: bool) -> int:
-    from .estimate import dry_run, format_report
-    from .plan import prepare
+    from pipeline.engine.estimate import dry_run, format_report
+    from pipeline.engine.plan import prepare
 
     report = dry_run(prepare(job, need_key=False))
     print(json.dumps(report) if as_json else format_report(report))
@@ -109,9 +109,9 @@ def _dry_run(job: Job, as_json: bool) -> int:
 
 
 def _run(job: Job, args: argparse.Namespace) -> int:
-    from .plan import prepare
-    from .report import print_summary
-    from .runner import RunOptions, run_plan
+    from pipeline.cli.report import print_summary
+    from pipeline.engine.plan import prepare
+    from pipeline.engine.runner import RunOptions, run_plan
 
     plan = prepare(job)
     _tune_gc()
@@ -135,7 +135,7 @@ def _tune_gc() -> None:
 
 
 def _prices(args: argparse.Namespace) -> int:
-    from .pricing import model_info, refresh_prices
+    from pipeline.engine.pricing import model_info, refresh_prices
 
     if args.refresh:
         path, count = asyncio.run(refresh_prices(args.base_url))

@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Any
 
-from .plan import Plan
-from .runner import RunResult
+from pipeline.engine.plan import Plan
+from pipeline.engine.runner import RunResult
 
 
 def run_summary(plan: Plan, result: RunResult) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def run_summary(plan: Plan, result: RunResult) -> dict[str, Any]:
 def print_summary(plan: Plan, result: RunResult, args: argparse.Namespace) -> None:
     summary = run_summary(plan, result)
     if args.sample:
-        from .estimate import dry_run, format_report
+        from pipeline.engine.estimate import dry_run, format_report
 
         estimate = dry_run(plan)  # extrapolates from the rows the sample just answered
         if args.json:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import JobError
+from pipeline.errors import JobError
 
 DEFAULT_MODEL = "mistralai/ministral-8b"
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"

@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from .errors import CredentialsError, InputError, JobError
-from .job import Job, identity_hash
-from .output import RESULT_COLUMNS
-from .pricing import ModelInfo, model_info
-from .prompts import PromptRenderer, RenderedBatch, require_text_columns
-from .providers import Dialect
-from .source import Source, check_id_column, row_keys
-from .tokens import TokenCounter, counter_for
+from pipeline.config.job import Job, identity_hash
+from pipeline.engine.pricing import ModelInfo, model_info
+from pipeline.engine.prompts import PromptRenderer, RenderedBatch, require_text_columns
+from pipeline.engine.tokens import TokenCounter, counter_for
+from pipeline.errors import CredentialsError, InputError, JobError
+from pipeline.io.output import RESULT_COLUMNS
+from pipeline.io.source import Source, check_id_column, row_keys
+from pipeline.providers.base import Dialect
 
 if TYPE_CHECKING:
-    from .structured import StructuredSpec
+    from pipeline.config.structured import StructuredSpec
 
 # Tokens a chat template can add around the messages: an upper bound used to
 # skip tokenizing prompts that obviously fit the context window.
@@ -140,7 +140,7 @@ def _structured_spec(job: Job) -> StructuredSpec | None:
     prompt = job.prompt
     if prompt.labels is None and prompt.json_schema is None and prompt.json_schema_file is None:
         return None  # and jsonschema need not be imported
-    from .structured import StructuredSpec
+    from pipeline.config.structured import StructuredSpec
 
     return StructuredSpec.from_job(
         labels=prompt.labels,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from .limiter import RateLimiter
-from .providers import Dialect, Reply, parse_response
+from pipeline.engine.limiter import RateLimiter
+from pipeline.providers.base import Dialect, Reply, parse_response
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0

@@ -47,8 +47,8 @@ import pyarrow as pa
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
-from .errors import JobError
-from .output import RESULT_COLUMNS
+from pipeline.errors import JobError
+from pipeline.io.output import RESULT_COLUMNS
 
 __all__ = ["StructuredSpec"]
 
@@ -193,8 +193,7 @@ class StructuredSpec:
             return None
         if len(chosen) > 1:
             raise JobError(
-                "`[prompt]` sets " + " and ".join(chosen) + "; set only one of labels, "
-                "json_schema, json_schema_file"
+                "`[prompt]` sets " + " and ".join(chosen) + "; set only one of labels, json_schema, json_schema_file"
             )
         if not isinstance(column_prefix, str):
             raise JobError("`[prompt] column_prefix` must be a string")
@@ -216,9 +215,7 @@ class StructuredSpec:
             "additionalProperties": False,
         }
         node = _Node("string", pa.string())
-        return cls(
-            schema=schema, fields=[("label", node)], column_prefix=column_prefix, labels=labels
-        )
+        return cls(schema=schema, fields=[("label", node)], column_prefix=column_prefix, labels=labels)
 
     @classmethod
     def _from_schema(cls, raw: Any, source: str, column_prefix: str) -> StructuredSpec:
@@ -231,9 +228,7 @@ class StructuredSpec:
             where = _format_path(exc.absolute_path)
             detail = f"{where}: {exc.message}" if where else exc.message
             raise JobError(_one_line(f"{source} is not a valid JSON schema: {detail}")) from None
-        fields = [
-            (name, _compile(prop, name, source)) for name, prop in schema["properties"].items()
-        ]
+        fields = [(name, _compile(prop, name, source)) for name, prop in schema["properties"].items()]
         _make_strict(schema, "", source)
         return cls(schema=schema, fields=fields, column_prefix=column_prefix)
 
@@ -268,9 +263,7 @@ class StructuredSpec:
 
     # ------------------------------------------------------------------ parse
 
-    def parse(
-        self, content: str | None, finish_reason: str | None
-    ) -> tuple[dict | None, str | None]:
+    def parse(self, content: str | None, finish_reason: str | None) -> tuple[dict | None, str | None]:
         """Turn one reply into ``({column: value}, None)`` or ``(None, "invalid reply: ...")``.
 
         Values are converted to the column types: a whole JSON number for a
@@ -397,8 +390,7 @@ def _read_schema_file(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise JobError(
-            f"{_SCHEMA_FILE_KEY}: {path} is not valid JSON: {exc.msg} "
-            f"(line {exc.lineno}, column {exc.colno})"
+            f"{_SCHEMA_FILE_KEY}: {path} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
 
 
@@ -443,9 +435,7 @@ def _compile(prop: Any, path: str, source: str) -> _Node:
     properties = prop.get("properties")
     if not isinstance(properties, dict) or not properties:
         raise JobError(f'{where} is an object without "properties"')
-    fields = tuple(
-        (name, _compile(sub, f"{path}.{name}", source)) for name, sub in properties.items()
-    )
+    fields = tuple((name, _compile(sub, f"{path}.{name}", source)) for name, sub in properties.items())
     struct = pa.struct([pa.field(name, node.arrow) for name, node in fields])
     return _Node(kind, struct, fields=fields)
 
@@ -457,13 +447,9 @@ def _single_type(declared: Any, where: str) -> str:
     names = [declared] if isinstance(declared, str) else declared
     non_null = [name for name in names if name != "null"]
     if len(non_null) != 1:
-        raise JobError(
-            f'{where} must have exactly one "type" besides "null", got {json.dumps(declared)}'
-        )
+        raise JobError(f'{where} must have exactly one "type" besides "null", got {json.dumps(declared)}')
     if non_null[0] not in _SUPPORTED_TYPES:
-        raise JobError(
-            f'{where} has type "{non_null[0]}"; supported: {", ".join(_SUPPORTED_TYPES)}'
-        )
+        raise JobError(f'{where} has type "{non_null[0]}"; supported: {", ".join(_SUPPORTED_TYPES)}')
     return non_null[0]
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .job import ModelSpec
+from pipeline.config.job import ModelSpec
 
 RETRY_STATUSES = frozenset({408, 409, 425, 429})
 AUTH_STATUSES = frozenset({401, 402})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from .job import Job
-from .journal import Journal, RunLock
+from pipeline.config.job import Job
+from pipeline.store.journal import Journal, RunLock
 
 
 def job_status(job: Job) -> dict[str, Any]:

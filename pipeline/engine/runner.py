@@ -22,15 +22,15 @@ from typing import Any
 import aiohttp
 import pyarrow as pa
 
-from . import journal as jr
-from .client import Attempted, ChatClient, Stopper, request_headers
-from .journal import Journal, RunLock
-from .limiter import RateLimiter
-from .output import output_schema, write_output
-from .plan import Plan
-from .progress import Tracker
-from .prompts import RenderedBatch
-from .workqueue import WorkQueue
+from pipeline.engine.client import Attempted, ChatClient, Stopper, request_headers
+from pipeline.engine.limiter import RateLimiter
+from pipeline.engine.plan import Plan
+from pipeline.engine.progress import Tracker
+from pipeline.engine.prompts import RenderedBatch
+from pipeline.engine.workqueue import WorkQueue
+from pipeline.io.output import output_schema, write_output
+from pipeline.store import journal as jr
+from pipeline.store.journal import Journal, RunLock
 
 
 @dataclass(slots=True)
@@ -368,7 +368,7 @@ async def server_for(plan: Plan) -> AsyncIterator[str | None]:
     if not plan.local:
         yield None
         return
-    from .local import local_server
+    from pipeline.providers.local import local_server
 
     async with local_server(plan.job.model.path, n_ctx=plan.job.model.n_ctx) as base_url:
         yield base_url

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .journal import Journal
-from .limiter import estimated_duration_s
-from .plan import Plan
+from pipeline.engine.limiter import estimated_duration_s
+from pipeline.engine.plan import Plan
+from pipeline.store.journal import Journal
 
 
 def dry_run(plan: Plan) -> dict[str, Any]:

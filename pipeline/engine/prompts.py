@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .errors import InputError, JobError
+from pipeline.errors import InputError, JobError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .journal import Journal
+from pipeline.store.journal import Journal
 
 # The documented result columns and their Arrow types. Types are fixed, so a
 # column keeps its type even when every value is null.

@@ -29,7 +29,7 @@ from typing import Any, TypeGuard
 
 import aiohttp
 
-from .errors import PipelineError
+from pipeline.errors import PipelineError
 
 __all__ = ["ModelInfo", "cache_path", "model_info", "refresh_prices"]
 
@@ -156,7 +156,7 @@ class _Table:
 @lru_cache(maxsize=1)
 def _builtin_table() -> _Table:
     """Load ``prices.json`` from the package (it ships as package data)."""
-    text = resources.files(__package__ or "pipeline").joinpath(CACHE_FILE).read_text("utf-8")
+    text = resources.files("pipeline").joinpath(CACHE_FILE).read_text("utf-8")
     raw = json.loads(text)
     entries = {model: _parse_entry(fields) for model, fields in raw["models"].items()}
     return _Table(

@@ -1,0 +1,1 @@
+"""Job files: the pydantic models a job is validated into."""

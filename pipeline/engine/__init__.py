@@ -1,0 +1,1 @@
+"""The engine every front end shares: planning, row selection, scheduling, limits, retries, costs."""

@@ -1,0 +1,1 @@
+"""Sources (datasets read as Arrow record batches) and sinks (the output writer)."""

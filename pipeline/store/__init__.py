@@ -1,0 +1,1 @@
+"""Persistent state: the journal and the run lock."""
