@@ -1,24 +1,46 @@
-"""The pipeline's error tree.
+"""The pipeline's error tree and exit codes.
 
-Every error a user can cause (a bad job file, a bad dataset, a missing key)
-is a :class:`UserError`: the CLI prints its one-line message and exits 2,
-before anything is sent. Provider failures never surface as exceptions to the
-user: they are classified per row (see ``providers.py``) and recorded.
+::
+
+    PipelineError                  exit 1 unless a subclass says otherwise
+    ├── UserError                  exit 2: a mistake the user can fix; nothing was sent
+    │   ├── JobError               the job file (bad TOML, unknown key, wrong type, bad template)
+    │   ├── InputError             the dataset (missing file, column, bad ids, bad bytes)
+    │   ├── CredentialsError       the API key (missing, malformed)
+    │   ├── LockedError            another run of the job is active
+    │   ├── JournalError           the journal cannot be read
+    │   └── IdentityError          the journal belongs to different settings
+    ├── LocalServerError           exit 2: the local llama.cpp server did not start
+    └── StopRun                    exit 3: stopped early, resumable
+
+Provider failures are not exceptions: the HTTP boundary turns every response
+into a classified ``Reply`` value (see ``providers/base.py``), recorded per row.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What the process exit code (and ``Result.exit_code``) says about a run."""
+
+    OK = 0  # every row succeeded
+    ROWS_FAILED = 1  # finished, but some rows carry an error
+    USAGE = 2  # usage, job, input or key error: nothing was sent
+    STOPPED = 3  # stopped early (signal, key rejected, budget, job-level failure): resumable
 
 
 class PipelineError(Exception):
     """Base class for every error the pipeline raises on purpose."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.ROWS_FAILED
 
 
 class UserError(PipelineError):
     """A mistake the user can fix: the message names the key, column or file."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class JobError(UserError):
@@ -37,6 +59,10 @@ class LockedError(UserError):
     """Another run of the same job is active."""
 
 
+class JournalError(UserError):
+    """The journal cannot be read (damaged, or from a newer release): the message names its path."""
+
+
 class IdentityError(UserError):
     """The journal belongs to a job with different results-determining settings."""
 
@@ -44,7 +70,7 @@ class IdentityError(UserError):
 class LocalServerError(PipelineError):
     """The local llama.cpp server could not be started."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class StopRun(PipelineError):
@@ -53,4 +79,4 @@ class StopRun(PipelineError):
     The run is resumable: rerunning the same command continues it.
     """
 
-    exit_code = 3
+    exit_code = ExitCode.STOPPED

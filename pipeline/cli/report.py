@@ -5,42 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from dataclasses import replace
 
 from pipeline.engine.plan import Plan
+from pipeline.engine.reports import RunSummary
 from pipeline.engine.runner import RunResult
-
-
-def run_summary(plan: Plan, result: RunResult) -> dict[str, Any]:
-    s = dict(result.summary)
-    estimated = plan.info.cost(s["prompt_tokens"], s["completion_tokens"])
-    s.update(
-        {
-            "exit_code": result.exit_code,
-            "stop_reason": result.stop_reason,
-            "output": str(plan.job.output.path) if result.output_rows else None,
-            "output_rows": result.output_rows,
-            "job_spent_usd": round(result.spent_usd, 8),
-            "cost_usd_estimated": None if estimated is None else round(estimated, 8),
-            "price_source": plan.info.source,
-            "model": plan.model_name,
-        }
-    )
-    return s
+from pipeline.errors import ExitCode
 
 
 def print_summary(plan: Plan, result: RunResult, args: argparse.Namespace) -> None:
-    summary = run_summary(plan, result)
+    summary = result.summary
     if args.sample:
         from pipeline.engine.estimate import dry_run, format_report
 
         estimate = dry_run(plan)  # extrapolates from the rows the sample just answered
         if args.json:
-            summary["estimate"] = estimate
+            summary = replace(summary, estimate=estimate)
         else:
             print("estimate for the full job from the sample:\n" + format_report(estimate))
     if args.json:
-        print(json.dumps(summary))  # one JSON object, for scripts
+        print(json.dumps(summary.to_dict()))  # one JSON object, for scripts
         return
     if args.quiet:
         _print_problems(plan, summary)
@@ -48,29 +32,34 @@ def print_summary(plan: Plan, result: RunResult, args: argparse.Namespace) -> No
     print(format_summary(plan, summary, args.job))
 
 
-def format_summary(plan: Plan, s: dict[str, Any], job_arg: str) -> str:
-    est = s["cost_usd_estimated"]
+def format_summary(plan: Plan, s: RunSummary, job_arg: str) -> str:
+    est = s.cost_usd_estimated
     est_text = "unknown" if est is None else f"${est:.6f}"
     lines = [
-        f"{plan.job.name}: {s['rows_ok']:,} rows ok, {s['rows_failed'] + s['rows_invalid']:,} failed, "
-        f"{s['rows_skipped']:,} skipped, {s['rows_resumed']:,} already done "
-        f"in {s['wall_s']:.1f} s ({s['requests']:,} requests, {s['requests_per_minute']:,.0f} per minute)",
-        f"  tokens: {s['prompt_tokens']:,} in + {s['completion_tokens']:,} out; cost ${s['cost_usd']:.6f} "
-        f"(estimated from tokens {est_text}, prices from {s['price_source']}); "
-        f"job total ${s['job_spent_usd']:.6f}",
+        f"{plan.job.name}: {s.rows_ok:,} rows ok, {s.rows_failed + s.rows_invalid:,} failed, "
+        f"{s.rows_skipped:,} skipped, {s.rows_resumed:,} already done "
+        f"in {s.wall_s:.1f} s ({s.requests:,} requests, {s.requests_per_minute:,.0f} per minute)",
+        f"  tokens: {s.prompt_tokens:,} in + {s.completion_tokens:,} out; cost ${s.cost_usd:.6f} "
+        f"(estimated from tokens {est_text}, prices from {s.price_source}); "
+        f"job total ${s.job_spent_usd:.6f}",
     ]
-    if s["errors"]:
-        lines.append("  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["errors"].items())))
-    if s["output"]:
-        lines.append(f"  output: {s['output']} ({s['output_rows']:,} rows)")
+    if s.cost_estimated:
+        lines.append(
+            "  note: the server reported no usage for some replies; their cost was estimated from "
+            "counted tokens at the job's prices (and counted against budget_usd)"
+        )
+    if s.errors:
+        lines.append("  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items())))
+    if s.output:
+        lines.append(f"  output: {s.output} ({s.output_rows:,} rows)")
     lines += _stop_lines(s, job_arg)
     return "\n".join(lines)
 
 
-def _stop_lines(s: dict[str, Any], job_arg: str) -> list[str]:
-    if s["exit_code"] == 3:
-        return [f"  stopped: {s['stop_reason']}", f"  resume with: pipeline run {job_arg}"]
-    if s["exit_code"] == 1:
+def _stop_lines(s: RunSummary, job_arg: str) -> list[str]:
+    if s.exit_code == ExitCode.STOPPED:
+        return [f"  stopped: {s.stop_reason}", f"  resume with: pipeline run {job_arg}"]
+    if s.exit_code == ExitCode.ROWS_FAILED:
         return [
             f"  {_rows_with_error(s):,} rows have an error (see the error column); "
             f"rerun to retry transient failures "
@@ -79,18 +68,17 @@ def _stop_lines(s: dict[str, Any], job_arg: str) -> list[str]:
     return []
 
 
-def _print_problems(plan: Plan, s: dict[str, Any]) -> None:
+def _print_problems(plan: Plan, s: RunSummary) -> None:
     """``--quiet``: nothing on success; one line per problem on stderr."""
-    if s["exit_code"] == 3:
-        print(f"pipeline: {plan.job.name} stopped: {s['stop_reason']}; rerun to resume", file=sys.stderr)
-    elif s["exit_code"] == 1:
+    if s.exit_code == ExitCode.STOPPED:
+        print(f"pipeline: {plan.job.name} stopped: {s.stop_reason}; rerun to resume", file=sys.stderr)
+    elif s.exit_code == ExitCode.ROWS_FAILED:
         print(
-            f"pipeline: {plan.job.name}: {_rows_with_error(s)} rows have an error "
-            f"(see the error column of {s['output']})",
+            f"pipeline: {plan.job.name}: {_rows_with_error(s)} rows have an error (see the error column of {s.output})",
             file=sys.stderr,
         )
 
 
-def _rows_with_error(s: dict[str, Any]) -> int:
+def _rows_with_error(s: RunSummary) -> int:
     """Rows of the output with an error; without an output (a sample), this run's failures."""
-    return s["output_rows_with_error"] or s["rows_failed"] + s["rows_invalid"]
+    return s.output_rows_with_error or s.rows_failed + s.rows_invalid

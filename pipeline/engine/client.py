@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from pipeline.engine.limiter import RateLimiter
-from pipeline.providers.base import Dialect, Reply, parse_response
+from pipeline.providers.base import Dialect, Reply, ReplyKind, parse_response
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0
@@ -94,7 +94,7 @@ class ChatClient:
         """
         cost = 0.0
         attempt = 0
-        reply = Reply("retry", error="stopped before sending (not_run)")
+        reply = Reply(ReplyKind.RETRY, error="stopped before sending (not_run)")
         while attempt < self.max_attempts and not self.stopper.stopped:
             await self.limiter.acquire(tokens)
             if self.stopper.stopped:
@@ -104,7 +104,7 @@ class ChatClient:
             reply = await self._send_once(body)
             latency = time.perf_counter() - started
             cost += reply.cost or 0.0
-            if reply.kind != "retry" or attempt >= self.max_attempts:
+            if reply.kind != ReplyKind.RETRY or attempt >= self.max_attempts:
                 return Attempted(reply, attempt, latency, cost)
             delay = backoff_delay(attempt, reply.retry_after)
             if reply.status == 429:
@@ -123,9 +123,9 @@ class ChatClient:
                 raw = await resp.read()
                 return parse_response(resp.status, raw, resp.headers)
         except TimeoutError:
-            return Reply("retry", error=f"timeout after {self.timeout_s:g} s")
+            return Reply(ReplyKind.RETRY, error=f"timeout after {self.timeout_s:g} s")
         except aiohttp.ClientError as exc:
-            return Reply("retry", error=f"connection error: {type(exc).__name__}: {_describe(exc)}")
+            return Reply(ReplyKind.RETRY, error=f"connection error: {type(exc).__name__}: {_describe(exc)}")
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from tqdm import tqdm
+
+from pipeline.store.journal import RowStatus
 
 REFRESH_S = 0.5
 
@@ -27,6 +28,7 @@ class Counters:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    cost_estimated: bool = False
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -56,23 +58,19 @@ class Tracker:
         self.counters.skipped += rows
         self.bar.update(rows)
 
-    def report(
-        self,
-        status: str,
-        attempts: int,
-        prompt_tokens: int | None,
-        completion_tokens: int | None,
-        cost: float,
-        error: str | None,
-    ) -> None:
+    def requests(self, attempts: int, cost: float, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        """Requests sent for a row (one reply, with its retries) and what they cost."""
         c = self.counters
         c.requests += attempts
         c.prompt_tokens += prompt_tokens or 0
         c.completion_tokens += completion_tokens or 0
         c.cost_usd += cost
-        if status == "ok":
+
+    def row_done(self, status: RowStatus, error: str | None) -> None:
+        c = self.counters
+        if status == RowStatus.OK:
             c.ok += 1
-        elif status == "invalid":
+        elif status == RowStatus.INVALID:
             c.invalid += 1
         else:
             c.failed += 1
@@ -97,21 +95,3 @@ class Tracker:
     @property
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
-
-    def summary(self) -> dict[str, Any]:
-        c = self.counters
-        elapsed = self.elapsed_s
-        return {
-            "rows_ok": c.ok,
-            "rows_failed": c.failed,
-            "rows_invalid": c.invalid,
-            "rows_skipped": c.skipped,
-            "rows_resumed": c.resumed,
-            "requests": c.requests,
-            "prompt_tokens": c.prompt_tokens,
-            "completion_tokens": c.completion_tokens,
-            "cost_usd": round(c.cost_usd, 8),
-            "wall_s": round(elapsed, 2),
-            "requests_per_minute": round(c.requests / elapsed * 60, 1) if elapsed > 0 else 0.0,
-            "errors": dict(c.errors),
-        }

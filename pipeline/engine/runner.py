@@ -11,26 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pyarrow as pa
 
-from pipeline.engine.client import Attempted, ChatClient, Stopper, request_headers
+from pipeline.engine.client import ChatClient, Stopper, request_headers
 from pipeline.engine.limiter import RateLimiter
 from pipeline.engine.plan import Plan
 from pipeline.engine.progress import Tracker
 from pipeline.engine.prompts import RenderedBatch
+from pipeline.engine.recorder import Recorder
+from pipeline.engine.reports import RunSummary
 from pipeline.engine.workqueue import WorkQueue
+from pipeline.errors import ExitCode
 from pipeline.io.output import output_schema, write_output
-from pipeline.store import journal as jr
-from pipeline.store.journal import Journal, RunLock
+from pipeline.providers.base import ReplyKind
+from pipeline.store.journal import Journal, JournalRow, RowStatus, RunLock, Seen
 
 
 @dataclass(slots=True)
@@ -53,12 +55,9 @@ class RunOptions:
 
 @dataclass
 class RunResult:
-    exit_code: int
-    stop_reason: str | None
-    summary: dict[str, Any]
-    output_rows: int = 0
+    exit_code: ExitCode
+    summary: RunSummary
     spent_usd: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Budget:
@@ -96,11 +95,12 @@ class Run:
         self.job = plan.job
         self.stopper = Stopper()
         self.tracker = Tracker(options.sample or plan.total_rows, quiet=options.quiet, desc=plan.job.name)
-        self.budget = Budget(self.job.limits.budget_usd, journal.spent())
+        self.budget = Budget(self.job.limits.budget_usd, journal.job_spent())
         self.need_tokens = bool(self.job.limits.tokens_per_minute or self.job.limits.budget_usd)
         self.queue: WorkQueue[Item] = WorkQueue(low_water=2 * self.job.limits.concurrency)
         self.sample_rows = self._pick_sample()
         self.dialect = plan.dialect()
+        self.recorder = Recorder(plan.info, plan.structured, lambda: plan.counter)
         self._hurry = asyncio.Event()
         self.produced_all = False
         # A new journal has nothing to look up: skip one query per batch.
@@ -201,10 +201,10 @@ class Run:
         todo, tokens = self._skip_too_long(keys, hashes, todo, tokens)
         return [Item(keys[i], hashes[i], self.dialect_body(rendered, i), t) for i, t in zip(todo, tokens, strict=True)]
 
-    def _is_done(self, state: jr.Seen) -> bool:
-        if state.status in (jr.OK, jr.SKIPPED):
+    def _is_done(self, state: Seen) -> bool:
+        if state.status in (RowStatus.OK, RowStatus.SKIPPED):
             return True
-        return state.status in (jr.FAILED, jr.INVALID) and not self.options.retry_failed
+        return state.status in (RowStatus.FAILED, RowStatus.INVALID) and not self.options.retry_failed
 
     def dialect_body(self, rendered: RenderedBatch, i: int) -> bytes:
         return self.dialect.body(rendered.messages(i))
@@ -248,12 +248,7 @@ class Run:
 
     def _journal_skipped(self, rows: list[tuple[str, str]], error: str) -> None:
         now = time.time()
-        self.journal.write_now(
-            [
-                (key, h, jr.SKIPPED, None, None, None, None, None, None, None, None, 0, None, error, None, 0, now)
-                for key, h in rows
-            ]
-        )
+        self.journal.write_now([JournalRow(key, h, RowStatus.SKIPPED, error=error, updated=now) for key, h in rows])
         self.tracker.skipped(len(rows))
 
     async def _work(self, client: ChatClient) -> None:
@@ -277,74 +272,43 @@ class Run:
             if attempted is None:
                 self.budget.settle(worst, 0.0)
                 return
-            row, status, cost = self._result_row(item, attempted, tries, prior_cost, prior_attempts)
+            charge = self.recorder.charge(attempted.reply, attempted.cost, item.tokens, item.body)
+            row = self.recorder.record(
+                item.key,
+                item.prompt_hash,
+                attempted.reply,
+                attempts=attempted.attempts,
+                latency_s=attempted.latency_s,
+                charge=charge,
+                prior_cost=prior_cost,
+                prior_attempts=prior_attempts,
+                tries=tries,
+            )
             # The commit is shared by every row of this loop turn. Cancelling
             # workers (end of a grace period) cancels it for all of them, which is
             # fine: all are being cancelled, and the rows are committed regardless.
-            await self.journal.write(row, cost)
-            self.budget.settle(0.0, cost)
-            if not self._retry_invalid(status, tries):
+            await self.journal.write(row, charge.usd)
+            self.budget.settle(0.0, charge.usd)
+            # Every attempt shows in the bar and the summary, retries of invalid replies included.
+            self.tracker.requests(attempted.attempts, charge.usd, row.prompt_tokens, row.completion_tokens)
+            if charge.estimated:
+                self.tracker.counters.cost_estimated = True
+            if not self._retry_invalid(row.status, tries):
                 break
             # Ask again for a reply that fits the schema; the row keeps the total cost.
-            tries, prior_cost, prior_attempts = tries + 1, prior_cost + cost, prior_attempts + attempted.attempts
+            tries, prior_cost, prior_attempts = tries + 1, prior_cost + charge.usd, prior_attempts + attempted.attempts
         self.budget.settle(worst, 0.0)
-        self.tracker.report(status, row[11], row[5], row[6], cost, row[13])
-        if attempted.reply.kind == "auth":
+        self.tracker.row_done(row.status, row.error)
+        if attempted.reply.kind == ReplyKind.AUTH:
             self.stopper.stop(
                 f"the provider refused the key ({attempted.reply.error}); fix the key or credits and rerun"
             )
 
-    def _retry_invalid(self, status: str, tries: int) -> bool:
-        if status != jr.INVALID or tries >= self.job.prompt.retry_invalid or self.stopper.stopped:
+    def _retry_invalid(self, status: RowStatus, tries: int) -> bool:
+        if status != RowStatus.INVALID or tries >= self.job.prompt.retry_invalid or self.stopper.stopped:
             return False
         # This row's reservation is still held, so it covers the new attempt.
         return self.budget.within_limit()
-
-    def _result_row(
-        self, item: Item, attempted: Attempted, tries: int, prior_cost: float = 0.0, prior_attempts: int = 0
-    ) -> tuple[tuple[Any, ...], str, float]:
-        """The journal row for a reply; cost and attempts include earlier tries of this row."""
-        reply = attempted.reply
-        cost: float | None = attempted.cost
-        if reply.kind == "ok" and reply.cost is None:
-            # No cost in the response (Mistral, vLLM, llama.cpp): tokens x the model's price.
-            priced = self.plan.info.cost(reply.prompt_tokens or 0, reply.completion_tokens or 0)
-            cost = None if priced is None else attempted.cost + priced
-        status, error, parsed = self._status(attempted)
-        # Null, not a misleading 0, when nothing is known to have been billed.
-        total = prior_cost + (cost or 0.0)
-        row_cost = total if total or (cost is not None and reply.kind == "ok") else None
-        row = (
-            item.key,
-            item.prompt_hash,
-            status,
-            reply.content,
-            reply.finish_reason,
-            reply.prompt_tokens,
-            reply.completion_tokens,
-            row_cost,
-            reply.model,
-            reply.provider,
-            reply.generation_id,
-            prior_attempts + attempted.attempts,
-            round(attempted.latency_s, 4),
-            error,
-            json.dumps(parsed) if parsed is not None else None,
-            tries,
-            time.time(),
-        )
-        return row, status, cost or 0.0
-
-    def _status(self, attempted: Attempted) -> tuple[str, str | None, dict[str, Any] | None]:
-        reply = attempted.reply
-        if reply.kind == "ok":
-            if self.plan.structured is None:
-                return jr.OK, None, None
-            parsed, error = self.plan.structured.parse(reply.content, reply.finish_reason)
-            return (jr.OK, None, parsed) if error is None else (jr.INVALID, error, None)
-        if reply.kind == "fatal":
-            return jr.FAILED, reply.error, None
-        return jr.TRANSIENT, reply.error, None
 
     def write_output(self) -> tuple[int, int]:
         schema = output_schema(self.plan.source.schema, self.plan.structured)
@@ -395,13 +359,39 @@ async def run_plan(plan: Plan, options: RunOptions) -> RunResult:
 
 def _result(run: Run, rows: int, rows_with_error: int) -> RunResult:
     """Exit code: 3 stopped early; 1 some output row carries an error; else 0."""
-    summary = run.tracker.summary()
     c = run.tracker.counters
     if run.stopper.stopped:
-        code = 3
+        code = ExitCode.STOPPED
     elif rows_with_error or c.failed or c.invalid:
-        code = 1
+        code = ExitCode.ROWS_FAILED
     else:
-        code = 0
-    summary["output_rows_with_error"] = rows_with_error
-    return RunResult(code, run.stopper.reason, summary, rows, run.budget.spent)
+        code = ExitCode.OK
+    plan = run.plan
+    estimated = plan.info.cost(c.prompt_tokens, c.completion_tokens)
+    elapsed = run.tracker.elapsed_s
+    summary = RunSummary(
+        job=plan.job.name,
+        model=plan.model_name,
+        exit_code=code,
+        stop_reason=run.stopper.reason,
+        rows_ok=c.ok,
+        rows_failed=c.failed,
+        rows_invalid=c.invalid,
+        rows_skipped=c.skipped,
+        rows_resumed=c.resumed,
+        requests=c.requests,
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        cost_usd=round(c.cost_usd, 8),
+        cost_usd_estimated=None if estimated is None else round(estimated, 8),
+        cost_estimated=c.cost_estimated,
+        job_spent_usd=round(run.budget.spent, 8),
+        price_source=plan.info.source,
+        wall_s=round(elapsed, 2),
+        requests_per_minute=round(c.requests / elapsed * 60, 1) if elapsed > 0 else 0.0,
+        errors=dict(c.errors),
+        output=str(plan.job.output.path) if rows else None,
+        output_rows=rows,
+        output_rows_with_error=rows_with_error,
+    )
+    return RunResult(code, summary, run.budget.spent)

@@ -259,3 +259,18 @@ def counter_for(model: str) -> TokenCounter:
     Cheap: the tokenizer itself is loaded on the first count, once per process.
     """
     return _EXACT_V3 if is_v3_tekken_model(model) else _APPROXIMATE
+
+
+_text_counter: Callable[[str], int] | None = None
+
+
+def count_text(text: str) -> int:
+    """Tokens in a plain text (a completion), with the Tekken tokenizer.
+
+    Used to charge replies that arrive without ``usage``: exact for Tekken
+    models, an estimate for others.
+    """
+    global _text_counter
+    if _text_counter is None:
+        _text_counter = _text_token_counter()
+    return _text_counter(text)

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store.journal import Journal
+from pipeline.store.journal import Journal, JournalRow
 
 # The documented result columns and their Arrow types. Types are fixed, so a
 # column keeps its type even when every value is null.
@@ -34,7 +34,6 @@ RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("latency_s", pa.float64()),
     ("error", pa.string()),
 ]
-_JOURNAL_FIELDS = [name for name, _ in RESULT_COLUMNS] + ["prompt_hash", "parsed"]
 NOT_RUN = "not_run: the run stopped before this row was sent; rerun the job to finish it"
 
 
@@ -53,21 +52,24 @@ def result_arrays(
 
     With ``hashes``, a journaled row whose prompt hash differs counts as not run.
     """
-    found = journal.results(keys, _JOURNAL_FIELDS)
-    width = len(RESULT_COLUMNS)
-    # Never journaled, or journaled for a prompt that has since changed.
-    missing = (None,) * (width - 1) + (NOT_RUN, None, None)
-    rows = []
+    found = journal.results(keys)
+    rows: list[JournalRow | None] = []
     for i, key in enumerate(keys):
         row = found.get(key)
-        if row is None or (hashes is not None and row[width] != hashes[i]):
-            row = missing
+        # Never journaled, or journaled for a prompt that has since changed.
+        if row is not None and hashes is not None and row.prompt_hash != hashes[i]:
+            row = None
         rows.append(row)
-    columns = list(zip(*rows, strict=True)) if rows else [()] * (width + 2)
-    arrays = [pa.array(columns[j], type=kind) for j, (_, kind) in enumerate(RESULT_COLUMNS)]
+    arrays = [pa.array([_value(row, name) for row in rows], type=kind) for name, kind in RESULT_COLUMNS]
     if structured is not None:
-        arrays += structured.to_arrays([json.loads(p) if p else None for p in columns[width + 1]])
+        arrays += structured.to_arrays([json.loads(row.parsed) if row and row.parsed else None for row in rows])
     return arrays
+
+
+def _value(row: JournalRow | None, name: str) -> Any:
+    if row is None:
+        return NOT_RUN if name == "error" else None
+    return getattr(row, name)
 
 
 def write_output(

@@ -17,9 +17,20 @@ import email.utils
 import json
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from pipeline.config.job import ModelSpec
+
+
+class ReplyKind(StrEnum):
+    """What the engine does next with a reply."""
+
+    OK = "ok"  # a completion: journal it
+    RETRY = "retry"  # transient: back off and try again
+    FATAL = "fatal"  # the request itself is wrong: the row ends
+    AUTH = "auth"  # the key is rejected or out of credits: stop sending
+
 
 RETRY_STATUSES = frozenset({408, 409, 425, 429})
 AUTH_STATUSES = frozenset({401, 402})
@@ -29,7 +40,7 @@ AUTH_STATUSES = frozenset({401, 402})
 class Reply:
     """One HTTP exchange, classified."""
 
-    kind: str  # "ok" | "retry" | "fatal" | "auth"
+    kind: ReplyKind
     status: int | None = None
     error: str | None = None
     retry_after: float | None = None
@@ -91,16 +102,16 @@ def parse_response(status: int, body: bytes, headers: Any) -> Reply:
     retry_after = parse_retry_after(headers.get("Retry-After"))
     message = _error_message(data, body)
     if status == 200:
-        return Reply("retry", status, f"HTTP 200 with an unreadable body: {message}")
+        return Reply(ReplyKind.RETRY, status, f"HTTP 200 with an unreadable body: {message}")
     return Reply(classify_status(status, message), status, f"HTTP {status}: {message}", retry_after)
 
 
-def classify_status(status: int, message: str) -> str:
+def classify_status(status: int, message: str) -> ReplyKind:
     if status in RETRY_STATUSES or status >= 500:
-        return "retry"
+        return ReplyKind.RETRY
     if status in AUTH_STATUSES or (status == 403 and _about_key(message)):
-        return "auth"
-    return "fatal"
+        return ReplyKind.AUTH
+    return ReplyKind.FATAL
 
 
 def _about_key(message: str) -> bool:
@@ -112,21 +123,21 @@ def _parse_success(data: dict[str, Any]) -> Reply:
     error = data.get("error")
     if isinstance(error, dict):
         # OpenRouter reports a provider failure after streaming started as a 200.
-        return Reply("retry", 200, f"provider error (HTTP 200): {_clip(str(error.get('message', error)))}")
+        return Reply(ReplyKind.RETRY, 200, f"provider error (HTTP 200): {_clip(str(error.get('message', error)))}")
     try:
         choice = data["choices"][0]
         message = choice.get("message") or {}
         finish = choice.get("finish_reason")
         usage = data.get("usage") or {}
     except (KeyError, IndexError, TypeError, AttributeError):
-        return Reply("retry", 200, "HTTP 200 without choices")
+        return Reply(ReplyKind.RETRY, 200, "HTTP 200 without choices")
     if finish == "error":
-        return Reply("retry", 200, "provider error (HTTP 200, finish_reason error)")
+        return Reply(ReplyKind.RETRY, 200, "provider error (HTTP 200, finish_reason error)")
     prompt_tokens = usage.get("prompt_tokens")
     completion_tokens = usage.get("completion_tokens")
     cost: Any = usage.get("cost")
     return Reply(
-        "ok",
+        ReplyKind.OK,
         200,
         content=message.get("content"),
         finish_reason=finish,

@@ -17,62 +17,81 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, fields
+from enum import StrEnum
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import IdentityError, LockedError
+from pipeline.errors import IdentityError, JournalError, LockedError
+from pipeline.store.migrations import SCHEMA_VERSION, migrate
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS results (
-    key TEXT PRIMARY KEY,
-    prompt_hash TEXT NOT NULL,
-    status TEXT NOT NULL,
-    completion TEXT,
-    finish_reason TEXT,
-    prompt_tokens INTEGER,
-    completion_tokens INTEGER,
-    cost_usd REAL,
-    model TEXT,
-    provider TEXT,
-    generation_id TEXT,
-    attempts INTEGER,
-    latency_s REAL,
-    error TEXT,
-    parsed TEXT,
-    invalid_tries INTEGER NOT NULL DEFAULT 0,
-    updated REAL NOT NULL
-);
-"""
 
-# Columns of a result row, in the order Journal.write expects them.
-RESULT_FIELDS = (
-    "key",
-    "prompt_hash",
-    "status",
-    "completion",
-    "finish_reason",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost_usd",
-    "model",
-    "provider",
-    "generation_id",
-    "attempts",
-    "latency_s",
-    "error",
-    "parsed",
-    "invalid_tries",
-    "updated",
+class RowStatus(StrEnum):
+    """A row's state in the journal.
+
+    ``transient`` rows are retried by the next run; ``failed`` and ``invalid``
+    rows only with ``--retry-failed`` (or ``retry_invalid`` for invalid ones).
+    """
+
+    OK = "ok"
+    FAILED = "failed"
+    INVALID = "invalid"
+    TRANSIENT = "transient"
+    SKIPPED = "skipped"
+
+
+DONE_STATUSES = frozenset({RowStatus.OK, RowStatus.FAILED, RowStatus.INVALID, RowStatus.SKIPPED})
+
+
+@dataclass(slots=True)
+class JournalRow:
+    """One row's result: the single definition the SQL, the upsert and the output derive from."""
+
+    key: str
+    prompt_hash: str
+    status: RowStatus
+    completion: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+    model: str | None = None
+    provider: str | None = None
+    generation_id: str | None = None
+    attempts: int = 0
+    latency_s: float | None = None
+    error: str | None = None
+    parsed: str | None = None  # the structured reply as JSON text
+    invalid_tries: int = 0
+    cost_estimated: bool = False  # cost counted from tokens: the server reported no usage
+    updated: float = 0.0
+
+
+_NOT_NULL = {"key": "TEXT PRIMARY KEY", "prompt_hash": "TEXT NOT NULL", "status": "TEXT NOT NULL"}
+_DEFAULTS = {"invalid_tries": "INTEGER NOT NULL DEFAULT 0", "cost_estimated": "INTEGER NOT NULL DEFAULT 0"}
+
+
+def _column_sql(f: Field[Any]) -> str:
+    if f.name in _NOT_NULL:
+        return _NOT_NULL[f.name]
+    if f.name in _DEFAULTS:
+        return _DEFAULTS[f.name]
+    if f.name == "updated":
+        return "REAL NOT NULL"
+    base = str(f.type).split(" |")[0]
+    return {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER"}[base]
+
+
+RESULT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(JournalRow))
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);\n"
+    "CREATE TABLE IF NOT EXISTS results (\n"
+    + ",\n".join(f"    {f.name} {_column_sql(f)}" for f in fields(JournalRow))
+    + "\n);\n"
 )
 _UPSERT = f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) VALUES ({', '.join('?' * len(RESULT_FIELDS))})"
-
-# Row statuses. "transient" rows are retried by the next run; "failed" and
-# "invalid" rows only with --retry-failed (or retry_invalid for invalid ones).
-OK, FAILED, INVALID, TRANSIENT, SKIPPED = "ok", "failed", "invalid", "transient", "skipped"
-DONE_STATUSES = frozenset({OK, FAILED, INVALID, SKIPPED})
+_AS_TUPLE = attrgetter(*RESULT_FIELDS)  # faster than dataclasses.astuple, which deep-copies
 
 
 class RunLock:
@@ -120,7 +139,7 @@ class Seen:
     """What the journal knows of a row when deciding whether to send it."""
 
     prompt_hash: str
-    status: str
+    status: RowStatus
     invalid_tries: int
 
 
@@ -128,22 +147,48 @@ class Journal:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
         uri = f"file:{path}?mode=ro" if readonly else str(path)
-        self.conn = sqlite3.connect(uri, uri=readonly, isolation_level=None, check_same_thread=False)
-        if not readonly:
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.executescript(SCHEMA)
-        self._pending: list[tuple[Any, ...]] = []
+        try:
+            self.conn = sqlite3.connect(uri, uri=readonly, isolation_level=None, check_same_thread=False)
+            if not readonly:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+                self._create_or_migrate()
+            else:
+                self.conn.execute("SELECT count(*) FROM meta").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(
+                f"journal {path} cannot be read ({exc}): if it is damaged, move it aside "
+                f"(or rerun with --fresh, which keeps it as *.old) and rerun"
+            ) from None
+        self._pending: list[JournalRow] = []
         self._pending_cost = 0.0
         self._flushed: asyncio.Future[None] | None = None
 
+    def _create_or_migrate(self) -> None:
+        new = self.conn.execute("SELECT name FROM sqlite_master WHERE name = 'results'").fetchone() is None
+        self.conn.executescript(SCHEMA)
+        if new:
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+        else:
+            migrate(self.conn)
+
     @classmethod
     def open(cls, path: Path, identity: dict[str, Any], fresh: bool = False) -> Journal:
-        """Open (or create) the journal for a job, checking it is the same job."""
+        """Open (or create) the journal for a job, checking it is the same job.
+
+        ``fresh`` sets the old journal aside and carries what it spent into the
+        new one, so ``budget_usd`` caps what the job ever spends.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
+        carried = 0.0
         if fresh and path.exists():
+            old = cls(path)
+            carried = old.job_spent()
+            old.close()
             set_aside(path)
         journal = cls(path)
+        if carried:
+            journal.set_meta("spent_before_usd", repr(carried))
         stored = journal.get_meta("identity")
         if stored is None:
             journal.set_meta("identity", json.dumps(identity, sort_keys=True, default=str))
@@ -178,17 +223,16 @@ class Journal:
             "SELECT key, prompt_hash, status, invalid_tries FROM results WHERE key IN (SELECT value FROM json_each(?))",
             (json.dumps(keys),),
         )
-        return {key: Seen(h, s, n) for key, h, s, n in rows}
+        return {key: Seen(h, RowStatus(s), n) for key, h, s, n in rows}
 
-    def results(self, keys: list[str], fields: Iterable[str]) -> dict[str, tuple[Any, ...]]:
-        cols = ", ".join(fields)
+    def results(self, keys: list[str]) -> dict[str, JournalRow]:
         rows = self.conn.execute(
-            f"SELECT key, {cols} FROM results WHERE key IN (SELECT value FROM json_each(?))",
+            f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE key IN (SELECT value FROM json_each(?))",
             (json.dumps(keys),),
         )
-        return {row[0]: row[1:] for row in rows}
+        return {row[0]: JournalRow(*row) for row in rows}
 
-    def write(self, row: tuple[Any, ...], cost: float = 0.0) -> asyncio.Future[None]:
+    def write(self, row: JournalRow, cost: float = 0.0) -> asyncio.Future[None]:
         """Queue a result; the returned future resolves once it is committed."""
         self._pending.append(row)
         self._pending_cost += cost
@@ -211,11 +255,11 @@ class Journal:
         if done is not None and not done.done():
             done.set_result(None)
 
-    def write_now(self, rows: list[tuple[Any, ...]], cost: float = 0.0) -> None:
+    def write_now(self, rows: list[JournalRow], cost: float = 0.0) -> None:
         """Commit rows (and what they cost) in one transaction."""
         with self.conn:
             self.conn.execute("BEGIN")
-            self.conn.executemany(_UPSERT, rows)
+            self.conn.executemany(_UPSERT, map(_AS_TUPLE, rows))
             if cost:
                 self.conn.execute(
                     "INSERT INTO meta VALUES ('spent_usd', ?) ON CONFLICT(key) "
@@ -224,9 +268,17 @@ class Journal:
                 )
 
     def spent(self) -> float:
-        """Everything this job has been billed, across runs."""
+        """Everything billed into this journal, across runs."""
         value = self.get_meta("spent_usd")
         return float(value) if value else 0.0
+
+    def job_spent(self) -> float:
+        """Everything the job has been billed, including journals set aside by ``--fresh``."""
+        before = self.get_meta("spent_before_usd")
+        return self.spent() + (float(before) if before else 0.0)
+
+    def any_cost_estimated(self) -> bool:
+        return self.conn.execute("SELECT EXISTS (SELECT 1 FROM results WHERE cost_estimated)").fetchone()[0] == 1
 
     def summary(self) -> dict[str, Any]:
         """Counts, tokens and cost by status, for ``pipeline status``."""

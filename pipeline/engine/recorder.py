@@ -1,0 +1,136 @@
+"""The recorder: turns a reply into the journal row and the cost it stands for.
+
+One implementation for every front end (the realtime runner, batch mode, Ray
+workers' results on the driver), so a reply means the same thing whichever
+path it took: its status, its parsed structured fields, and its cost.
+
+The budget fails closed. A reply without ``usage`` (some OpenAI-compatible
+servers) is charged from counted tokens at the job's prices: the prompt as
+counted before sending, the completion counted from its text. The row's
+``cost_usd`` is that estimate and the row is marked ``cost_estimated``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.engine.tokens import count_text
+from pipeline.providers.base import Reply, ReplyKind
+from pipeline.store.journal import JournalRow, RowStatus
+
+if TYPE_CHECKING:
+    from pipeline.config.structured import StructuredSpec
+    from pipeline.engine.pricing import ModelInfo
+    from pipeline.engine.tokens import TokenCounter
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one reply cost, and whether the figure was estimated from tokens."""
+
+    usd: float
+    estimated: bool = False
+    # Tokens counted by us when the server reported none (None: the server's count stands).
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class Recorder:
+    def __init__(
+        self,
+        info: ModelInfo,
+        structured: StructuredSpec | None,
+        counter: Callable[[], TokenCounter],
+        batch_discount: float = 1.0,
+    ) -> None:
+        self.info = info
+        self.structured = structured
+        self.counter = counter  # called only when a reply lacks usage: loading a tokenizer takes seconds
+        self.discount = batch_discount
+
+    def charge(self, reply: Reply, billed: float, prompt_tokens: int, body: bytes | None = None) -> Charge:
+        """The cost of a reply: what the server billed, else tokens x price (counted when missing).
+
+        ``billed`` is the sum of ``usage.cost`` the server reported over all
+        attempts; ``prompt_tokens`` the prompt as counted before sending (0 if
+        not counted; the request ``body`` is then counted now).
+        """
+        if reply.cost is not None:
+            return Charge(billed)
+        if reply.kind != ReplyKind.OK:
+            # No completion came back: providers bill nothing for errors we can see.
+            return Charge(billed)
+        server_counted = reply.prompt_tokens is not None and reply.completion_tokens is not None
+        p = reply.prompt_tokens if reply.prompt_tokens is not None else self._prompt_tokens(prompt_tokens, body)
+        c = reply.completion_tokens if reply.completion_tokens is not None else count_text(reply.content or "")
+        priced = self.info.cost(p, c)
+        if server_counted:
+            return Charge(billed + (priced or 0.0) * self.discount)
+        return Charge(billed + (priced or 0.0) * self.discount, True, p, c)
+
+    def _prompt_tokens(self, counted: int, body: bytes | None) -> int:
+        if counted or body is None:
+            return counted
+        messages = json.loads(body)["messages"]
+        system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        user = next(m["content"] for m in messages if m["role"] == "user")
+        return self.counter().count_chat([system], [user])[0]
+
+    def status(self, reply: Reply) -> tuple[RowStatus, str | None, dict[str, Any] | None]:
+        if reply.kind == ReplyKind.OK:
+            if self.structured is None:
+                return RowStatus.OK, None, None
+            parsed, error = self.structured.parse(reply.content, reply.finish_reason)
+            return (RowStatus.OK, None, parsed) if error is None else (RowStatus.INVALID, error, None)
+        if reply.kind == ReplyKind.FATAL:
+            return RowStatus.FAILED, reply.error, None
+        return RowStatus.TRANSIENT, reply.error, None
+
+    def record(
+        self,
+        key: str,
+        prompt_hash: str,
+        reply: Reply,
+        *,
+        attempts: int,
+        latency_s: float,
+        charge: Charge,
+        prior_cost: float = 0.0,
+        prior_attempts: int = 0,
+        tries: int = 0,
+    ) -> JournalRow:
+        """The journal row for a reply; cost and attempts include earlier tries of this row."""
+        status, error, parsed = self.status(reply)
+        total = prior_cost + charge.usd
+        # Null, not a misleading 0, when nothing is known to have been billed.
+        known = reply.kind == ReplyKind.OK and (reply.cost is not None or self.info.input_per_million is not None)
+        return JournalRow(
+            key=key,
+            prompt_hash=prompt_hash,
+            status=status,
+            completion=reply.content,
+            finish_reason=reply.finish_reason,
+            prompt_tokens=reply.prompt_tokens if reply.prompt_tokens is not None else charge.prompt_tokens,
+            completion_tokens=reply.completion_tokens
+            if reply.completion_tokens is not None
+            else charge.completion_tokens,
+            cost_usd=total if total or known else None,
+            model=reply.model,
+            provider=reply.provider,
+            generation_id=reply.generation_id,
+            attempts=prior_attempts + attempts,
+            latency_s=round(latency_s, 4),
+            error=error,
+            parsed=json.dumps(parsed) if parsed is not None else None,
+            invalid_tries=tries,
+            cost_estimated=charge.estimated,
+            updated=time.time(),
+        )
+
+
+def _first(value: int | None, fallback: int | None) -> int | None:
+    return value if value is not None else fallback

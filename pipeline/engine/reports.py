@@ -1,0 +1,50 @@
+"""The typed reports a run hands to its front end (CLI or Python API).
+
+Frozen dataclasses: the CLI prints them or dumps them with ``asdict()`` for
+``--json``; the Python API returns them as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.errors import ExitCode
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one run did: the fields of ``pipeline run --json``."""
+
+    job: str
+    model: str
+    exit_code: ExitCode
+    stop_reason: str | None
+    rows_ok: int
+    rows_failed: int
+    rows_invalid: int
+    rows_skipped: int
+    rows_resumed: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    """What this run was billed (or, where a server reported no usage, counted: see ``cost_estimated``)."""
+    cost_usd_estimated: float | None
+    """This run's tokens at the job's prices, for comparison with what was billed."""
+    cost_estimated: bool
+    """True when some replies came without usage and their cost was counted from tokens."""
+    job_spent_usd: float
+    """Everything the job has spent, across runs and journals set aside by ``--fresh``."""
+    price_source: str
+    wall_s: float
+    requests_per_minute: float
+    errors: dict[str, int] = field(default_factory=dict)
+    output: str | None = None
+    output_rows: int = 0
+    output_rows_with_error: int = 0
+    estimate: dict[str, Any] | None = None
+    """With ``--sample``: the dry-run estimate for the whole job, from the sample."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

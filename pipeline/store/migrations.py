@@ -1,0 +1,49 @@
+"""Journal schema versions and the migrations between them.
+
+A journal records its ``schema_version`` in ``meta``. Opening an older journal
+applies every migration after its version, in order, inside one transaction,
+so a journal written by an earlier release resumes instead of breaking on the
+first added column. Add a migration by appending a function to ``MIGRATIONS``;
+never edit one that has shipped.
+
+Version 1 is the layout of the first release (no ``schema_version`` key).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _v2_cost_estimated(conn: sqlite3.Connection) -> None:
+    """Rows whose cost was estimated from counted tokens (the server reported no usage)."""
+    conn.execute("ALTER TABLE results ADD COLUMN cost_estimated INTEGER NOT NULL DEFAULT 0")
+
+
+# MIGRATIONS[i] takes a journal from version i + 1 to version i + 2.
+MIGRATIONS: list[Migration] = [_v2_cost_estimated]
+SCHEMA_VERSION = len(MIGRATIONS) + 1
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 1
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring a journal up to ``SCHEMA_VERSION``; returns the version it had."""
+    found = current_version(conn)
+    if found > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"journal schema version {found} is newer than this release understands ({SCHEMA_VERSION})"
+        )
+    if found == SCHEMA_VERSION:
+        return found
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        for migration in MIGRATIONS[found - 1 :]:
+            migration(conn)
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    return found
