@@ -292,21 +292,33 @@ def test_input_larger_than_one_batch(server: FakeServer, workdir: Path, fmt: str
     assert len(journal_keys(workdir)) == 50
 
 
-def test_without_id_column_keys_are_row_numbers(server: FakeServer, workdir: Path) -> None:
-    """No id_column: journal keys are row numbers, output follows input order, a rerun sends nothing."""
+def test_without_id_column_keys_are_prompt_contents(server: FakeServer, workdir: Path) -> None:
+    """No id_column: rows are keyed by prompt (numbered among equal prompts), so edits re-pay nothing else."""
     n = 20
     data = {"id": list(range(n))[::-1], "text": [f"note {i} on shipment {(i * 5) % 7}" for i in range(n)]}
-    data["text"][4] = data["text"][9]  # duplicate texts are fine without ids
+    data["text"][4] = data["text"][9]  # duplicate texts are fine without ids: each is its own row
     write_parquet(workdir / "data" / "in.parquet", data)
     write_job(workdir, server.base_url, id_column=None)
     assert run_cli("job") == 0
-    assert sorted(journal_keys(workdir), key=int) == [str(i) for i in range(n)]
+    keys = journal_keys(workdir)
+    assert len(keys) == n and sum(k.endswith("#2") for k in keys) == 1
     table = read_output(out_path(workdir))
     assert table.column("id").to_pylist() == data["id"]
     completions_match(table, [USER_PREFIX + t for t in data["text"]])
     requests = server.stats()["requests"]
     assert run_cli("job") == 0
     assert server.stats()["requests"] == requests
+
+    # Delete the first row and insert a new one in the middle: only the new row is sent.
+    edited = {name: values[1:] for name, values in data.items()}
+    edited["id"].insert(5, 100)
+    edited["text"].insert(5, "a brand new note")
+    write_parquet(workdir / "data" / "in.parquet", edited)
+    assert run_cli("job") == 0
+    assert server.stats()["requests"] == requests + 1
+    table = read_output(out_path(workdir))
+    assert table.column("id").to_pylist() == edited["id"]
+    completions_match(table, [USER_PREFIX + t for t in edited["text"]])
 
 
 # ------------------------------------------------------------------- output schema

@@ -10,14 +10,27 @@ import argparse
 import asyncio
 import gc
 import json
+import signal
 import sqlite3
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config.job import Job, load_job
-from pipeline.errors import PipelineError, UserError
+from pipeline.errors import ExitCode, JobError, PipelineError, UserError
 
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+if TYPE_CHECKING:
+    from pipeline.engine.plan import Plan
+    from pipeline.engine.runner import RunOptions, RunResult
+
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = (
+    ExitCode.OK,
+    ExitCode.ROWS_FAILED,
+    ExitCode.USAGE,
+    ExitCode.STOPPED,
+)
+# SIGHUP (the terminal closed, or a scheduler's stop) behaves like SIGTERM: a graceful stop with a summary.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except sqlite3.Error as exc:
         _error(f"journal error: {exc}")
-        return EXIT_ROWS_FAILED
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         _error("interrupted")
         return EXIT_STOPPED
@@ -76,10 +89,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "prices":
         return _prices(args)
     job = load_job(args.job)
-    if getattr(args, "output", None):
-        from pathlib import Path
-
-        job = _with_output(job, Path(args.output))
+    _require_files(job)
     if args.command == "status":
         return _status(job, args.json)
     if args.dry_run:
@@ -87,8 +97,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _run(job, args)
 
 
-def _with_output(job: Job, path: Any) -> Job:
-    return job.model_copy(update={"output": job.output.model_copy(update={"path": path})})
+def _require_files(job: Job) -> None:
+    """A job run from the command line reads a file and writes one (the Python API need not)."""
+    if job.input.path is None:
+        raise JobError(f"jobs/{job.name}: [input] path: required key is missing")
+    if job.output.path is None:
+        raise JobError(f"jobs/{job.name}: [output] path: required key is missing")
+
+
+def _output(args: argparse.Namespace) -> Path | None:
+    """``--output`` moves the output file only: the journal, lock and budget stay the job's."""
+    return Path(args.output) if getattr(args, "output", None) else None
 
 
 def _status(job: Job, as_json: bool) -> int:
@@ -111,14 +130,29 @@ def _dry_run(job: Job, as_json: bool) -> int:
 def _run(job: Job, args: argparse.Namespace) -> int:
     from pipeline.cli.report import print_summary
     from pipeline.engine.plan import prepare
-    from pipeline.engine.runner import RunOptions, run_plan
+    from pipeline.engine.runner import RunOptions
 
-    plan = prepare(job)
+    plan = prepare(job, output=_output(args))
     _tune_gc()
     options = RunOptions(quiet=args.quiet, fresh=args.fresh, retry_failed=args.retry_failed, sample=args.sample)
-    result = asyncio.run(run_plan(plan, options))
+    result = asyncio.run(_with_signals(plan, options))
     print_summary(plan, result, args)
     return result.exit_code
+
+
+async def _with_signals(plan: Plan, options: RunOptions) -> RunResult:
+    """Run with Ctrl-C, SIGTERM and SIGHUP turned into a graceful stop (twice: at once)."""
+    from pipeline.engine.runner import Controls, run_plan
+
+    controls = Controls()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, controls.stop, f"interrupted by {sig.name}")
+    try:
+        return await run_plan(plan, options, controls)
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def _tune_gc() -> None:

@@ -11,6 +11,7 @@ from pipeline.store.journal import Journal, RunLock
 
 def job_status(job: Job) -> dict[str, Any]:
     path = job.output.journal_path
+    assert path is not None, "the CLI requires [output] path"
     holder = RunLock(path).holder()
     status: dict[str, Any] = {
         "job": job.name,

@@ -29,7 +29,7 @@ class _Section(BaseModel):
 
 
 class InputSpec(_Section):
-    path: Path
+    path: Path | None = None  # required unless the Python API is given data
     id_column: str | None = None
     batch_size: int = Field(default=8192, gt=0)
 
@@ -105,13 +105,19 @@ class LimitsSpec(_Section):
 
 
 class OutputSpec(_Section):
-    path: Path
+    path: Path | None = None  # required by the CLI; the Python API returns a table without it
     journal: Path | None = None
 
     @property
-    def journal_path(self) -> Path:
-        """Where the journal lives: beside the output unless set."""
-        return self.journal or self.path.with_name(self.path.name + ".journal.sqlite")
+    def journal_path(self) -> Path | None:
+        """Where the journal lives: ``journal``, else beside the job's own output path.
+
+        The journal belongs to the job, not to where one run writes its output:
+        ``--output`` moves the output file only.
+        """
+        if self.journal is not None:
+            return self.journal
+        return None if self.path is None else self.path.with_name(self.path.name + ".journal.sqlite")
 
 
 class Job(_Section):
@@ -119,7 +125,7 @@ class Job(_Section):
     prompt: PromptSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
-    output: OutputSpec
+    output: OutputSpec = Field(default_factory=OutputSpec)
     name: str = Field(default="job", exclude=True)
 
     @model_validator(mode="after")

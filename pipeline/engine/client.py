@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -86,6 +87,7 @@ class ChatClient:
         self.stopper = stopper
         self.max_attempts = max_attempts
         self.timeout_s = timeout_s
+        self.on_pause: Callable[[float], None] | None = None  # told of each server-requested pause
 
     async def complete(self, body: bytes, tokens: int = 0) -> Attempted | None:
         """Send until success, a permanent error, or attempts run out.
@@ -96,8 +98,7 @@ class ChatClient:
         attempt = 0
         reply = Reply(ReplyKind.RETRY, error="stopped before sending (not_run)")
         while attempt < self.max_attempts and not self.stopper.stopped:
-            await self.limiter.acquire(tokens)
-            if self.stopper.stopped:
+            if not await self._acquire(tokens):
                 break
             attempt += 1
             started = time.perf_counter()
@@ -109,11 +110,33 @@ class ChatClient:
             delay = backoff_delay(attempt, reply.retry_after)
             if reply.status == 429:
                 self.limiter.cool_down(delay)
+                if self.on_pause is not None:
+                    self.on_pause(delay)
             if not await self.stopper.sleep(delay):
                 return Attempted(reply, attempt, latency, cost)
         if attempt == 0:
             return None
         return Attempted(reply, attempt, 0.0, cost)
+
+    async def _acquire(self, tokens: int) -> bool:
+        """Wait for the limiter, unless a stop comes first (False: do not send).
+
+        Waiting for a slot holds no request in flight, so a stop must not wait
+        for it: race the two only when the limiter would block at all.
+        """
+        if self.stopper.stopped:
+            return False
+        if self.limiter.ready(tokens):
+            await self.limiter.acquire(tokens)
+            return not self.stopper.stopped
+        slot = asyncio.ensure_future(self.limiter.acquire(tokens))
+        stop = asyncio.ensure_future(self.stopper.event.wait())
+        await asyncio.wait((slot, stop), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not slot.done():
+            slot.cancel()
+            return False
+        return not self.stopper.stopped
 
     async def _send_once(self, body: bytes) -> Reply:
         """One POST; transport failures become retryable replies, never exceptions."""

@@ -16,43 +16,53 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engine.limiter import estimated_duration_s
-from pipeline.engine.plan import Plan
+from pipeline.engine.plan import KeyScheme, Plan
+from pipeline.engine.selection import RowSelector
 from pipeline.store.journal import Journal
 
 
 def dry_run(plan: Plan) -> dict[str, Any]:
+    """Count what a run would send now: rows the journal already has are left out."""
     started = time.perf_counter()
-    rows = empty = too_long = input_tokens = 0
+    rows = empty = too_long = input_tokens = done = 0
     to_send = 0
     limit = plan.context_length
     max_tokens = plan.job.model.max_tokens
-    for batch, _keys, rendered in plan.batches():
-        rows += batch.num_rows
-        idx = [i for i in range(batch.num_rows) if not rendered.blank[i]]
-        empty += batch.num_rows - len(idx)
-        systems = [rendered.systems[i] for i in idx] if rendered.systems is not None else [None] * len(idx)
-        counts = plan.counter.count_chat(systems, [rendered.users[i] for i in idx]) if idx else []
-        for tokens in counts:
-            if limit is not None and tokens + max_tokens > limit:
-                too_long += 1
-            else:
-                to_send += 1
-                input_tokens += tokens
+    journal = _open_readonly(plan.journal_path)
+    try:
+        if journal is not None and plan.key_scheme != KeyScheme.ID:
+            plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
+        selector = RowSelector(journal.seen if journal is not None else None)
+        sample = journal.completion_token_sample() if journal is not None else []
+        for batch, keys, rendered in plan.batches():
+            rows += batch.num_rows
+            selection = selector.select(keys, rendered, rows - batch.num_rows)
+            done += selection.done
+            empty += len(selection.blank)
+            idx = selection.todo
+            systems = [rendered.systems[i] for i in idx] if rendered.systems is not None else [None] * len(idx)
+            counts = plan.counter.count_chat(systems, [rendered.users[i] for i in idx]) if idx else []
+            for tokens in counts:
+                if limit is not None and tokens + max_tokens > limit:
+                    too_long += 1
+                else:
+                    to_send += 1
+                    input_tokens += tokens
+    finally:
+        if journal is not None:
+            journal.close()
     elapsed = time.perf_counter() - started
-    report = _figures(plan, rows, to_send, input_tokens, _sample_stats(plan.job.output.journal_path))
+    report = _figures(plan, rows, to_send, input_tokens, sample)
+    report["rows_done"] = done
     report["skipped"] = {"empty_prompt": empty, "over_context": too_long, "total": empty + too_long}
     report["rows_per_s"] = round(rows / elapsed) if elapsed > 0 else None
     return report
 
 
-def _sample_stats(journal_path: Path) -> list[int]:
+def _open_readonly(journal_path: Path) -> Journal | None:
     if not journal_path.exists():
-        return []
-    journal = Journal(journal_path, readonly=True)
-    try:
-        return journal.completion_token_sample()
-    finally:
-        journal.close()
+        return None
+    return Journal(journal_path, readonly=True)
 
 
 def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: list[int]) -> dict[str, Any]:
@@ -81,11 +91,10 @@ def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: lis
         "cost_usd_expected": _cost(plan, input_tokens, expected),
         "cost_usd_interval": [_cost(plan, input_tokens, low), _cost(plan, input_tokens, high)],
         "cost_usd_max": _cost(plan, input_tokens, to_send * max_tokens),
+        # The token cap is charged prompt + max_tokens per request, as the limiter does.
         "duration_s_min": estimated_duration_s(
             to_send, limits.requests_per_minute, input_tokens + to_send * max_tokens, limits.tokens_per_minute
-        )
-        if limits.requests_per_minute
-        else 0.0,
+        ),
         "model": plan.model_name,
         "tokenizer": plan.counter.name,
         "tokens_exact": plan.counter.exact,
@@ -107,7 +116,8 @@ def format_report(report: dict[str, Any]) -> str:
     skipped = report["skipped"]
     money = _money
     lines = [
-        f"dry run: {report['rows']:,} rows, {report['rows_to_send']:,} would be sent; nothing was sent",
+        f"dry run: {report['rows']:,} rows, {report['rows_done']:,} already done, "
+        f"{report['rows_to_send']:,} would be sent; nothing was sent",
         f"  skipped: {skipped['empty_prompt']:,} empty prompt, {skipped['over_context']:,} over the "
         f"{report['context_length'] or '?'}-token context window",
         f"  input tokens: {report['input_tokens']:,}{approx} ({report['tokenizer']})",

@@ -63,6 +63,16 @@ class RateLimiter:
             # A 429 may have arrived while we waited for a slot.
             await self._wait_cool_down()
 
+    def ready(self, prompt_tokens: int = 0) -> bool:
+        """True when ``acquire`` would not wait (no cool-down, room under both caps)."""
+        if self._paused_until and self._paused_until > asyncio.get_running_loop().time():
+            return False
+        if self._tokens is not None and not self._tokens.has_capacity(
+            min(prompt_tokens + self._max_tokens, self._token_capacity)
+        ):
+            return False
+        return self._requests is None or self._requests.has_capacity()
+
     def cool_down(self, seconds: float) -> None:
         """Pause all new requests for ``seconds`` (after a 429: the whole job slows)."""
         loop = asyncio.get_running_loop()

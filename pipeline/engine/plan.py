@@ -11,19 +11,23 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from pipeline.config.job import Job, identity_hash
-from pipeline.engine.pricing import ModelInfo, model_info
+from pipeline.engine.pricing import ModelInfo, default_cache_dir, model_info
 from pipeline.engine.prompts import PromptRenderer, RenderedBatch, require_text_columns
 from pipeline.engine.tokens import TokenCounter, counter_for
 from pipeline.errors import CredentialsError, InputError, JobError
+from pipeline.io.base import DataSource
 from pipeline.io.output import RESULT_COLUMNS
 from pipeline.io.source import Source, check_id_column, row_keys
 from pipeline.providers.base import Dialect
+from pipeline.store.journal import read_meta
 
 if TYPE_CHECKING:
     from pipeline.config.structured import StructuredSpec
@@ -33,16 +37,27 @@ if TYPE_CHECKING:
 TEMPLATE_SLACK = 16
 
 
+class KeyScheme(StrEnum):
+    """How a row is identified in the journal, so a rerun knows what is done."""
+
+    ID = "id"  # the id column's value, as text
+    CONTENT = "content"  # the rendered prompt, plus its occurrence number among equal prompts
+    ROW_NUMBER = "row_number"  # journals written before content keys, without an id column
+
+
 @dataclass
 class Plan:
     job: Job
-    source: Source
+    source: DataSource
     renderer: PromptRenderer
     structured: StructuredSpec | None
     info: ModelInfo
     model_name: str
     total_rows: int
     api_key: str | None
+    journal_path: Path
+    output_path: Path | None  # None: the Python API assembles a table in memory
+    key_scheme: KeyScheme = KeyScheme.CONTENT
 
     @property
     def local(self) -> bool:
@@ -78,15 +93,32 @@ class Plan:
 
     def batches(self) -> Iterator[tuple[pa.RecordBatch, list[str], RenderedBatch]]:
         """Input batches with their row keys and rendered prompts."""
-        for batch, keys in self.keyed_batches():
-            yield batch, keys, self.renderer.render(batch)
-
-    def keyed_batches(self) -> Iterator[tuple[pa.RecordBatch, list[str]]]:
-        """Input batches with their row keys, without rendering prompts."""
+        occurrences: dict[str, int] = {}
         offset = 0
         for batch in self.source.batches():
-            yield batch, row_keys(batch, self.job.input.id_column, offset)
+            rendered = self.renderer.render(batch)
+            yield batch, self._keys(batch, rendered, offset, occurrences), rendered
             offset += batch.num_rows
+
+    def keyed_batches(self) -> Iterator[tuple[pa.RecordBatch, list[str]]]:
+        """Input batches with their row keys (rendering prompts only where keys need them)."""
+        if self.key_scheme == KeyScheme.CONTENT:
+            for batch, keys, _ in self.batches():
+                yield batch, keys
+            return
+        offset = 0
+        for batch in self.source.batches():
+            yield batch, self._keys(batch, None, offset, {})
+            offset += batch.num_rows
+
+    def _keys(
+        self, batch: pa.RecordBatch, rendered: RenderedBatch | None, offset: int, occurrences: dict[str, int]
+    ) -> list[str]:
+        if self.key_scheme == KeyScheme.ID:
+            return row_keys(batch, self.job.input.id_column, offset)
+        if self.key_scheme == KeyScheme.ROW_NUMBER or rendered is None:
+            return row_keys(batch, None, offset)
+        return content_keys(rendered, occurrences)
 
     def fits_without_counting(self, rendered: RenderedBatch, i: int) -> bool:
         """True when a prompt surely fits the context window without tokenizing it.
@@ -107,14 +139,42 @@ class Plan:
         return size <= budget
 
 
-def prepare(job: Job, *, need_key: bool = True) -> Plan:
-    """Validate the job against its dataset and environment; nothing is sent."""
-    source = Source.open(job.input.path, job.input.batch_size)
+def content_keys(rendered: RenderedBatch, occurrences: dict[str, int]) -> list[str]:
+    """Keys that survive inserted and deleted rows: the prompt's hash, numbered among equal prompts.
+
+    ``occurrences`` counts the prompts seen so far in this pass over the input.
+    """
+    keys = []
+    for i in range(len(rendered.users)):
+        h = rendered.prompt_hash(i)
+        n = occurrences.get(h, 0) + 1
+        occurrences[h] = n
+        keys.append(h if n == 1 else f"{h}#{n}")
+    return keys
+
+
+def prepare(
+    job: Job,
+    *,
+    need_key: bool = True,
+    data: Any = None,
+    output: Path | None = None,
+    journal: Path | None = None,
+) -> Plan:
+    """Validate the job against its dataset and environment; nothing is sent.
+
+    ``data`` (Python API) replaces ``[input] path``; ``output`` replaces
+    ``[output] path`` for this run only (the journal stays the job's);
+    ``journal`` overrides where the journal lives.
+    """
+    source = _open_source(job, data)
     renderer = PromptRenderer(job.prompt.user, job.prompt.system)
-    renderer.check_columns(source.columns, str(job.input.path))
+    renderer.check_columns(source.columns, str(source.path))
     require_text_columns(renderer, source.schema)
     check_result_column_clash(source)
-    check_output_path(job)
+    output_path = output or job.output.path
+    if output_path is not None:
+        check_output_path(source.path, output_path)
     structured = _structured_spec(job)
     if structured is not None:
         structured.check_clashes(source.columns)
@@ -133,7 +193,34 @@ def prepare(job: Job, *, need_key: bool = True) -> Plan:
             "input_price_per_million and output_price_per_million, or run `pipeline prices --refresh`"
         )
     api_key = _api_key(job) if need_key else None
-    return Plan(job, source, renderer, structured, info, model_name, total, api_key)
+    plan = Plan(job, source, renderer, structured, info, model_name, total, api_key, Path(), output_path)
+    plan.journal_path = journal or job.output.journal_path or _cached_journal(job, plan.identity_hash)
+    plan.key_scheme = KeyScheme.ID if id_column else stored_key_scheme(plan.journal_path)
+    return plan
+
+
+def _open_source(job: Job, data: Any) -> DataSource:
+    if data is None or isinstance(data, (str, Path)):
+        path = Path(data) if data is not None else job.input.path
+        if path is None:
+            raise JobError("[input] path: required key is missing (or pass data to pipeline.run)")
+        return Source.open(path, job.input.batch_size)
+    from pipeline.io.memory import MemorySource, to_table
+
+    return MemorySource(to_table(data), job.input.batch_size)
+
+
+def _cached_journal(job: Job, identity: str) -> Path:
+    """A job without an output file (Python API) keeps its journal in the cache, named by its identity."""
+    return default_cache_dir() / "journals" / f"{job.name}-{identity}.journal.sqlite"
+
+
+def stored_key_scheme(journal_path: Path) -> KeyScheme:
+    """Content keys, unless an existing journal was written with row-number keys."""
+    if not journal_path.exists():
+        return KeyScheme.CONTENT
+    stored = read_meta(journal_path, "key_scheme")
+    return KeyScheme(stored) if stored else KeyScheme.CONTENT
 
 
 def _structured_spec(job: Job) -> StructuredSpec | None:
@@ -150,7 +237,7 @@ def _structured_spec(job: Job) -> StructuredSpec | None:
     )
 
 
-def check_result_column_clash(source: Source) -> None:
+def check_result_column_clash(source: DataSource) -> None:
     """An input that already has a ``completion`` column (an earlier output?) would repeat it."""
     clash = [name for name, _ in RESULT_COLUMNS if name in source.columns]
     if clash:
@@ -160,12 +247,12 @@ def check_result_column_clash(source: Source) -> None:
         )
 
 
-def check_output_path(job: Job) -> None:
+def check_output_path(input_path: Path, output_path: Path) -> None:
     """The output must not overwrite the input or land inside an input folder."""
-    source = job.input.path.resolve()
-    target = job.output.path.resolve()
+    source = input_path.resolve()
+    target = output_path.resolve()
     if target == source or source in target.parents:
-        raise JobError(f"[output] path: {job.output.path} would overwrite or sit inside the input {job.input.path}")
+        raise JobError(f"[output] path: {output_path} would overwrite or sit inside the input {input_path}")
 
 
 def _model_name(job: Job) -> str:

@@ -192,6 +192,15 @@ def _valid_price(value: object) -> TypeGuard[float]:
 # The price cache.
 
 
+def default_cache_dir() -> Path:
+    """The cache folder: ``$PIPELINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/pipeline``, else ``~/.cache/pipeline``."""
+    if env_dir := os.environ.get("PIPELINE_CACHE_DIR"):
+        return Path(env_dir).expanduser()
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg).expanduser() / "pipeline"
+    return Path.home() / ".cache" / "pipeline"
+
+
 def cache_path(cache_dir: Path | None = None) -> Path:
     """Where the price cache lives.
 
@@ -199,14 +208,8 @@ def cache_path(cache_dir: Path | None = None) -> Path:
     ``$XDG_CACHE_HOME/pipeline``, else ``~/.cache/pipeline``; the file is
     ``prices.json``. Empty variables count as unset, as the XDG spec says.
     """
-    if cache_dir is None:
-        if env_dir := os.environ.get("PIPELINE_CACHE_DIR"):
-            cache_dir = Path(env_dir)
-        elif xdg := os.environ.get("XDG_CACHE_HOME"):
-            cache_dir = Path(xdg) / "pipeline"
-        else:
-            cache_dir = Path.home() / ".cache" / "pipeline"
-    return Path(cache_dir).expanduser() / CACHE_FILE
+    folder = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+    return folder / CACHE_FILE
 
 
 def _read_cache(path: Path) -> tuple[dict[str, _Entry], str] | None:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
+from tqdm.auto import tqdm as auto_tqdm
 
 from pipeline.store.journal import RowStatus
 
@@ -33,12 +34,14 @@ class Counters:
 
 
 class Tracker:
-    def __init__(self, total: int, quiet: bool = False, desc: str = "rows") -> None:
+    def __init__(self, total: int, quiet: bool = False, desc: str = "rows", notebook: bool = False) -> None:
         self.counters = Counters()
         self.started = time.monotonic()
         self.quiet = quiet
         self._next_refresh = 0.0
-        self.bar = tqdm(
+        self._paused_until = 0.0  # wall-clock time a server's Retry-After pauses the job until
+        bar = auto_tqdm if notebook else tqdm
+        self.bar = bar(
             total=total,
             desc=desc,
             unit="row",
@@ -83,10 +86,21 @@ class Tracker:
             self._next_refresh = now + REFRESH_S
             self._refresh_postfix()
 
+    def paused(self, seconds: float) -> None:
+        """The server asked the job to wait (429 with Retry-After): say so, and until when."""
+        until = time.time() + seconds
+        if until > self._paused_until + 1:
+            self._paused_until = until
+            self._refresh_postfix()
+            self.bar.refresh()
+
     def _refresh_postfix(self) -> None:
         c = self.counters
         tokens = c.prompt_tokens + c.completion_tokens
-        self.bar.set_postfix_str(f"${c.cost_usd:.4f}, {tokens:,} tok, {c.failed + c.invalid} err", refresh=False)
+        text = f"${c.cost_usd:.4f}, {tokens:,} tok, {c.failed + c.invalid} err"
+        if self._paused_until > time.time():
+            text += f", paused by the server until {time.strftime('%H:%M:%S', time.localtime(self._paused_until))}"
+        self.bar.set_postfix_str(text, refresh=False)
 
     def close(self) -> None:
         self._refresh_postfix()

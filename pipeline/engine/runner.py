@@ -2,37 +2,62 @@
 
 One producer renders input batches and queues the rows that still need a
 request; ``concurrency`` workers send them. Everything runs inside one
-``asyncio.TaskGroup`` so an error or a signal shuts it all down cleanly. On a
-stop (signal, rejected key, budget) no new request starts; requests in flight
-get ``stop_grace_s`` to finish and be journaled, then are cancelled.
+``asyncio.TaskGroup`` so an error or a stop shuts it all down cleanly. On a
+stop (a front end's request, a rejected key, the budget, a job-level failure)
+no new request starts; requests in flight get ``stop_grace_s`` to finish and
+be journaled, then are cancelled. The runner installs no signal handlers and
+prints nothing: front ends steer it through :class:`Controls`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
-import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import aiohttp
 import pyarrow as pa
 
-from pipeline.engine.client import ChatClient, Stopper, request_headers
+from pipeline.engine.client import Attempted, ChatClient, Stopper, request_headers
 from pipeline.engine.limiter import RateLimiter
-from pipeline.engine.plan import Plan
+from pipeline.engine.plan import KeyScheme, Plan
 from pipeline.engine.progress import Tracker
 from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.recorder import Recorder
 from pipeline.engine.reports import RunSummary
+from pipeline.engine.selection import BLANK_ERROR, RowSelector, pick_sample
 from pipeline.engine.workqueue import WorkQueue
-from pipeline.errors import ExitCode
-from pipeline.io.output import output_schema, write_output
+from pipeline.errors import ExitCode, InputError
+from pipeline.io.output import output_schema, write_output, write_table
 from pipeline.providers.base import ReplyKind
-from pipeline.store.journal import Journal, JournalRow, RowStatus, RunLock, Seen
+from pipeline.store.journal import Journal, JournalRow, RowStatus, RunLock
+
+# Connecting should take well under this; a server that cannot be reached is
+# then found in seconds, not after the whole request timeout.
+CONNECT_TIMEOUT_S = 10.0
+
+
+class Controls:
+    """How a front end steers a run: ``stop`` (graceful) and ``hurry`` (cancel what is in flight).
+
+    The CLI calls these from its signal handlers; a Python caller may call them
+    from the event loop's thread (for example from a task).
+    """
+
+    def __init__(self) -> None:
+        self.stopper = Stopper()
+        self.hurry_event = asyncio.Event()
+
+    def stop(self, reason: str) -> None:
+        if self.stopper.stopped:
+            self.hurry_event.set()  # asked twice: do not wait for the grace period
+        self.stopper.stop(reason)
+
+    def hurry(self) -> None:
+        self.hurry_event.set()
 
 
 @dataclass(slots=True)
@@ -51,6 +76,7 @@ class RunOptions:
     sample: int | None = None
     seed: int = 0
     write_output: bool = True
+    notebook: bool = False  # a tqdm bar that renders in Jupyter (the Python API)
 
 
 @dataclass
@@ -58,6 +84,7 @@ class RunResult:
     exit_code: ExitCode
     summary: RunSummary
     spent_usd: float = 0.0
+    table: pa.Table | None = field(default=None, repr=False)  # when the plan has no output file
 
 
 class Budget:
@@ -88,29 +115,35 @@ class Budget:
 class Run:
     """One execution of a plan against a server."""
 
-    def __init__(self, plan: Plan, journal: Journal, options: RunOptions) -> None:
+    def __init__(self, plan: Plan, journal: Journal, options: RunOptions, controls: Controls | None = None) -> None:
         self.plan = plan
         self.journal = journal
         self.options = options
         self.job = plan.job
-        self.stopper = Stopper()
-        self.tracker = Tracker(options.sample or plan.total_rows, quiet=options.quiet, desc=plan.job.name)
+        self.controls = controls or Controls()
+        self.stopper = self.controls.stopper
+        self.tracker = Tracker(
+            options.sample or plan.total_rows, quiet=options.quiet, desc=plan.job.name, notebook=options.notebook
+        )
         self.budget = Budget(self.job.limits.budget_usd, journal.job_spent())
         self.need_tokens = bool(self.job.limits.tokens_per_minute or self.job.limits.budget_usd)
         self.queue: WorkQueue[Item] = WorkQueue(low_water=2 * self.job.limits.concurrency)
-        self.sample_rows = self._pick_sample()
+        # A new journal has nothing to look up: skip one query per batch.
+        self.selector = RowSelector(
+            journal.seen if journal.has_rows() else None,
+            retry_failed=options.retry_failed,
+            sample=pick_sample(options.sample, plan.total_rows, options.seed),
+        )
         self.dialect = plan.dialect()
         self.recorder = Recorder(plan.info, plan.structured, lambda: plan.counter)
-        self._hurry = asyncio.Event()
         self.produced_all = False
-        # A new journal has nothing to look up: skip one query per batch.
-        self.journal_had_rows = journal.has_rows()
+        self.successes = 0  # replies that came back OK: the job as a whole works
+        self.exit_code = ExitCode.STOPPED  # the code of a stop, when one happens
 
-    def _pick_sample(self) -> set[int] | None:
-        if not self.options.sample:
-            return None
-        size = min(self.options.sample, self.plan.total_rows)
-        return set(random.Random(self.options.seed).sample(range(self.plan.total_rows), size))
+    def stop(self, reason: str, code: ExitCode = ExitCode.STOPPED) -> None:
+        if not self.stopper.stopped:
+            self.exit_code = code
+        self.stopper.stop(reason)
 
     async def execute(self, base_url: str | None = None) -> None:
         limits = self.job.limits
@@ -118,11 +151,11 @@ class Run:
         limiter = RateLimiter(limits.requests_per_minute, limits.tokens_per_minute, self.job.model.max_tokens)
         headers = request_headers(self.plan.api_key, self.job.model.headers)
         connector = aiohttp.TCPConnector(limit=limits.concurrency + 4)
-        timeout = aiohttp.ClientTimeout(total=limits.timeout_s)
+        timeout = aiohttp.ClientTimeout(total=limits.timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, limits.timeout_s))
         async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as session:
             client = ChatClient(session, self.dialect, limiter, self.stopper, limits.max_attempts, limits.timeout_s)
-            with self._signals():
-                await self._run_tasks(client)
+            client.on_pause = self.tracker.paused
+            await self._run_tasks(client)
         self.tracker.close()
 
     async def _run_tasks(self, client: ChatClient) -> None:
@@ -134,28 +167,12 @@ class Run:
             producer.cancel()
             guard.cancel()
 
-    @contextlib.contextmanager
-    def _signals(self) -> Any:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        try:
-            yield
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-    def _on_signal(self, sig: signal.Signals) -> None:
-        if self.stopper.stopped:
-            self._hurry.set()  # a second Ctrl-C: do not wait for the grace period
-        self.stopper.stop(f"interrupted by {sig.name}")
-
     async def _guard(self, workers: list[asyncio.Task[None]]) -> None:
         """On a stop: unblock idle workers, then give busy ones the grace period."""
         await self.stopper.event.wait()
         self.queue.close(drop_pending=True)  # idle workers return at once
         grace = asyncio.create_task(asyncio.sleep(self.job.limits.stop_grace_s))
-        hurry = asyncio.create_task(self._hurry.wait())
+        hurry = asyncio.create_task(self.controls.hurry_event.wait())
         waiting = asyncio.create_task(asyncio.wait(workers))
         await asyncio.wait([grace, hurry, waiting], return_when=asyncio.FIRST_COMPLETED)
         for task in (grace, hurry, waiting):
@@ -166,55 +183,36 @@ class Run:
     async def _produce(self) -> None:
         offset = 0
         step = max(64, self.job.limits.concurrency)
-        for batch, keys, rendered in self.plan.batches():
-            items = await self._batch_items(keys, rendered, offset)
-            offset += batch.num_rows
-            for start in range(0, len(items), step):
+        try:
+            for batch, keys, rendered in self.plan.batches():
+                items = await self._batch_items(keys, rendered, offset)
+                offset += batch.num_rows
+                for start in range(0, len(items), step):
+                    if self.stopper.stopped:
+                        return
+                    await self.queue.put_many(items[start : start + step])
                 if self.stopper.stopped:
                     return
-                await self.queue.put_many(items[start : start + step])
-            if self.stopper.stopped:
-                return
+        except InputError as exc:
+            # A bad record deep in the input: stop cleanly; what was sent is journaled.
+            self.stop(f"{exc}; fix the input and rerun (nothing done is paid again)", ExitCode.USAGE)
+            return
         self.produced_all = True
         self.queue.close()
 
     async def _batch_items(self, keys: list[str], rendered: RenderedBatch, offset: int) -> list[Item]:
         """Decide, row by row, what still needs a request; journal skipped rows."""
-        seen = self.journal.seen(keys) if self.journal_had_rows else {}
-        todo: list[int] = []
-        hashes: list[str] = []
-        resumed = 0
-        for i, key in enumerate(keys):
-            if self.sample_rows is not None and offset + i not in self.sample_rows:
-                hashes.append("")
-                continue
-            h = rendered.prompt_hash(i)
-            hashes.append(h)
-            state = seen.get(key)
-            if state is not None and state.prompt_hash == h and self._is_done(state):
-                resumed += 1
-            else:
-                todo.append(i)
-        self.tracker.resumed(resumed)
-        todo = self._skip_blank(keys, rendered, hashes, todo)
+        selection = self.selector.select(keys, rendered, offset)
+        self.tracker.resumed(selection.done)
+        hashes, todo = selection.hashes, selection.todo
+        if selection.blank:
+            self._journal_skipped([(keys[i], hashes[i]) for i in selection.blank], BLANK_ERROR)
         tokens = await self._count_tokens(rendered, todo)
         todo, tokens = self._skip_too_long(keys, hashes, todo, tokens)
         return [Item(keys[i], hashes[i], self.dialect_body(rendered, i), t) for i, t in zip(todo, tokens, strict=True)]
 
-    def _is_done(self, state: Seen) -> bool:
-        if state.status in (RowStatus.OK, RowStatus.SKIPPED):
-            return True
-        return state.status in (RowStatus.FAILED, RowStatus.INVALID) and not self.options.retry_failed
-
     def dialect_body(self, rendered: RenderedBatch, i: int) -> bytes:
         return self.dialect.body(rendered.messages(i))
-
-    def _skip_blank(self, keys: list[str], rendered: RenderedBatch, hashes: list[str], todo: list[int]) -> list[int]:
-        blank = [i for i in todo if rendered.blank[i]]
-        if blank:
-            error = "skipped: the rendered user prompt is empty (its columns are null or blank); nothing was sent"
-            self._journal_skipped([(keys[i], hashes[i]) for i in blank], error)
-        return [i for i in todo if not rendered.blank[i]]
 
     async def _count_tokens(self, rendered: RenderedBatch, todo: list[int]) -> list[int]:
         """Prompt tokens, counted only where a limit needs them (off the event loop)."""
@@ -269,8 +267,9 @@ class Run:
         tries, prior_cost, prior_attempts = 0, 0.0, 0
         while True:
             attempted = await client.complete(item.body, item.tokens)
-            if attempted is None:
-                self.budget.settle(worst, 0.0)
+            if attempted is None or self._job_level_failure(attempted):
+                # Not journaled: a plain rerun sends the row again.
+                self.budget.settle(worst, attempted.cost if attempted else 0.0)
                 return
             charge = self.recorder.charge(attempted.reply, attempted.cost, item.tokens, item.body)
             row = self.recorder.record(
@@ -287,7 +286,11 @@ class Run:
             # The commit is shared by every row of this loop turn. Cancelling
             # workers (end of a grace period) cancels it for all of them, which is
             # fine: all are being cancelled, and the rows are committed regardless.
-            await self.journal.write(row, charge.usd)
+            try:
+                await self.journal.write(row, charge.usd)
+            except sqlite3.Error as exc:
+                self.stop(f"cannot write the journal {self.journal.path} ({exc}); free space or fix it and rerun")
+                return
             self.budget.settle(0.0, charge.usd)
             # Every attempt shows in the bar and the summary, retries of invalid replies included.
             self.tracker.requests(attempted.attempts, charge.usd, row.prompt_tokens, row.completion_tokens)
@@ -304,14 +307,41 @@ class Run:
                 f"the provider refused the key ({attempted.reply.error}); fix the key or credits and rerun"
             )
 
+    def _job_level_failure(self, attempted: Attempted) -> bool:
+        """Stop early when the job as a whole cannot work, instead of failing every row.
+
+        Only before the first success: an unreachable server (every attempt of a
+        row a connection error) or a model-level refusal (404 no endpoints, 403
+        region or model access) would fail every row the same way.
+        """
+        reply = attempted.reply
+        if reply.kind == ReplyKind.OK:
+            self.successes += 1
+            return False
+        if self.successes:
+            return False
+        if reply.kind == ReplyKind.RETRY and reply.status is None and (reply.error or "").startswith("connection"):
+            self.stop(
+                f"cannot reach the server at {self.dialect.url}: {reply.error} "
+                f"({attempted.attempts} attempts); check [model] base_url and the network, then rerun"
+            )
+            return True
+        if reply.kind == ReplyKind.FATAL and reply.status in (403, 404):
+            self.stop(
+                f"the provider refused the job: {reply.error}; check [model] name and the provider's "
+                "model access or routing settings, then rerun"
+            )
+            return True
+        return False
+
     def _retry_invalid(self, status: RowStatus, tries: int) -> bool:
         if status != RowStatus.INVALID or tries >= self.job.prompt.retry_invalid or self.stopper.stopped:
             return False
         # This row's reservation is still held, so it covers the new attempt.
         return self.budget.within_limit()
 
-    def write_output(self) -> tuple[int, int]:
-        schema = output_schema(self.plan.source.schema, self.plan.structured)
+    def output_batches(self) -> Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]]:
+        """Input batches with keys (and prompt hashes where the journal may be stale), up to a bad record."""
         batches: Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]]
         if self.produced_all and not self.stopper.stopped:
             # Every row was looked at in this run and journaled under its current
@@ -323,7 +353,22 @@ class Run:
                 (batch, keys, [rendered.prompt_hash(i) for i in range(batch.num_rows)])
                 for batch, keys, rendered in self.plan.batches()
             )
-        return write_output(self.job.output.path, schema, batches, self.journal, self.plan.structured)
+        try:
+            yield from batches
+        except InputError:
+            if self.stopper.stopped:
+                return  # the run stopped on this record: write what came before it
+            raise
+
+    def write_output(self) -> tuple[int, int, pa.Table | None]:
+        schema = output_schema(self.plan.source.schema, self.plan.structured)
+        if self.plan.output_path is None:
+            table, errors = write_table(schema, self.output_batches(), self.journal, self.plan.structured)
+            return table.num_rows, errors, table
+        rows, errors = write_output(
+            self.plan.output_path, schema, self.output_batches(), self.journal, self.plan.structured
+        )
+        return rows, errors, None
 
 
 @contextlib.asynccontextmanager
@@ -338,30 +383,40 @@ async def server_for(plan: Plan) -> AsyncIterator[str | None]:
         yield base_url
 
 
-async def run_plan(plan: Plan, options: RunOptions) -> RunResult:
+async def run_plan(plan: Plan, options: RunOptions, controls: Controls | None = None) -> RunResult:
     """Lock, open the journal, send what is not done, write the output."""
-    lock = RunLock(plan.job.output.journal_path)
+    lock = RunLock(plan.journal_path)
     lock.acquire()
     try:
-        journal = Journal.open(plan.job.output.journal_path, plan.identity(), fresh=options.fresh)
+        journal = Journal.open(plan.journal_path, plan.identity(), fresh=options.fresh)
         try:
+            if plan.key_scheme != KeyScheme.ID:
+                plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
             journal.set_meta("total_rows", str(plan.total_rows))
-            run = Run(plan, journal, options)
+            run = Run(plan, journal, options, controls)
             async with server_for(plan) as base_url:
                 await run.execute(base_url)
-            rows, errors = run.write_output() if options.write_output and not options.sample else (0, 0)
-            return _result(run, rows, errors)
+            rows, errors, table = 0, 0, None
+            if options.write_output and not options.sample:
+                try:
+                    rows, errors, table = run.write_output()
+                except OSError as exc:
+                    run.stop(
+                        f"cannot write the output {plan.output_path}: {exc}; every answer is in the journal: "
+                        "fix the cause and rerun (nothing is paid again)"
+                    )
+            return _result(run, rows, errors, table)
         finally:
             journal.close()
     finally:
         lock.release()
 
 
-def _result(run: Run, rows: int, rows_with_error: int) -> RunResult:
-    """Exit code: 3 stopped early; 1 some output row carries an error; else 0."""
+def _result(run: Run, rows: int, rows_with_error: int, table: pa.Table | None = None) -> RunResult:
+    """Exit code: 3 stopped early (2 on a bad input record); 1 some output row carries an error; else 0."""
     c = run.tracker.counters
     if run.stopper.stopped:
-        code = ExitCode.STOPPED
+        code = run.exit_code
     elif rows_with_error or c.failed or c.invalid:
         code = ExitCode.ROWS_FAILED
     else:
@@ -390,8 +445,8 @@ def _result(run: Run, rows: int, rows_with_error: int) -> RunResult:
         wall_s=round(elapsed, 2),
         requests_per_minute=round(c.requests / elapsed * 60, 1) if elapsed > 0 else 0.0,
         errors=dict(c.errors),
-        output=str(plan.job.output.path) if rows else None,
+        output=str(plan.output_path) if rows and plan.output_path else None,
         output_rows=rows,
         output_rows_with_error=rows_with_error,
     )
-    return RunResult(code, summary, run.budget.spent)
+    return RunResult(code, summary, run.budget.spent, table)

@@ -105,6 +105,23 @@ def write_output(
     return rows, errors
 
 
+def write_table(
+    schema: pa.Schema,
+    batches: Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]],
+    journal: Journal,
+    structured: Any | None,
+) -> tuple[pa.Table, int]:
+    """The same rows as :func:`write_output`, assembled in memory (the Python API without an output file)."""
+    out: list[pa.RecordBatch] = []
+    errors = 0
+    error_index = schema.get_field_index("error")
+    for batch, keys, hashes in batches:
+        arrays = list(batch.columns) + result_arrays(keys, hashes, journal, structured)
+        out.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
+        errors += len(arrays[error_index]) - arrays[error_index].null_count
+    return pa.Table.from_batches(out, schema=schema), errors
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

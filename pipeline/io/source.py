@@ -19,6 +19,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.io.base import DataSource
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -169,7 +170,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300]
 
 
-def check_id_column(source: Source, id_column: str) -> int:
+def check_id_column(source: DataSource, id_column: str) -> int:
     """Fail before sending if the id column is missing, has nulls or duplicates.
 
     Only the id column is read; returns the number of rows.

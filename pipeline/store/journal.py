@@ -169,6 +169,7 @@ class Journal:
         self.conn.executescript(SCHEMA)
         if new:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
+            self.set_meta("key_scheme", "content")
         else:
             migrate(self.conn)
 
@@ -299,6 +300,18 @@ class Journal:
             (limit,),
         )
         return [r[0] for r in rows]
+
+
+def read_meta(path: Path, key: str) -> str | None:
+    """One meta value of an existing journal, read without locking or migrating it."""
+    journal = Journal(path, readonly=True)
+    try:
+        row = journal.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    finally:
+        journal.close()
+    if row is None and key == "key_scheme":
+        return "row_number"  # a journal from before schema version 3
+    return row[0] if row else None
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

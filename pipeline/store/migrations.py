@@ -22,8 +22,13 @@ def _v2_cost_estimated(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE results ADD COLUMN cost_estimated INTEGER NOT NULL DEFAULT 0")
 
 
+def _v3_row_number_keys(conn: sqlite3.Connection) -> None:
+    """Journals before content keys identified rows without an id column by row number: keep doing so."""
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('key_scheme', 'row_number')")
+
+
 # MIGRATIONS[i] takes a journal from version i + 1 to version i + 2.
-MIGRATIONS: list[Migration] = [_v2_cost_estimated]
+MIGRATIONS: list[Migration] = [_v2_cost_estimated, _v3_row_number_keys]
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 
