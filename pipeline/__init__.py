@@ -1,14 +1,24 @@
 """pipeline: run large batches of LLM requests over datasets.
 
-The public surface is re-exported here; everything else is implementation.
+The public surface is re-exported here; everything else is implementation::
+
+    import pipeline
+
+    result = pipeline.run(df, "jobs/label_reviews.toml")  # a DataFrame in
+    result.to_pandas()  # the same rows out, with completion, tokens and cost
+    result.summary.cost_usd
 """
 
+from pipeline.api import Result, arun, estimate, load, run
 from pipeline.config.job import Job, load_job
+from pipeline.engine.reports import Estimate, RunSummary
 from pipeline.errors import (
     CredentialsError,
+    ExitCode,
     IdentityError,
     InputError,
     JobError,
+    JournalError,
     LocalServerError,
     LockedError,
     PipelineError,
@@ -18,27 +28,24 @@ from pipeline.errors import (
 
 __all__ = [
     "CredentialsError",
+    "Estimate",
+    "ExitCode",
     "IdentityError",
     "InputError",
     "Job",
     "JobError",
+    "JournalError",
     "LocalServerError",
     "LockedError",
     "PipelineError",
+    "Result",
+    "RunSummary",
     "StopRun",
     "UserError",
+    "arun",
+    "estimate",
+    "load",
     "load_job",
-    "run_job",
+    "run",
 ]
 __version__ = "0.1.0"
-
-
-def run_job(job: Job, *, quiet: bool = True, fresh: bool = False, retry_failed: bool = False) -> int:
-    """Run a job from Python (outside any event loop); returns the CLI's exit code."""
-    import asyncio
-
-    from pipeline.engine.plan import prepare
-    from pipeline.engine.runner import RunOptions, run_plan
-
-    result = asyncio.run(run_plan(prepare(job), RunOptions(quiet=quiet, fresh=fresh, retry_failed=retry_failed)))
-    return result.exit_code

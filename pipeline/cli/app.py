@@ -123,7 +123,7 @@ def _dry_run(job: Job, as_json: bool) -> int:
     from pipeline.engine.plan import prepare
 
     report = dry_run(prepare(job, need_key=False))
-    print(json.dumps(report) if as_json else format_report(report))
+    print(json.dumps(report.to_dict()) if as_json else format_report(report))
     return EXIT_OK
 
 

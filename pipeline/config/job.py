@@ -121,7 +121,7 @@ class OutputSpec(_Section):
 
 
 class Job(_Section):
-    input: InputSpec
+    input: InputSpec = Field(default_factory=InputSpec)
     prompt: PromptSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)

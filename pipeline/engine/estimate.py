@@ -17,11 +17,12 @@ from typing import Any
 
 from pipeline.engine.limiter import estimated_duration_s
 from pipeline.engine.plan import KeyScheme, Plan
+from pipeline.engine.reports import Estimate
 from pipeline.engine.selection import RowSelector
 from pipeline.store.journal import Journal
 
 
-def dry_run(plan: Plan) -> dict[str, Any]:
+def dry_run(plan: Plan) -> Estimate:
     """Count what a run would send now: rows the journal already has are left out."""
     started = time.perf_counter()
     rows = empty = too_long = input_tokens = done = 0
@@ -56,7 +57,7 @@ def dry_run(plan: Plan) -> dict[str, Any]:
     report["rows_done"] = done
     report["skipped"] = {"empty_prompt": empty, "over_context": too_long, "total": empty + too_long}
     report["rows_per_s"] = round(rows / elapsed) if elapsed > 0 else None
-    return report
+    return Estimate(**report)
 
 
 def _open_readonly(journal_path: Path) -> Journal | None:
@@ -110,8 +111,9 @@ def _cost(plan: Plan, prompt_tokens: int, completion_tokens: int) -> float | Non
     return None if cost is None else round(cost, 10)
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_report(estimate: Estimate) -> str:
     """The human-readable dry-run report."""
+    report = estimate.to_dict()
     approx = "" if report["tokens_exact"] else " (approximate)"
     skipped = report["skipped"]
     money = _money

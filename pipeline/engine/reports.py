@@ -43,8 +43,40 @@ class RunSummary:
     output: str | None = None
     output_rows: int = 0
     output_rows_with_error: int = 0
-    estimate: dict[str, Any] | None = None
+    estimate: Estimate | None = None
     """With ``--sample``: the dry-run estimate for the whole job, from the sample."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A dry run: what the job would send now and what it would cost (the fields of ``--dry-run --json``)."""
+
+    rows: int
+    rows_done: int
+    """Rows the journal already has: not sent again, not counted below."""
+    rows_to_send: int
+    input_tokens: int
+    output_tokens_max: int
+    output_tokens_expected: int
+    output_tokens_interval: list[int]
+    output_tokens_basis: str
+    cost_usd_min: float | None
+    cost_usd_expected: float | None
+    cost_usd_interval: list[float | None]
+    cost_usd_max: float | None
+    duration_s_min: float
+    model: str
+    tokenizer: str
+    tokens_exact: bool
+    price_source: str
+    input_price_per_million: float | None
+    output_price_per_million: float | None
+    context_length: int | None
+    skipped: dict[str, int]
+    rows_per_s: int | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,179 @@
+"""The Python API: a DataFrame in, a DataFrame out, on the same engine as the CLI.
+
+``run`` and ``arun`` send what is not done yet and return a :class:`Result`;
+``estimate`` is the dry run. Library calls print nothing unless asked for a
+progress bar, install no signal handlers and leave no process-wide state
+behind. ``run`` works in a plain script, from a thread, and inside a running
+event loop (a notebook cell): there it runs the job on a helper thread with
+its own loop and waits for it.
+
+Resume works as on the command line: every call journals its answers, so
+calling again on the same or overlapping data pays nothing twice for a row
+already done. Without an output file the journal lives in the cache folder
+(``$PIPELINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/pipeline``, else
+``~/.cache/pipeline``), named by the job's identity, not by the data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from pipeline.config.job import Job, describe_validation_error, load_job
+from pipeline.engine.plan import Plan, prepare
+from pipeline.engine.reports import Estimate, RunSummary
+from pipeline.errors import ExitCode, JobError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+JobLike = str | Path | dict[str, Any] | Job
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a run returns: the rows with their answers, and the run's summary."""
+
+    table: pa.Table
+    """The input columns plus the result columns, one row per input row, in input order."""
+    summary: RunSummary
+    exit_code: ExitCode
+    """As the CLI's: 0 every row succeeded, 1 some rows carry an error, 3 stopped early."""
+
+    def to_pandas(self) -> pd.DataFrame:
+        return self.table.to_pandas()
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == ExitCode.OK
+
+
+def load(job: JobLike) -> Job:
+    """A job from a path (or a name in ``jobs/``), a dict shaped like the TOML file, or a Job."""
+    if isinstance(job, Job):
+        return job
+    if isinstance(job, dict):
+        fields = dict(job)
+        name = str(fields.pop("name", "job"))
+        try:
+            return Job.model_validate(fields).model_copy(update={"name": name})
+        except ValidationError as exc:
+            raise JobError(f"job: {describe_validation_error(exc)}") from None
+    if isinstance(job, (str, Path)):
+        return load_job(str(job))
+    raise JobError(f"job: expected a path, a dict or a pipeline.Job, not {type(job).__name__}")
+
+
+def plan(
+    data: Any = None,
+    job: JobLike | None = None,
+    *,
+    output: str | Path | None = None,
+    journal: str | Path | None = None,
+    need_key: bool = True,
+) -> Plan:
+    """Check a job against its data before anything is sent (every problem is a ``UserError``)."""
+    if job is None:
+        raise JobError("job: pass a job file path, a dict shaped like the TOML file, or a pipeline.Job")
+    return prepare(
+        load(job),
+        need_key=need_key,
+        data=data,
+        output=Path(output) if output is not None else None,
+        journal=Path(journal) if journal is not None else None,
+    )
+
+
+async def arun(
+    data: Any = None,
+    job: JobLike | None = None,
+    *,
+    output: str | Path | None = None,
+    journal: str | Path | None = None,
+    fresh: bool = False,
+    retry_failed: bool = False,
+    sample: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Result:
+    """Run a job in the running event loop; see :func:`run`."""
+    from pipeline.engine.runner import RunOptions, run_plan
+
+    prepared = plan(data, job, output=output, journal=journal)
+    options = RunOptions(
+        quiet=not progress, fresh=fresh, retry_failed=retry_failed, sample=sample, seed=seed, notebook=True
+    )
+    result = await run_plan(prepared, options)
+    table = result.table
+    if table is None:
+        if prepared.output_path is not None and result.summary.output_rows:
+            table = pq.read_table(prepared.output_path)
+        else:  # a sample writes no output: return its rows from the journal
+            table = pa.table({})
+    return Result(table, result.summary, result.exit_code)
+
+
+def run(
+    data: Any = None,
+    job: JobLike | None = None,
+    *,
+    output: str | Path | None = None,
+    journal: str | Path | None = None,
+    fresh: bool = False,
+    retry_failed: bool = False,
+    sample: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Result:
+    """Send every row that is not done yet and return all rows with their answers.
+
+    ``data``: a pandas DataFrame, a pyarrow Table or RecordBatchReader, an
+    object with ``__arrow_c_stream__`` (polars), a list of dicts, or a file
+    path; ``None`` reads ``[input] path``. ``job``: a job file path (or a
+    name in ``jobs/``), a dict shaped like the TOML file, or a
+    :class:`pipeline.Job`; with ``data`` given, ``[input]`` and ``[output]``
+    may be omitted. ``output``: also write the rows to this Parquet file
+    (default: ``[output] path``, if any). ``journal``: where the journal
+    lives (default: beside the job's output file, else the cache folder).
+    ``progress``: show a progress bar (notebook-aware); nothing else is
+    printed. Mistakes in the job or the data raise :class:`pipeline.UserError`
+    before anything is sent.
+    """
+    call = arun(
+        data,
+        job,
+        output=output,
+        journal=journal,
+        fresh=fresh,
+        retry_failed=retry_failed,
+        sample=sample,
+        seed=seed,
+        progress=progress,
+    )
+    return _run_sync(call)
+
+
+def estimate(
+    data: Any = None, job: JobLike | None = None, *, output: str | Path | None = None, journal: str | Path | None = None
+) -> Estimate:
+    """The dry run: rows still to send, tokens, cost and time. Needs no key and sends nothing."""
+    from pipeline.engine.estimate import dry_run
+
+    return dry_run(plan(data, job, output=output, journal=journal, need_key=False))
+
+
+def _run_sync(call: Any) -> Any:
+    """``asyncio.run``, or, inside a running loop (a notebook cell), the same on a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(call)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as pool:
+        return pool.submit(asyncio.run, call).result()
