@@ -156,13 +156,13 @@ def test_job_price_for_an_unknown_model_leaves_the_other_unknown(tmp_path: Path)
 
 
 def test_local_model_is_free_without_context(tmp_path: Path) -> None:
-    info = model_info(MINISTRAL, local=True, cache_dir=tmp_path)
+    info = model_info(MINISTRAL, free=True, cache_dir=tmp_path)
     assert info == ModelInfo(MINISTRAL, 0.0, 0.0, None, "local model (free)")
     assert info.cost(10**6, 10**6) == 0
 
 
 def test_job_prices_beat_local(tmp_path: Path) -> None:
-    info = model_info("local/smollm2", local=True, input_price=0.5, output_price=0.5, cache_dir=tmp_path)
+    info = model_info("local/smollm2", free=True, input_price=0.5, output_price=0.5, cache_dir=tmp_path)
     assert (info.input_per_million, info.output_per_million, info.source) == (0.5, 0.5, "job file")
 
 

@@ -84,14 +84,10 @@ class ModelSpec(_Section):
 
     @property
     def profile(self) -> str:
-        """The request/response dialect, explicit or guessed from ``base_url``."""
-        if self.provider:
-            return self.provider
-        if "openrouter.ai" in self.base_url:
-            return "openrouter"
-        if "api.mistral.ai" in self.base_url:
-            return "mistral"
-        return "openai"
+        """The provider's name, explicit or guessed from ``base_url`` (each provider knows its own URL)."""
+        from pipeline.providers import provider_for
+
+        return provider_for(self).name
 
 
 class LimitsSpec(_Section):

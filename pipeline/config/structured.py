@@ -92,8 +92,6 @@ _JSON_TYPE_NAMES = {
     type(None): "null",
 }
 
-_OPENAI_STYLE_PROFILES = ("openrouter", "openai", "mistral")
-_LOCAL_PROFILES = ("local", "llamacpp")
 
 _LABELS_KEY = "`[prompt] labels`"
 _SCHEMA_KEY = "`[prompt] json_schema`"
@@ -245,21 +243,9 @@ class StructuredSpec:
         rejects ``json_schema``) get ``json_object`` with the schema attached.
         Each call returns a fresh copy, safe to mutate.
         """
-        schema = copy.deepcopy(self.schema)
-        if profile in _OPENAI_STYLE_PROFILES:
-            fields: dict[str, Any] = {
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "output", "strict": True, "schema": schema},
-                }
-            }
-            if profile == "openrouter":
-                fields["provider"] = {"require_parameters": True}
-            return fields
-        if profile in _LOCAL_PROFILES:
-            return {"response_format": {"type": "json_object", "schema": schema}}
-        known = ", ".join(_OPENAI_STYLE_PROFILES + _LOCAL_PROFILES)
-        raise ValueError(f"unknown provider profile {profile!r} (known: {known})")
+        from pipeline.providers import get_provider
+
+        return get_provider(profile).structured_fields(copy.deepcopy(self.schema))
 
     # ------------------------------------------------------------------ parse
 

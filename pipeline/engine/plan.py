@@ -8,6 +8,7 @@ sends anything.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from pipeline.errors import CredentialsError, InputError, JobError
 from pipeline.io.base import DataSource
 from pipeline.io.output import RESULT_COLUMNS
 from pipeline.io.source import Source, check_id_column, row_keys
-from pipeline.providers.base import Dialect
+from pipeline.providers import provider_for
+from pipeline.providers.base import Dialect, Provider
 from pipeline.store.journal import read_meta
 
 if TYPE_CHECKING:
@@ -60,14 +62,14 @@ class Plan:
     key_scheme: KeyScheme = KeyScheme.CONTENT
 
     @property
-    def local(self) -> bool:
-        return self.job.model.profile == "local"
+    def provider(self) -> Provider:
+        return provider_for(self.job.model)
 
     @property
     def context_length(self) -> int | None:
         if self.job.model.context_length:
             return self.job.model.context_length
-        return self.job.model.n_ctx if self.local else self.info.context_length
+        return self.provider.context_length(self.job.model) or self.info.context_length
 
     @cached_property
     def counter(self) -> TokenCounter:
@@ -77,8 +79,9 @@ class Plan:
         spec = self.job.model
         if base_url is not None:
             spec = spec.model_copy(update={"base_url": base_url})
-        fields = self.structured.request_fields(spec.profile) if self.structured else {}
-        return Dialect(spec, self.model_name, fields)
+        provider = self.provider
+        fields = provider.structured_fields(copy.deepcopy(self.structured.schema)) if self.structured else {}
+        return Dialect(spec, self.model_name, fields, provider)
 
     def identity(self) -> dict[str, Any]:
         return self.job.identity(self.structured.identity() if self.structured else None)
@@ -180,10 +183,11 @@ def prepare(
         structured.check_clashes(source.columns)
     id_column = job.input.id_column
     total = check_id_column(source, id_column) if id_column else source.count_rows()
-    model_name = _model_name(job)
+    provider = provider_for(job.model)
+    model_name = provider.model_name(job.model)
     info = model_info(
         model_name,
-        local=job.model.profile == "local",
+        free=provider.free,
         input_price=job.model.input_price_per_million,
         output_price=job.model.output_price_per_million,
     )
@@ -192,7 +196,7 @@ def prepare(
             f"[limits] budget_usd: no price known for model {model_name!r}: set [model] "
             "input_price_per_million and output_price_per_million, or run `pipeline prices --refresh`"
         )
-    api_key = _api_key(job) if need_key else None
+    api_key = _api_key(job) if need_key and provider.needs_key else None
     plan = Plan(job, source, renderer, structured, info, model_name, total, api_key, Path(), output_path)
     plan.journal_path = journal or job.output.journal_path or _cached_journal(job, plan.identity_hash)
     plan.key_scheme = KeyScheme.ID if id_column else stored_key_scheme(plan.journal_path)
@@ -255,16 +259,10 @@ def check_output_path(input_path: Path, output_path: Path) -> None:
         raise JobError(f"[output] path: {output_path} would overwrite or sit inside the input {input_path}")
 
 
-def _model_name(job: Job) -> str:
-    if job.model.profile == "local" and "name" not in job.model.model_fields_set:
-        return "local/smollm2-135m-instruct" if job.model.path is None else f"local/{job.model.path.stem}"
-    return job.model.name
-
-
 def _api_key(job: Job) -> str | None:
-    """The key comes from the environment only; local servers need none."""
+    """The key comes from the environment only."""
     env = job.model.api_key_env
-    if job.model.profile == "local" or not env:
+    if not env:
         return None
     key = os.environ.get(env, "").strip()
     if not key:

