@@ -343,7 +343,7 @@ class FakeConfig:
     # gets the n-th behaviour, then "ok".  Lists are read, never mutated; assigning a new
     # list to a key restarts it.  Behaviours: "ok", "NNN" or "NNN:message" (HTTP error
     # with OpenRouter's body), "retry_after_date", "hang", "drop", "error200",
-    # "finish_error", "invalid_json", "wrong_label", "empty".
+    # "finish_error", "invalid_json", "wrong_label", "empty", "null_content".
     script: dict[str, list[str]] = field(default_factory=dict)
     # Fraction of unscripted requests answered with fail_kind (a behaviour), seeded.
     fail_rate: float = 0.0
@@ -351,6 +351,8 @@ class FakeConfig:
     seed: int | None = 0
     # False mimics Mistral / llama.cpp: usage without cost (stats still add it up).
     include_cost: bool = True
+    # False: no usage object at all (some OpenAI-compatible servers); stats still add it up.
+    include_usage: bool = True
     # The response's "provider" key; None omits it.
     provider_name: str | None = "FakeProvider"
     price_per_token: float = DEFAULT_PRICE_PER_TOKEN
@@ -817,7 +819,8 @@ class FakeServer:
                 "native_finish_reason": finish_reason,
             }
         ]
-        payload["usage"] = usage
+        if self.config.include_usage:
+            payload["usage"] = usage
         return payload
 
     async def _misbehave(
@@ -840,6 +843,11 @@ class FakeServer:
             return _json_response(200, self._envelope(body, "", "error", usage))
         if behaviour == "error200":
             raise _Reply(200, error_body(502, "Provider returned error"))
+        if behaviour == "null_content":
+            # A 200 whose message has no content at all (and no tool calls); not billed.
+            usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            self._count_status(200)
+            return _json_response(200, self._envelope(body, None, "stop", usage))  # type: ignore[arg-type]
         if behaviour == "retry_after_date":
             when = email.utils.formatdate(math.ceil(time.time()) + 1, usegmt=True)
             raise _Reply(429, error_body(429), {"Retry-After": when})

@@ -199,7 +199,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_little(
 # ---------------------------------------------------------------- 2. SIGTERM / SIGINT
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_stops_gracefully_and_resume_pays_nothing_twice(
     workdir: Path, server: FakeServer, procs: Procs, sig: signal.Signals
 ) -> None:

@@ -41,7 +41,7 @@ class PromptSpec(_Section):
     json_schema: dict[str, Any] | None = None
     json_schema_file: Path | None = None
     column_prefix: str = ""
-    retry_invalid: int = Field(default=0, ge=0)
+    retry_invalid: int = Field(default=0, ge=0, le=10)  # every retry is paid: keep it bounded
 
 
 class ModelSpec(_Section):

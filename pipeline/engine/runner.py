@@ -136,6 +136,7 @@ class Run:
         self.dialect = plan.dialect()
         self.recorder = Recorder(plan.info, plan.structured, lambda: plan.counter)
         self.produced_all = False
+        self.input_error: str | None = None  # a bad record found while reading the input
         self.successes = 0  # replies that came back OK: the job as a whole works
         self.exit_code = ExitCode.STOPPED  # the code of a stop, when one happens
 
@@ -155,6 +156,8 @@ class Run:
             client = ChatClient(session, self.dialect, limiter, self.stopper, limits.max_attempts, limits.timeout_s)
             client.on_pause = self.tracker.paused
             await self._run_tasks(client)
+        if self.input_error is not None:
+            self.stop(self.input_error, ExitCode.USAGE)
         self.tracker.close()
 
     async def _run_tasks(self, client: ChatClient) -> None:
@@ -193,8 +196,10 @@ class Run:
                 if self.stopper.stopped:
                     return
         except InputError as exc:
-            # A bad record deep in the input: stop cleanly; what was sent is journaled.
-            self.stop(f"{exc}; fix the input and rerun (nothing done is paid again)", ExitCode.USAGE)
+            # A bad record deep in the input: the rows before it are sent as usual,
+            # then the run stops (exit 2) and a rerun on the fixed file pays nothing twice.
+            self.input_error = f"{exc}; fix the input and rerun (rows done are not paid again)"
+            self.queue.close()
             return
         self.produced_all = True
         self.queue.close()

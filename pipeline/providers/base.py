@@ -176,13 +176,17 @@ def _parse_success(data: dict[str, Any]) -> Reply:
         return Reply(ReplyKind.RETRY, 200, "HTTP 200 without choices")
     if finish == "error":
         return Reply(ReplyKind.RETRY, 200, "provider error (HTTP 200, finish_reason error)")
+    content = message.get("content")
+    if content is None and not message.get("tool_calls"):
+        # Nothing came back: a provider hiccup, not an answer (and not an empty string).
+        return Reply(ReplyKind.RETRY, 200, "HTTP 200 with no content (message.content is null)")
     prompt_tokens = usage.get("prompt_tokens")
     completion_tokens = usage.get("completion_tokens")
     cost: Any = usage.get("cost")
     return Reply(
         ReplyKind.OK,
         200,
-        content=message.get("content"),
+        content=content,
         finish_reason=finish,
         # Checked inline (this runs once per row): ints for tokens, a number for cost.
         prompt_tokens=prompt_tokens if type(prompt_tokens) is int else None,
