@@ -114,7 +114,7 @@ def _status(job: Job, as_json: bool) -> int:
     from pipeline.cli.status import format_status, job_status
 
     status = job_status(job)
-    print(json.dumps(status) if as_json else format_status(status))
+    print(json.dumps(status.to_dict()) if as_json else format_status(status))
     return EXIT_OK
 
 

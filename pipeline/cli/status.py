@@ -3,40 +3,25 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from dataclasses import replace
 
 from pipeline.config.job import Job
+from pipeline.engine.reports import JobStatus
 from pipeline.store.journal import Journal, RunLock
 
 
-def job_status(job: Job) -> dict[str, Any]:
+def job_status(job: Job) -> JobStatus:
     path = job.output.journal_path
     assert path is not None, "the CLI requires [output] path"
     holder = RunLock(path).holder()
-    status: dict[str, Any] = {
-        "job": job.name,
-        "journal": str(path),
-        "active": holder is not None,
-        "active_pid": holder,
-    }
+    base = JobStatus(job.name, str(path), holder is not None, holder, started=False, rows_total=None)
     if not path.exists():
-        return {
-            **status,
-            "started": False,
-            "rows_total": None,
-            "rows_done": 0,
-            "rows_failed": 0,
-            "rows_pending": None,
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "cost_usd": 0.0,
-            "last_progress": None,
-        }
+        return base
     journal = Journal(path, readonly=True)
     try:
         summary = journal.summary()
         total = journal.get_meta("total_rows")
-        spent = journal.spent()
+        spent = journal.job_spent()
     finally:
         journal.close()
     by = summary["by_status"]
@@ -44,37 +29,37 @@ def job_status(job: Job) -> dict[str, Any]:
     failed = by.get("failed", 0) + by.get("invalid", 0)
     skipped = by.get("skipped", 0)
     rows_total = int(total) if total else None
-    pending = rows_total - done - failed - skipped if rows_total is not None else None
+    pending = max(0, rows_total - done - failed - skipped) if rows_total is not None else None
     last = summary["last_update"]
-    return {
-        **status,
-        "started": True,
-        "rows_total": rows_total,
-        "rows_done": done,
-        "rows_failed": failed,
-        "rows_skipped": skipped,
-        "rows_retryable": by.get("transient", 0),
-        "rows_pending": pending,
-        "prompt_tokens": summary["prompt_tokens"],
-        "completion_tokens": summary["completion_tokens"],
-        "cost_usd": round(spent, 8),
-        "last_progress": dt.datetime.fromtimestamp(last, dt.UTC).isoformat(timespec="seconds") if last else None,
-    }
+    return replace(
+        base,
+        started=True,
+        rows_total=rows_total,
+        rows_done=done,
+        rows_failed=failed,
+        rows_skipped=skipped,
+        rows_retryable=by.get("transient", 0),
+        rows_pending=pending,
+        prompt_tokens=summary["prompt_tokens"],
+        completion_tokens=summary["completion_tokens"],
+        cost_usd=round(spent, 8),
+        last_progress=dt.datetime.fromtimestamp(last, dt.UTC).isoformat(timespec="seconds") if last else None,
+    )
 
 
-def format_status(s: dict[str, Any]) -> str:
-    active = f"running (pid {s['active_pid']})" if s["active"] else "not running"
-    if not s["started"]:
-        return f"{s['job']}: never run ({active}); journal would be {s['journal']}"
-    total = f"{s['rows_total']:,}" if s["rows_total"] is not None else "?"
-    pending = f"{s['rows_pending']:,}" if s["rows_pending"] is not None else "?"
+def format_status(s: JobStatus) -> str:
+    active = f"running (pid {s.active_pid})" if s.active else "not running"
+    if not s.started:
+        return f"{s.job}: never run ({active}); journal would be {s.journal}"
+    total = f"{s.rows_total:,}" if s.rows_total is not None else "?"
+    pending = f"{s.rows_pending:,}" if s.rows_pending is not None else "?"
     return "\n".join(
         [
-            f"{s['job']}: {active}",
-            f"  rows: {s['rows_done']:,} done, {s['rows_failed']:,} failed, {s['rows_skipped']:,} skipped, "
-            f"{pending} pending of {total} ({s['rows_retryable']:,} to retry)",
-            f"  tokens: {s['prompt_tokens']:,} in, {s['completion_tokens']:,} out; cost so far ${s['cost_usd']:.4f}",
-            f"  last progress: {s['last_progress'] or 'never'}",
-            f"  journal: {s['journal']}",
+            f"{s.job}: {active}",
+            f"  rows: {s.rows_done:,} done, {s.rows_failed:,} failed, {s.rows_skipped:,} skipped, "
+            f"{pending} pending of {total} ({s.rows_retryable:,} to retry)",
+            f"  tokens: {s.prompt_tokens:,} in, {s.completion_tokens:,} out; cost so far ${s.cost_usd:.4f}",
+            f"  last progress: {s.last_progress or 'never'}",
+            f"  journal: {s.journal}",
         ]
     )

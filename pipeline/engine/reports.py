@@ -80,3 +80,28 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What the journal says about a job (the fields of ``pipeline status --json``)."""
+
+    job: str
+    journal: str
+    active: bool
+    active_pid: int | None
+    started: bool
+    rows_total: int | None
+    rows_done: int = 0
+    rows_failed: int = 0
+    rows_skipped: int = 0
+    rows_retryable: int = 0
+    rows_pending: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    """Everything the job has spent, including journals set aside by ``--fresh``."""
+    last_progress: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
