@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store.journal import Journal, JournalRow
+from pipeline.store.journal import RESULT_FIELDS, Journal
 
 # The documented result columns and their Arrow types. Types are fixed, so a
 # column keeps its type even when every value is null.
@@ -45,6 +45,13 @@ def output_schema(input_schema: pa.Schema, structured: Any | None) -> pa.Schema:
     return pa.schema(fields)
 
 
+# Where each output column sits in a journal row tuple (derived from JournalRow, never hard-coded).
+_POSITIONS = [RESULT_FIELDS.index(name) for name, _ in RESULT_COLUMNS]
+_HASH, _PARSED = RESULT_FIELDS.index("prompt_hash"), RESULT_FIELDS.index("parsed")
+# A row never journaled, or journaled for a prompt that has since changed.
+_MISSING: tuple[Any, ...] = tuple(NOT_RUN if name == "error" else None for name in RESULT_FIELDS)
+
+
 def result_arrays(
     keys: list[str], hashes: list[str] | None, journal: Journal, structured: Any | None
 ) -> list[pa.Array]:
@@ -52,24 +59,18 @@ def result_arrays(
 
     With ``hashes``, a journaled row whose prompt hash differs counts as not run.
     """
-    found = journal.results(keys)
-    rows: list[JournalRow | None] = []
+    found = journal.result_tuples(keys)
+    rows = []
     for i, key in enumerate(keys):
         row = found.get(key)
-        # Never journaled, or journaled for a prompt that has since changed.
-        if row is not None and hashes is not None and row.prompt_hash != hashes[i]:
-            row = None
+        if row is None or (hashes is not None and row[_HASH] != hashes[i]):
+            row = _MISSING
         rows.append(row)
-    arrays = [pa.array([_value(row, name) for row in rows], type=kind) for name, kind in RESULT_COLUMNS]
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(RESULT_FIELDS)
+    arrays = [pa.array(columns[j], type=kind) for j, (_, kind) in zip(_POSITIONS, RESULT_COLUMNS, strict=True)]
     if structured is not None:
-        arrays += structured.to_arrays([json.loads(row.parsed) if row and row.parsed else None for row in rows])
+        arrays += structured.to_arrays([json.loads(p) if p else None for p in columns[_PARSED]])
     return arrays
-
-
-def _value(row: JournalRow | None, name: str) -> Any:
-    if row is None:
-        return NOT_RUN if name == "error" else None
-    return getattr(row, name)
 
 
 def write_output(
