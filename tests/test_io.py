@@ -21,6 +21,7 @@ import pytest
 from pipeline.cli.app import main
 from pipeline.config.job import ModelSpec, load_job
 from pipeline.engine.plan import prepare
+from pipeline.providers import request_fields
 from pipeline.providers.base import Dialect
 from tests.conftest import read_output, reviews, run_cli, spawn, write_job, write_parquet
 from tests.fakeserver import (
@@ -606,7 +607,7 @@ def test_local_profile_sends_json_object_with_schema(server: FakeServer, workdir
     openai = Dialect(
         ModelSpec(provider="openai", base_url=server.base_url),
         plan.model_name,
-        plan.structured.request_fields("openai"),
+        request_fields(plan.structured, "openai"),
     )
     status, reply = post(openai.url, openai.body(messages))
     assert status == 500 and reply["error"]["message"] == LLAMACPP_SCHEMA_ERROR

@@ -17,6 +17,7 @@ import pytest
 from pipeline.config import structured
 from pipeline.config.structured import StructuredSpec
 from pipeline.errors import JobError
+from pipeline.providers import request_fields
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = ["positive", "negative", "neutral"]
@@ -476,7 +477,7 @@ def test_schema_file_bad_schema_names_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("profile", ["openrouter", "openai", "mistral"])
 def test_request_fields_json_schema_profiles(profile: str) -> None:
     spec = labels_spec()
-    fields = spec.request_fields(profile)
+    fields = request_fields(spec, profile)
     assert fields["response_format"] == {
         "type": "json_schema",
         "json_schema": {"name": "output", "strict": True, "schema": spec.schema},
@@ -491,17 +492,17 @@ def test_request_fields_json_schema_profiles(profile: str) -> None:
 @pytest.mark.parametrize("profile", ["local", "llamacpp"])
 def test_request_fields_llamacpp(profile: str) -> None:
     spec = schema_spec(CONTACT_SCHEMA)
-    assert spec.request_fields(profile) == {"response_format": {"type": "json_object", "schema": spec.schema}}
+    assert request_fields(spec, profile) == {"response_format": {"type": "json_object", "schema": spec.schema}}
 
 
 def test_request_fields_unknown_profile() -> None:
     with pytest.raises(ValueError, match="bedrock"):
-        labels_spec().request_fields("bedrock")
+        request_fields(labels_spec(), "bedrock")
 
 
 def test_request_fields_are_copies() -> None:
     spec = labels_spec()
-    fields = spec.request_fields("openai")
+    fields = request_fields(spec, "openai")
     fields["response_format"]["json_schema"]["schema"]["properties"].clear()
     assert spec.schema["properties"]["label"]["enum"] == LABELS
 
@@ -509,7 +510,7 @@ def test_request_fields_are_copies() -> None:
 def test_request_fields_json_serialisable() -> None:
     spec = schema_spec(CONTACT_SCHEMA)
     for profile in ("openrouter", "openai", "mistral", "local", "llamacpp"):
-        json.dumps(spec.request_fields(profile))
+        json.dumps(request_fields(spec, profile))
 
 
 # -------------------------------------------------------------- parse: labels
@@ -941,6 +942,6 @@ def test_example_datasets_read_by_pyarrow() -> None:
 def test_extract_contacts_sent_schema_is_strict() -> None:
     spec = spec_from_prompt(load_job("extract_contacts.toml")["prompt"])
     assert spec is not None
-    sent = spec.request_fields("openrouter")["response_format"]["json_schema"]["schema"]
+    sent = request_fields(spec, "openrouter")["response_format"]["json_schema"]["schema"]
     assert sent["additionalProperties"] is False
     assert sent["required"] == [name for name, _ in spec.columns]

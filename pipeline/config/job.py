@@ -82,13 +82,6 @@ class ModelSpec(_Section):
             raise ValueError(f"{sorted(reserved)[0]!r} is set by the pipeline, not by params")
         return value
 
-    @property
-    def profile(self) -> str:
-        """The provider's name, explicit or guessed from ``base_url`` (each provider knows its own URL)."""
-        from pipeline.providers import provider_for
-
-        return provider_for(self).name
-
 
 class LimitsSpec(_Section):
     requests_per_minute: int = Field(default=600, ge=0)  # 0: no cap
@@ -134,12 +127,12 @@ class Job(_Section):
             raise ValueError("set either [prompt] json_schema or json_schema_file, not both")
         return self
 
-    def identity(self, structured: dict[str, Any] | None) -> dict[str, Any]:
+    def identity(self, structured: dict[str, Any] | None, provider: str) -> dict[str, Any]:
         """What determines the results. Limits are deliberately not part of it."""
         return {
             "model": self.model.name,
             "base_url": self.model.base_url,
-            "provider": self.model.profile,
+            "provider": provider,
             "system": self.prompt.system,
             "user": self.prompt.user,
             "id_column": self.input.id_column,

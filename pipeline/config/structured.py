@@ -232,21 +232,6 @@ class StructuredSpec:
 
     # ---------------------------------------------------------------- request
 
-    def request_fields(self, profile: str) -> dict:
-        """Fields to merge into the chat request body for a provider profile.
-
-        ``openrouter``/``openai``/``mistral`` get OpenAI's strict ``json_schema``
-        response format; ``openrouter`` also gets ``provider.require_parameters``
-        so it only routes to endpoints that honour the schema (the caller must
-        merge that key into any ``provider`` object it already sends, not
-        replace it). ``local``/``llamacpp`` (llama-cpp-python's server, which
-        rejects ``json_schema``) get ``json_object`` with the schema attached.
-        Each call returns a fresh copy, safe to mutate.
-        """
-        from pipeline.providers import get_provider
-
-        return get_provider(profile).structured_fields(copy.deepcopy(self.schema))
-
     # ------------------------------------------------------------------ parse
 
     def parse(self, content: str | None, finish_reason: str | None) -> tuple[dict | None, str | None]:

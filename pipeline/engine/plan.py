@@ -84,7 +84,7 @@ class Plan:
         return Dialect(spec, self.model_name, fields, provider)
 
     def identity(self) -> dict[str, Any]:
-        return self.job.identity(self.structured.identity() if self.structured else None)
+        return self.job.identity(self.structured.identity() if self.structured else None, self.provider.name)
 
     @property
     def identity_hash(self) -> str:

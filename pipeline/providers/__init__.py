@@ -6,7 +6,8 @@ subclass and add an instance to ``_ALL``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copy
+from typing import TYPE_CHECKING, Any
 
 from pipeline.providers.base import Provider
 from pipeline.providers.local import Local
@@ -16,6 +17,7 @@ from pipeline.providers.openrouter import OpenRouter
 
 if TYPE_CHECKING:
     from pipeline.config.job import ModelSpec
+    from pipeline.config.structured import StructuredSpec
 
 _ALL: tuple[Provider, ...] = (OpenRouter(), Mistral(), OpenAI(), Local())
 REGISTRY: dict[str, Provider] = {p.name: p for p in _ALL}
@@ -39,4 +41,9 @@ def provider_for(spec: ModelSpec) -> Provider:
     return get_provider(spec.provider) if spec.provider else guess_provider(spec.base_url)
 
 
-__all__ = ["NAMES", "REGISTRY", "Provider", "get_provider", "guess_provider", "provider_for"]
+def request_fields(structured: StructuredSpec, name: str) -> dict[str, Any]:
+    """The request-body fields that ask provider ``name`` for replies fitting ``structured`` (a fresh copy)."""
+    return get_provider(name).structured_fields(copy.deepcopy(structured.schema))
+
+
+__all__ = ["NAMES", "REGISTRY", "Provider", "get_provider", "guess_provider", "provider_for", "request_fields"]

@@ -23,9 +23,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pipeline.config.job import ModelSpec
+if TYPE_CHECKING:
+    from pipeline.config.job import ModelSpec
 
 
 class ReplyKind(StrEnum):
