@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import codecs
 import io
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,6 +53,7 @@ _CSV_CANDIDATES: tuple[pa.DataType, ...] = (
     pa.timestamp("us"),
     pa.timestamp("ns"),
 )
+T = TypeVar("T")
 _READ_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError)
 _BLOCK = 4 << 20
 
@@ -365,23 +368,12 @@ def _csv_reader(path: Path, columns: list[str] | None = None) -> pa.RecordBatchR
 
 def _open_csv(path: Path, batch_size: int, forced: dict[str, pa.DataType]) -> Source:
     """One pass over the whole file: it counts the rows, checks the encoding and types the columns."""
-    try:
-        header = pacsv.open_csv(path, parse_options=_CSV_PARSE).schema.names
-    except pa.ArrowInvalid as exc:
-        _raise_if_not_utf8(path, exc)
-        raise
+    header = _csv_step(path, 0, lambda: pacsv.open_csv(path, parse_options=_CSV_PARSE).schema.names)
     _check_names(path, header, forced)
     typers = {name: _ColumnTyper(name, forced.get(name)) for name in header}
     rows = 0
-    reader = _csv_reader(path)
-    while True:
-        try:
-            block = reader.read_next_batch()
-        except StopIteration:
-            break
-        except pa.ArrowInvalid as exc:
-            _raise_if_not_utf8(path, exc)
-            raise InputError(f"{path}: cannot read csv after row {rows}: {_one_line(exc)}") from None
+    reader = _csv_step(path, 0, lambda: _csv_reader(path))  # reads the first block already
+    while (block := _csv_step(path, rows, lambda: _next_or_none(reader))) is not None:
         for name, column in zip(block.schema.names, block.columns, strict=True):
             typers[name].observe(path, column, rows + 1)
         rows += block.num_rows
@@ -390,6 +382,23 @@ def _open_csv(path: Path, batch_size: int, forced: dict[str, pa.DataType]) -> So
     types = {name: typer.result for name, typer in typers.items() if not pa.types.is_string(typer.result)}
     schema = pa.schema([pa.field(name, typers[name].result) for name in header])
     return Source(path, "csv", schema, batch_size, rows, None, types)
+
+
+def _csv_step(path: Path, rows: int, step: Callable[[], T]) -> T:
+    """Run one read of the first pass; a reader error names the line (bad UTF-8) or the rows read."""
+    try:
+        return step()
+    except pa.ArrowInvalid as exc:
+        _raise_if_not_utf8(path, exc)
+        where = f" after row {rows}" if rows else ""
+        raise InputError(f"{path}: cannot read csv{where}: {_one_line(exc)}") from None
+
+
+def _next_or_none(reader: pa.RecordBatchReader) -> pa.RecordBatch | None:
+    try:
+        return reader.read_next_batch()
+    except StopIteration:
+        return None
 
 
 class _ColumnTyper:
@@ -489,8 +498,7 @@ def _open_jsonl(path: Path, batch_size: int, forced: dict[str, pa.DataType]) -> 
                 try:
                     table = pajson.read_json(io.BytesIO(chunk))
                 except pa.ArrowInvalid as exc:
-                    last = line + chunk.count(b"\n")
-                    raise InputError(f"{path}: lines {line}-{last}: {_one_line(exc)}") from None
+                    raise _jsonl_error(path, exc, line, line + chunk.count(b"\n")) from None
                 schema = _merge_block(path, schema, table, line)
                 rows += table.num_rows
                 for name, kind in forced.items():
@@ -502,6 +510,22 @@ def _open_jsonl(path: Path, batch_size: int, forced: dict[str, pa.DataType]) -> 
         raise InputError(f"{path}: no data")
     _check_names(path, schema.names, forced)
     return Source(path, "jsonl", _with_types(schema, forced), batch_size, rows, schema, forced)
+
+
+# The JSON reader's message when a field's type changes inside one block.
+_TYPE_CHANGE = re.compile(r"Column\((?P<field>.*?)\) changed from (?P<old>\w+) to (?P<new>\w+) in row (?P<row>\d+)")
+
+
+def _jsonl_error(path: Path, exc: pa.ArrowInvalid, first: int, last: int) -> InputError:
+    """A JSON reader error as one line naming the file's line (the reader counts rows per block)."""
+    found = _TYPE_CHANGE.search(str(exc))
+    if found is None:
+        return InputError(f"{path}: lines {first}-{last}: {_one_line(exc)}")
+    name = found["field"].lstrip("/")
+    return InputError(
+        f"{path}: line {first + int(found['row'])} (or near it): field {name!r} changed from "
+        f"{found['old']} to {found['new']}; give the field one type on every line"
+    )
 
 
 def _check_utf8_block(path: Path, chunk: bytes, line: int) -> None:
