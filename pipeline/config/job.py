@@ -230,9 +230,9 @@ def describe_validation_error(exc: ValidationError) -> str:
     elif first["type"] == "missing":
         message = "required key is missing"
     elif first["type"] == "int_type":
-        message = "must be a whole number such as 8 (not true/false, a quoted \"8\" or 8.5)"
+        message = 'must be a whole number such as 8 (not true/false, a quoted "8" or 8.5)'
     elif first["type"] == "float_type":
-        message = "must be a number such as 1.5 (not true/false or a quoted \"1.5\")"
+        message = 'must be a number such as 1.5 (not true/false or a quoted "1.5")'
     else:
         message = first["msg"].removeprefix("Value error, ")
     more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""

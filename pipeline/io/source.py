@@ -123,19 +123,16 @@ class Source:
 
     def _convert(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """Apply ``casts`` to the columns of ``batch`` that have one."""
-        if not any(name in self.casts for name in batch.schema.names):
+        names = batch.schema.names
+        if not any(name in self.casts for name in names):
             return batch
+        # CSV columns are read as text: an empty cell is a missing value, not a parse error.
+        convert = _cast_text if self.format == "csv" else _cast
         arrays = [
-            _cast_text(column, self.casts[name]) if self.format == "csv" and name in self.casts else column
-            for name, column in zip(batch.schema.names, batch.columns, strict=True)
+            convert(column, self.casts[name]) if name in self.casts else column
+            for name, column in zip(names, batch.columns, strict=True)
         ]
-        if self.format != "csv":
-            arrays = [
-                column.cast(self.casts[name]) if name in self.casts else column
-                for name, column in zip(batch.schema.names, arrays, strict=True)
-            ]
-        target = pa.schema([self.schema.field(name) for name in batch.schema.names])
-        return pa.RecordBatch.from_arrays(arrays, schema=target)
+        return pa.RecordBatch.from_arrays(arrays, schema=pa.schema([self.schema.field(n) for n in names]))
 
     def _parquet_batches(self, names: list[str], cursor: _Cursor) -> Iterator[pa.RecordBatch]:
         read_schema = self.read_schema or self.schema
