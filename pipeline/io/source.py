@@ -54,7 +54,8 @@ _CSV_CANDIDATES: tuple[pa.DataType, ...] = (
     pa.timestamp("ns"),
 )
 T = TypeVar("T")
-_READ_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError)
+# What readers raise for a file they cannot read (bad bytes in a header are a UnicodeDecodeError).
+_READ_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError, UnicodeDecodeError)
 _BLOCK = 4 << 20
 
 
@@ -385,7 +386,7 @@ def _csv_step(path: Path, rows: int, step: Callable[[], T]) -> T:
     """Run one read of the first pass; a reader error names the line (bad UTF-8) or the rows read."""
     try:
         return step()
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         _raise_if_not_utf8(path, exc)
         where = f" after row {rows}" if rows else ""
         raise InputError(f"{path}: cannot read csv{where}: {_one_line(exc)}") from None
@@ -448,9 +449,10 @@ def _cast_text(column: pa.Array, kind: pa.DataType) -> pa.Array:
     return pc.if_else(empty, pa.scalar(None, pa.string()), column).cast(kind)
 
 
-def _raise_if_not_utf8(path: Path, exc: pa.ArrowInvalid) -> None:
+def _raise_if_not_utf8(path: Path, exc: Exception) -> None:
     """Turn a reader's bare "invalid UTF8" into the file's line and byte."""
-    if "utf8" not in str(exc).lower() and "utf-8" not in str(exc).lower():
+    text = str(exc).lower()
+    if not isinstance(exc, UnicodeDecodeError) and "utf8" not in text and "utf-8" not in text:
         return
     found = first_invalid_utf8(path)
     if found is None:
