@@ -68,9 +68,11 @@ def test_jsonl_output_matches_parquet_output(server: FakeServer, workdir: Path) 
     path = workdir / "data" / "out" / "job.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in rows] == data["id"]
+    # --output moves only the output: the journal is the job's, so nothing is sent again.
     assert main(["run", "job", "--quiet", "--output", "data/out/job.parquet"]) == 0
+    assert server.stats()["requests"] == 7
     parquet_rows = pq.read_table(workdir / "data" / "out" / "job.parquet").to_pylist()
-    drop = {"latency_s", "generation_id"}  # may differ if the second run sent again
+    drop = {"latency_s"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == [
         {k: v for k, v in r.items() if k not in drop} for r in parquet_rows
     ]
