@@ -6,6 +6,7 @@
     ├── UserError                  exit 2: a mistake the user can fix; nothing was sent
     │   ├── JobError               the job file (bad TOML, unknown key, wrong type, bad template)
     │   ├── InputError             the dataset (missing file, column, bad ids, bad bytes)
+    │   │   └── RecordError        a record found unreadable while streaming (names file and row)
     │   ├── CredentialsError       the API key (missing, malformed)
     │   ├── LockedError            another run of the job is active
     │   ├── JournalError           the journal cannot be read
@@ -20,6 +21,7 @@ into a classified ``Reply`` value (see ``providers/base.py``), recorded per row.
 from __future__ import annotations
 
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitCode(IntEnum):
@@ -49,6 +51,19 @@ class JobError(UserError):
 
 class InputError(UserError):
     """The dataset cannot be used (missing file, missing column, bad ids)."""
+
+
+class RecordError(InputError):
+    """A record that cannot be read, found while streaming the input (after sending may have begun).
+
+    ``path`` is the file (one file of a folder) and ``row`` the row, counted from 1
+    within that file, where reading stopped.
+    """
+
+    def __init__(self, path: Path, row: int, problem: str) -> None:
+        super().__init__(f"{path}: row {row}: {problem}")
+        self.path = path
+        self.row = row
 
 
 class CredentialsError(UserError):

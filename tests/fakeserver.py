@@ -342,7 +342,9 @@ class FakeConfig:
     # {substring of the last user message: [behaviour, ...]}: the n-th matching request
     # gets the n-th behaviour, then "ok".  Lists are read, never mutated; assigning a new
     # list to a key restarts it.  Behaviours: "ok", "NNN" or "NNN:message" (HTTP error
-    # with OpenRouter's body), "retry_after_date", "hang", "drop", "error200",
+    # with OpenRouter's body), "echo_auth" / "echo_auth:NNN" (an answer quoting the
+    # request's Authorization header: an error with status NNN, default 400, or with
+    # 200 a billed completion), "retry_after_date", "hang", "drop", "error200",
     # "finish_error", "invalid_json", "wrong_label", "empty", "null_content".
     script: dict[str, list[str]] = field(default_factory=dict)
     # Fraction of unscripted requests answered with fail_kind (a behaviour), seeded.
@@ -841,6 +843,14 @@ class FakeServer:
                 usage["cost"] = 0.0
             self._count_status(200)
             return _json_response(200, self._envelope(body, "", "error", usage))
+        if behaviour.startswith("echo_auth"):
+            # A careless server or proxy quoting the request's credentials back.
+            status = int(behaviour.partition(":")[2] or 400)
+            echoed = request.headers.get("Authorization", "")
+            if status == 200:
+                return await self._complete(body, u, f"as requested, your header was Authorization: {echoed}", None)
+            message = f"Invalid request. Headers received: Authorization: {echoed}; key={echoed.split()[-1]}"
+            raise _Reply(status, error_body(status, message))
         if behaviour == "error200":
             raise _Reply(200, error_body(502, "Provider returned error"))
         if behaviour == "null_content":

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import signal
 import sqlite3
 import sys
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config.job import Job, load_job
 from pipeline.errors import ExitCode, JobError, PipelineError, UserError
+from pipeline.secrets import Redactor, looks_like_key
 
 if TYPE_CHECKING:
     from pipeline.engine.plan import Plan
@@ -31,6 +33,7 @@ EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = (
 )
 # SIGHUP (the terminal closed, or a scheduler's stop) behaves like SIGTERM: a graceful stop with a summary.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+DEFAULT_KEY_ENV = "OPENROUTER_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("job")
     status.add_argument("--json", action="store_true")
     prices = sub.add_parser("prices", help="show or refresh the price table")
-    prices.add_argument("model", nargs="?", help="show one model")
+    prices.add_argument("model", nargs="?", help="show one model (without it: list the known models)")
     prices.add_argument("--refresh", action="store_true", help="fetch prices from OpenRouter into the local cache")
     prices.add_argument("--base-url", default="https://openrouter.ai/api/v1")
     return parser
@@ -64,31 +67,45 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    errors = _ErrorPrinter()
     try:
-        return _dispatch(args)
+        return _dispatch(args, errors)
     except UserError as exc:
-        _error(str(exc))
+        errors.print(str(exc))
         return EXIT_USAGE
     except PipelineError as exc:
-        _error(str(exc))
+        errors.print(str(exc))
         return exc.exit_code
     except sqlite3.Error as exc:
-        _error(f"journal error: {exc}")
+        errors.print(f"journal error: {exc}")
         return EXIT_STOPPED
     except KeyboardInterrupt:
-        _error("interrupted")
+        errors.print("interrupted")
         return EXIT_STOPPED
 
 
-def _error(message: str) -> None:
-    # One line, whatever the message quotes (a column name may hold a line break).
-    print(f"pipeline: error: {' '.join(message.split())}", file=sys.stderr)
+class _ErrorPrinter:
+    """Prints an error as one line, with the job's key (once known) and any bearer token masked."""
+
+    def __init__(self) -> None:
+        self.redactor = Redactor(os.environ.get(DEFAULT_KEY_ENV))
+
+    def use_job(self, job: Job) -> None:
+        env = job.model.api_key_env
+        # A value that looks like a key where the variable's name belongs is masked too.
+        self.redactor = Redactor(os.environ.get(env) if env else None, env if env and looks_like_key(env) else None)
+
+    def print(self, message: str) -> None:
+        # One line, whatever the message quotes (a column name may hold a line break).
+        text = self.redactor.redact(" ".join(message.split()))
+        print(f"pipeline: error: {text}", file=sys.stderr)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, errors: _ErrorPrinter) -> int:
     if args.command == "prices":
         return _prices(args)
     job = load_job(args.job)
+    errors.use_job(job)
     _require_files(job)
     if args.command == "status":
         return _status(job, args.json)
@@ -169,15 +186,23 @@ def _tune_gc() -> None:
 
 
 def _prices(args: argparse.Namespace) -> int:
-    from pipeline.engine.pricing import model_info, refresh_prices
+    from pipeline.cli.prices import format_price_table
+    from pipeline.engine.pricing import known_models, model_info, refresh_prices
 
     if args.refresh:
         path, count = asyncio.run(refresh_prices(args.base_url))
         print(f"refreshed prices of {count} models from {args.base_url} into {path}")
     if args.model:
         info = model_info(args.model)
+        if info.input_per_million is None or info.output_per_million is None:
+            raise UserError(
+                f"unknown model {args.model!r}: not in the price cache or the built-in table "
+                "(`pipeline prices` lists the known models; `pipeline prices --refresh` fetches OpenRouter's list)"
+            )
         print(
             f"{info.model}: {info.input_per_million} / {info.output_per_million} USD per million tokens "
             f"in/out, context {info.context_length}, from {info.source}"
         )
+    elif not args.refresh:
+        print(format_price_table(known_models()))
     return EXIT_OK

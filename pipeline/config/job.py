@@ -15,23 +15,49 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import JobError
 
 DEFAULT_MODEL = "mistralai/ministral-8b"
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 PROVIDERS = ("openrouter", "openai", "mistral", "local")
+# Types [input] dtypes may force a column to (see io/source.py).
+DType = Literal["string", "int64", "float64", "bool", "timestamp"]
+# HTTP header names are RFC 9110 tokens; anything else would be refused by the
+# HTTP library at send time, after the job had started.
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 class _Section(BaseModel):
+    # Integer and number keys are strict (StrictInt, StrictFloat below): TOML's
+    # true is not 1, "8" is not 8, and 2.5 or 8.0 is not an integer.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _non_empty_path(value: Any) -> Any:
+    """``path = ""`` would mean the working directory: refuse it instead."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty")
+    return value
 
 
 class InputSpec(_Section):
     path: Path | None = None  # required unless the Python API is given data
     id_column: str | None = None
-    batch_size: int = Field(default=8192, gt=0)
+    batch_size: StrictInt = Field(default=8192, gt=0)
+    dtypes: dict[str, DType] = Field(default_factory=dict)  # force a column's type (CSV types are inferred)
+
+    _path = field_validator("path", mode="before")(_non_empty_path)
 
 
 class PromptSpec(_Section):
@@ -41,7 +67,9 @@ class PromptSpec(_Section):
     json_schema: dict[str, Any] | None = None
     json_schema_file: Path | None = None
     column_prefix: str = ""
-    retry_invalid: int = Field(default=0, ge=0, le=10)  # every retry is paid: keep it bounded
+    retry_invalid: StrictInt = Field(default=0, ge=0, le=10)  # every retry is paid: keep it bounded
+
+    _schema_file = field_validator("json_schema_file", mode="before")(_non_empty_path)
 
 
 class ModelSpec(_Section):
@@ -49,15 +77,17 @@ class ModelSpec(_Section):
     provider: Literal["openrouter", "openai", "mistral", "local"] | None = None
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = "OPENROUTER_API_KEY"
-    max_tokens: int = Field(default=256, gt=0)
-    temperature: float | None = Field(default=0.0, ge=0)
+    max_tokens: StrictInt = Field(default=256, gt=0)
+    temperature: StrictFloat | None = Field(default=0.0, ge=0)
     params: dict[str, Any] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)
-    input_price_per_million: float | None = Field(default=None, ge=0)
-    output_price_per_million: float | None = Field(default=None, ge=0)
-    context_length: int | None = Field(default=None, gt=0)
+    input_price_per_million: StrictFloat | None = Field(default=None, ge=0)
+    output_price_per_million: StrictFloat | None = Field(default=None, ge=0)
+    context_length: StrictInt | None = Field(default=None, gt=0)
     path: Path | None = None  # local GGUF file (provider = "local")
-    n_ctx: int = Field(default=4096, gt=0)  # local server context size
+    n_ctx: StrictInt = Field(default=4096, gt=0)  # local server context size
+
+    _path = field_validator("path", mode="before")(_non_empty_path)
 
     @field_validator("base_url")
     @classmethod
@@ -69,9 +99,15 @@ class ModelSpec(_Section):
     @field_validator("headers")
     @classmethod
     def _no_auth_header(cls, value: dict[str, str]) -> dict[str, str]:
-        # The key comes from the environment only, so it never sits in a job file.
-        if any(name.lower() == "authorization" for name in value):
-            raise ValueError("set the key through api_key_env, not an Authorization header")
+        for name, text in value.items():
+            # The key comes from the environment only, so it never sits in a job file;
+            # "Authorization " or "AUTHORIZATION" is the same header to a server.
+            if "".join(name.split()).lower() in ("authorization", "proxy-authorization"):
+                raise ValueError("set the key through api_key_env, not an Authorization header")
+            if not name or not set(name) <= _TOKEN_CHARS:
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+            if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
+                raise ValueError(f"the value of {name!r} holds a line break or control character")
         return value
 
     @field_validator("params")
@@ -84,18 +120,20 @@ class ModelSpec(_Section):
 
 
 class LimitsSpec(_Section):
-    requests_per_minute: int = Field(default=600, ge=0)  # 0: no cap
-    tokens_per_minute: int = Field(default=0, ge=0)
-    concurrency: int = Field(default=32, gt=0, le=4096)
-    max_attempts: int = Field(default=6, ge=1)
-    timeout_s: float = Field(default=60, gt=0)
-    budget_usd: float | None = Field(default=None, gt=0)
-    stop_grace_s: float = Field(default=30, ge=0)
+    requests_per_minute: StrictInt = Field(default=600, ge=0)  # 0: no cap
+    tokens_per_minute: StrictInt = Field(default=0, ge=0)
+    concurrency: StrictInt = Field(default=32, gt=0, le=4096)
+    max_attempts: StrictInt = Field(default=6, ge=1)
+    timeout_s: StrictFloat = Field(default=60, gt=0)
+    budget_usd: StrictFloat | None = Field(default=None, gt=0)
+    stop_grace_s: StrictFloat = Field(default=30, ge=0)
 
 
 class OutputSpec(_Section):
     path: Path | None = None  # required by the CLI; the Python API returns a table without it
     journal: Path | None = None
+
+    _paths = field_validator("path", "journal", mode="before")(_non_empty_path)
 
     @property
     def journal_path(self) -> Path | None:
@@ -160,7 +198,8 @@ def load_job(name_or_path: str) -> Job:
     """Read and validate a job file; every problem is a one-line JobError."""
     path = resolve_job_path(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Windows editors add one) is not part of the TOML.
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise JobError(f"job file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -183,6 +222,10 @@ def describe_validation_error(exc: ValidationError) -> str:
         message = "unknown key (check the spelling)"
     elif first["type"] == "missing":
         message = "required key is missing"
+    elif first["type"] == "int_type":
+        message = 'must be a whole number such as 8 (not true/false, a quoted "8" or 8.5)'
+    elif first["type"] == "float_type":
+        message = 'must be a number such as 1.5 (not true/false or a quoted "1.5")'
     else:
         message = first["msg"].removeprefix("Value error, ")
     more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""

@@ -18,6 +18,7 @@ import aiohttp
 
 from pipeline.engine.limiter import RateLimiter
 from pipeline.providers.base import Dialect, Reply, ReplyKind, parse_response
+from pipeline.secrets import Redactor
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0
@@ -88,6 +89,8 @@ class ChatClient:
         self.max_attempts = max_attempts
         self.timeout_s = timeout_s
         self.on_pause: Callable[[float], None] | None = None  # told of each server-requested pause
+        # Whatever a server echoes, the key never reaches a Reply (and so the journal or a screen).
+        self._redactor = Redactor.for_authorization(session.headers.get("Authorization"))
 
     async def complete(self, body: bytes, tokens: int = 0) -> Attempted | None:
         """Send until success, a permanent error, or attempts run out.
@@ -143,12 +146,15 @@ class ChatClient:
         try:
             # Headers and timeout are the session's defaults (set once per run).
             async with self.session.post(self.dialect.url, data=body) as resp:
-                raw = await resp.read()
-                return parse_response(resp.status, raw, resp.headers)
+                raw = self._redactor.redact_bytes(await resp.read())
+                reply = parse_response(resp.status, raw, resp.headers)
         except TimeoutError:
             return Reply(ReplyKind.RETRY, error=f"timeout after {self.timeout_s:g} s")
         except aiohttp.ClientError as exc:
-            return Reply(ReplyKind.RETRY, error=f"connection error: {type(exc).__name__}: {_describe(exc)}")
+            reply = Reply(ReplyKind.RETRY, error=f"connection error: {type(exc).__name__}: {_describe(exc)}")
+        if reply.error:
+            reply.error = self._redactor.redact(reply.error)
+        return reply
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,7 +9,6 @@ sends anything.
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -23,12 +22,13 @@ from pipeline.config.job import Job, identity_hash
 from pipeline.engine.pricing import ModelInfo, default_cache_dir, model_info
 from pipeline.engine.prompts import PromptRenderer, RenderedBatch, require_text_columns
 from pipeline.engine.tokens import TokenCounter, counter_for
-from pipeline.errors import CredentialsError, InputError, JobError
+from pipeline.errors import InputError, JobError
 from pipeline.io.base import DataSource
-from pipeline.io.output import RESULT_COLUMNS
+from pipeline.io.output import RESULT_COLUMNS, check_journal_location, check_output_location
 from pipeline.io.source import Source, check_id_column, row_keys
 from pipeline.providers import provider_for
 from pipeline.providers.base import Dialect, Provider
+from pipeline.secrets import key_from_environment
 from pipeline.store.journal import read_meta
 
 if TYPE_CHECKING:
@@ -178,6 +178,7 @@ def prepare(
     output_path = output or job.output.path
     if output_path is not None:
         check_output_path(source.path, output_path)
+        check_output_location(output_path)
     structured = _structured_spec(job)
     if structured is not None:
         structured.check_clashes(source.columns)
@@ -199,6 +200,7 @@ def prepare(
     api_key = _api_key(job) if need_key and provider.needs_key else None
     plan = Plan(job, source, renderer, structured, info, model_name, total, api_key, Path(), output_path)
     plan.journal_path = journal or job.output.journal_path or _cached_journal(job, plan.identity_hash)
+    check_journal_location(plan.journal_path)
     plan.key_scheme = KeyScheme.ID if id_column else stored_key_scheme(plan.journal_path)
     return plan
 
@@ -208,7 +210,7 @@ def _open_source(job: Job, data: Any) -> DataSource:
         path = Path(data) if data is not None else job.input.path
         if path is None:
             raise JobError("[input] path: required key is missing (or pass data to pipeline.run)")
-        return Source.open(path, job.input.batch_size)
+        return Source.open(path, job.input.batch_size, job.input.dtypes)
     from pipeline.io.memory import MemorySource, to_table
 
     return MemorySource(to_table(data), job.input.batch_size)
@@ -264,10 +266,4 @@ def _api_key(job: Job) -> str | None:
     env = job.model.api_key_env
     if not env:
         return None
-    key = os.environ.get(env, "").strip()
-    if not key:
-        raise CredentialsError(
-            f"[model] api_key_env: environment variable {env} is not set; export your API key "
-            'there (or set api_key_env = "" for a server that needs none; --dry-run needs no key)'
-        )
-    return key
+    return key_from_environment(env)

@@ -31,7 +31,7 @@ import aiohttp
 
 from pipeline.errors import PipelineError
 
-__all__ = ["ModelInfo", "cache_path", "model_info", "refresh_prices"]
+__all__ = ["ModelInfo", "cache_path", "known_models", "model_info", "refresh_prices"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,24 @@ def _lookup(model: str, cache_dir: Path | None) -> tuple[_Entry | None, str]:
     if entry is not None:
         return entry, f"built-in table ({table.as_of})"
     return None, "unknown"
+
+
+def known_models(cache_dir: Path | None = None) -> list[ModelInfo]:
+    """Every model with known prices, sorted by id: the cache's, then the built-in table's others."""
+    found: dict[str, ModelInfo] = {}
+    cached = _read_cache(cache_path(cache_dir))
+    if cached is not None:
+        entries, source = cached
+        found.update({model: _info(model, entry, source) for model, entry in entries.items()})
+    table = _builtin_table()
+    source = f"built-in table ({table.as_of})"
+    for model, entry in table.entries.items():
+        found.setdefault(model, _info(model, entry, source))
+    return [found[model] for model in sorted(found)]
+
+
+def _info(model: str, entry: _Entry, source: str) -> ModelInfo:
+    return ModelInfo(model, entry.input_per_million, entry.output_per_million, entry.context_length, source)
 
 
 def _find(entries: dict[str, _Entry], model: str, aliases: dict[str, str] | None = None) -> _Entry | None:

@@ -1,22 +1,30 @@
 """The output writer: input rows plus result columns, written atomically.
 
 The output is assembled by streaming: one input batch at a time is joined
-with its rows from the journal and appended as a row group, so memory stays
-bounded for any number of rows. It is written to a temporary file beside the
-target and renamed into place, so a crash never leaves a half-written file.
+with its rows from the journal and appended (a Parquet row group, CSV or JSON
+Lines rows), so memory stays bounded for any number of rows. It is written to
+a temporary file beside the target and renamed into place, so a crash never
+leaves a half-written file. Where it goes is checked before anything is sent
+(:func:`check_output_location`): a run must not pay for rows it cannot write.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import decimal
 import json
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline.errors import JobError
 from pipeline.store.journal import RESULT_FIELDS, Journal
 
 # The documented result columns and their Arrow types. Types are fixed, so a
@@ -92,12 +100,15 @@ def write_output(
     rows = errors = 0
     error_index = schema.get_field_index("error")  # unique: inputs may not use result names
     try:
-        with pq.ParquetWriter(tmp, schema) as writer:
+        sink = _SINKS[OUTPUT_FORMATS[path.suffix.lower()]](tmp, schema)
+        try:
             for batch, keys, hashes in batches:
                 arrays = list(batch.columns) + result_arrays(keys, hashes, journal, structured)
-                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+                sink.write(pa.RecordBatch.from_arrays(arrays, schema=schema))
                 rows += batch.num_rows
                 errors += len(arrays[error_index]) - arrays[error_index].null_count
+        finally:
+            sink.close()
         _fsync(tmp)
         os.replace(tmp, path)
     finally:
@@ -129,3 +140,128 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------ locations
+
+OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def check_output_location(path: Path, key: str = "[output] path") -> None:
+    """Before sending: the output has a supported extension, is not a folder, and its folder is writable."""
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        raise JobError(
+            f"{key}: {path}: unsupported extension {path.suffix or '(none)'!r}; use .parquet, .csv or .jsonl"
+        )
+    if path.is_dir():
+        raise JobError(f"{key}: {path} is a folder; give a file name, e.g. {path / ('out' + path.suffix)}")
+    check_writable_folder(path.parent, key)
+
+
+def check_journal_location(path: Path, key: str = "[output] journal") -> None:
+    """Before sending: the journal is not a folder, and its folder is writable."""
+    if path.is_dir():
+        raise JobError(f"{key}: the journal {path} is a folder")
+    check_writable_folder(path.parent, key)
+
+
+def check_writable_folder(folder: Path, key: str) -> None:
+    """``folder`` exists or can be created, and a file can be created in it.
+
+    The test is a real file, not ``os.access``: permission bits do not tell
+    about read-only mounts, and root passes every access check.
+    """
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise JobError(f"{key}: cannot create folder {folder}: {existing} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".pipeline-write-test-")
+    except OSError as exc:
+        what = "folder" if existing == folder else f"folder {folder} cannot be created: its parent"
+        raise JobError(f"{key}: {what} {existing} is not writable ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+# ---------------------------------------------------------------------- sinks
+
+
+class _Sink(Protocol):
+    def write(self, batch: pa.RecordBatch) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _ParquetSink:
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self._writer = pq.ParquetWriter(path, schema)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _CsvSink:
+    """CSV with a header; list and struct columns (structured outputs) as JSON text."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self._as_json = {i for i, f in enumerate(schema) if pa.types.is_nested(f.type)}
+        self._schema = pa.schema(
+            [pa.field(f.name, pa.string()) if i in self._as_json else f for i, f in enumerate(schema)]
+        )
+        self._writer = pacsv.CSVWriter(path, self._schema)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        arrays = [
+            pa.array([_json_text(v) for v in column.to_pylist()], pa.string()) if i in self._as_json else column
+            for i, column in enumerate(batch.columns)
+        ]
+        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _JsonlSink:
+    """One JSON object per line, keys in column order."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self._file = path.open("w", encoding="utf-8", newline="\n")
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        dumps = json.JSONEncoder(ensure_ascii=False, default=_json_default).encode
+        self._file.writelines(dumps(row) + "\n" for row in batch.to_pylist())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+_SINKS: dict[str, Callable[[Path, pa.Schema], _Sink]] = {
+    "parquet": _ParquetSink,
+    "csv": _CsvSink,
+    "jsonl": _JsonlSink,
+}
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    """Arrow values JSON has no type for: times as ISO 8601, bytes as text (or base64), decimals as text."""
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
