@@ -1,0 +1,99 @@
+"""``pipeline eval`` and ``pipeline report``: run them and print what they found."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from pipeline.config.job import Job
+from pipeline.errors import ExitCode
+from pipeline.evaluation.evaluate import EvalOptions, Evaluation, VariantEvaluation, aevaluate_job
+
+
+def eval_command(job: Job, args: argparse.Namespace) -> int:
+    options = EvalOptions(
+        gold=args.gold,
+        sample=args.sample,
+        seed=args.seed,
+        field=args.field,
+        quiet=args.quiet or args.json,
+        min_accuracy=args.min_accuracy,
+    )
+    evaluation = asyncio.run(aevaluate_job(job, options))
+    print(json.dumps(evaluation.to_dict()) if args.json else format_evaluation(evaluation, args.job))
+    return int(evaluation.exit_code)
+
+
+def report_command(job: Job, args: argparse.Namespace) -> int:
+    from pipeline.reporting.journal_report import write_report
+
+    report = write_report(job)
+    print(json.dumps(report.to_dict()) if args.json else f"report: {report.path} ({report.charts} charts)")
+    return int(ExitCode.OK)
+
+
+def format_evaluation(e: Evaluation, job_arg: str) -> str:
+    which = f"a sample of {e.rows:,} (seed {e.seed})" if e.rows < e.rows_with_gold else f"all {e.rows:,}"
+    lines = [
+        f"{e.job}: evaluated {which} of {e.rows_with_gold:,} rows with a gold label in column {e.gold!r} "
+        f"({e.rows_in_job:,} rows in the job), comparing {e.field!r}"
+    ]
+    if e.has_variants:
+        lines += _variants_table(e)
+    for result in e.results:
+        lines += _result_lines(e, result)
+    if e.stop_reason:
+        lines.append(f"  stopped: {e.stop_reason}; rows not answered count as wrong")
+        lines.append(f"  finish with: pipeline eval {job_arg} --gold {e.gold}")
+    lines.append(f"  report: {e.report}")
+    return "\n".join(lines)
+
+
+def _variants_table(e: Evaluation) -> list[str]:
+    lines = ["", f"  {'variant':<16} {'accuracy':>8} {'errors':>7} {'cost':>12} {'per 1k rows':>12} {'full run':>12}"]
+    for r in e.results:
+        mark = "  <- recommended" if r.name == e.recommended else ""
+        lines.append(
+            f"  {r.name:<16} {_ratio(r.accuracy):>8} {r.scores.errors:>7,} {_money(r.cost_usd):>12} "
+            f"{_money(r.cost_per_1k_rows, 4):>12} {_money(r.cost_usd_full_run_expected, 4):>12}{mark}"
+        )
+    if e.variants_chart:
+        lines.append(f"  accuracy against cost: {e.variants_chart}")
+    return lines
+
+
+def _result_lines(e: Evaluation, r: VariantEvaluation) -> list[str]:
+    s = r.scores
+    head = f"variant {r.name} ({r.model})" if e.has_variants else f"model {r.model}"
+    lines = ["", f"{head}: accuracy {_ratio(s.accuracy)} ({s.correct:,} of {s.rows:,} right)"]
+    if s.errors:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(r.errors_by_status.items()))
+        lines.append(f"  {s.errors:,} rows without a usable answer count as wrong ({kinds})")
+    width = max([len("label"), *(len(label) for label in s.labels)])
+    lines.append(f"  {'label':<{width}} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
+    for label, v in s.per_label.items():
+        lines.append(
+            f"  {label:<{width}} {v.precision:>9.3f} {v.recall:>7.3f} {v.f1:>6.3f} {v.support:>8,}"
+        )
+    columns = list(next(iter(s.confusion.values()), {}).keys())
+    cell = max([6, *(len(c) for c in columns)])
+    lines.append("  confusion (rows: gold, columns: predicted)")
+    lines.append(f"  {'':<{width}} " + " ".join(f"{c:>{cell}}" for c in columns))
+    for gold, row in s.confusion.items():
+        lines.append(f"  {gold:<{width}} " + " ".join(f"{row[c]:>{cell},}" for c in columns))
+    lines.append(
+        f"  cost: {_money(r.cost_usd)} for these rows ({_money(r.cost_usd_paid_now)} paid now); "
+        f"expected full run {_money(r.cost_usd_full_run_expected, 4)} ({e.rows_in_job:,} rows at "
+        f"{_money(r.cost_per_1k_rows, 4)} per 1,000)"
+    )
+    lines.append(f"  chart: {r.chart}")
+    return lines
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _money(value: float | None, digits: int = 6) -> str:
+    return "unknown" if value is None else f"${value:,.{digits}f}"
