@@ -175,6 +175,9 @@ def test_report_has_charts(workdir: Path, label_server: FakeServer, capsys: Any)
     assert r["errors"] == {"HTTP 400": 1}
 
 
+TWO_PROPERTIES = 'json_schema = { type = "object", properties = { a = { type = "string" }, b = { type = "number" } } }'
+
+
 @pytest.mark.parametrize(
     ("setup", "args", "message"),
     [
@@ -196,7 +199,7 @@ def test_user_mistakes_exit_2_and_send_nothing(
         "labels": LABELS_TOML,
         "empty_gold": LABELS_TOML,
         "text": "",
-        "schema": 'json_schema = { type = "object", properties = { a = { type = "string" }, b = { type = "integer" } } }',
+        "schema": TWO_PROPERTIES,
     }[setup]
     write_job(workdir, label_server.base_url, user="Classify: {text}", prompt_extra=extra)
     capsys.readouterr()

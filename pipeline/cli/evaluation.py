@@ -9,6 +9,7 @@ import json
 from pipeline.config.job import Job
 from pipeline.errors import ExitCode
 from pipeline.evaluation.evaluate import EvalOptions, Evaluation, VariantEvaluation, aevaluate_job
+from pipeline.reporting.html import money
 
 
 def eval_command(job: Job, args: argparse.Namespace) -> int:
@@ -55,8 +56,8 @@ def _variants_table(e: Evaluation) -> list[str]:
     for r in e.results:
         mark = "  <- recommended" if r.name == e.recommended else ""
         lines.append(
-            f"  {r.name:<16} {_ratio(r.accuracy):>8} {r.scores.errors:>7,} {_money(r.cost_usd):>12} "
-            f"{_money(r.cost_per_1k_rows, 4):>12} {_money(r.cost_usd_full_run_expected, 4):>12}{mark}"
+            f"  {r.name:<16} {_ratio(r.accuracy):>8} {r.scores.errors:>7,} {money(r.cost_usd):>12} "
+            f"{money(r.cost_per_1k_rows):>12} {money(r.cost_usd_full_run_expected):>12}{mark}"
         )
     if e.variants_chart:
         lines.append(f"  accuracy against cost: {e.variants_chart}")
@@ -73,9 +74,7 @@ def _result_lines(e: Evaluation, r: VariantEvaluation) -> list[str]:
     width = max([len("label"), *(len(label) for label in s.labels)])
     lines.append(f"  {'label':<{width}} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
     for label, v in s.per_label.items():
-        lines.append(
-            f"  {label:<{width}} {v.precision:>9.3f} {v.recall:>7.3f} {v.f1:>6.3f} {v.support:>8,}"
-        )
+        lines.append(f"  {label:<{width}} {v.precision:>9.3f} {v.recall:>7.3f} {v.f1:>6.3f} {v.support:>8,}")
     columns = list(next(iter(s.confusion.values()), {}).keys())
     cell = max([6, *(len(c) for c in columns)])
     lines.append("  confusion (rows: gold, columns: predicted)")
@@ -83,9 +82,9 @@ def _result_lines(e: Evaluation, r: VariantEvaluation) -> list[str]:
     for gold, row in s.confusion.items():
         lines.append(f"  {gold:<{width}} " + " ".join(f"{row[c]:>{cell},}" for c in columns))
     lines.append(
-        f"  cost: {_money(r.cost_usd)} for these rows ({_money(r.cost_usd_paid_now)} paid now); "
-        f"expected full run {_money(r.cost_usd_full_run_expected, 4)} ({e.rows_in_job:,} rows at "
-        f"{_money(r.cost_per_1k_rows, 4)} per 1,000)"
+        f"  cost: {money(r.cost_usd)} for these rows ({money(r.cost_usd_paid_now)} paid now); "
+        f"expected full run {money(r.cost_usd_full_run_expected)} ({e.rows_in_job:,} rows at "
+        f"{money(r.cost_per_1k_rows)} per 1,000)"
     )
     lines.append(f"  chart: {r.chart}")
     return lines
@@ -93,7 +92,3 @@ def _result_lines(e: Evaluation, r: VariantEvaluation) -> list[str]:
 
 def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def _money(value: float | None, digits: int = 6) -> str:
-    return "unknown" if value is None else f"${value:,.{digits}f}"

@@ -137,7 +137,7 @@ class Evaluation:
     report: Path
     variants_chart: Path | None = None
     exit_code: ExitCode = ExitCode.OK
-    labels: tuple[str, ...] = field(default=())
+    labels: tuple[str, ...] = ()
 
     @property
     def first(self) -> VariantEvaluation:
@@ -267,7 +267,9 @@ def answer_column(
         field_name = next(iter(properties))
     name = field_name.removeprefix(spec.column_prefix) if field_name not in properties else field_name
     if name not in properties:
-        raise JobError(f"{where}--field {field_name!r} is not a property of the job's schema (one of {', '.join(properties)})")
+        raise JobError(
+            f"{where}--field {field_name!r} is not a property of the job's schema (one of {', '.join(properties)})"
+        )
     enum = properties[name].get("enum") or []
     labels = tuple(dict.fromkeys(c for c in (canonical(v) for v in enum) if c is not None))
     return spec.column_prefix + name, labels
@@ -352,11 +354,16 @@ def recommend(results: Sequence[VariantEvaluation], min_accuracy: float | None) 
     accurate (the cheaper one of a tie)."""
     scored = [r for r in results if r.accuracy is not None]
     if min_accuracy is not None:
-        scored = [r for r in scored if r.accuracy is not None and r.accuracy >= min_accuracy]
-        key = lambda r: (r.cost_per_1k_rows is None, r.cost_per_1k_rows or 0.0, -(r.accuracy or 0.0))  # noqa: E731
+        scored = [r for r in scored if (r.accuracy or 0.0) >= min_accuracy]
+        best = min(scored, key=lambda r: (_cost_key(r), -(r.accuracy or 0.0)), default=None)
     else:
-        key = lambda r: (-(r.accuracy or 0.0), r.cost_per_1k_rows is None, r.cost_per_1k_rows or 0.0)  # noqa: E731
-    return min(scored, key=key).name if scored else None
+        best = min(scored, key=lambda r: (-(r.accuracy or 0.0), _cost_key(r)), default=None)
+    return best.name if best is not None else None
+
+
+def _cost_key(result: VariantEvaluation) -> tuple[bool, float]:
+    """Known costs first, cheapest first."""
+    return result.cost_per_1k_rows is None, result.cost_per_1k_rows or 0.0
 
 
 def report_path(job: Job) -> Path:

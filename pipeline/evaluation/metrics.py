@@ -137,12 +137,7 @@ def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[bo
             front.append(False)
             continue
         dominated = any(
-            j != i
-            and a is not None
-            and c is not None
-            and a >= acc
-            and c <= cost
-            and (a > acc or c < cost)
+            j != i and a is not None and c is not None and a >= acc and c <= cost and (a > acc or c < cost)
             for j, (a, c) in enumerate(points)
         )
         front.append(not dominated)

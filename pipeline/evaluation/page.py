@@ -82,8 +82,8 @@ def _variants_section(e: Evaluation, png: bytes | None) -> list[str]:
                 ratio(r.scores.macro_f1),
                 f"{r.scores.errors:,}",
                 money(r.cost_usd),
-                money(r.cost_per_1k_rows, 4),
-                money(r.cost_usd_full_run_expected, 4),
+                money(r.cost_per_1k_rows),
+                money(r.cost_usd_full_run_expected),
                 "yes" if r.frontier else "",
             ]
         )
@@ -116,7 +116,7 @@ def _result_section(e: Evaluation, r: VariantEvaluation, png: bytes) -> list[str
                 ("correct", f"{s.correct:,} of {s.rows:,}"),
                 ("rows with errors (counted wrong)", f"{s.errors:,}"),
                 ("evaluation cost", money(r.cost_usd)),
-                (f"expected full run ({e.rows_in_job:,} rows)", money(r.cost_usd_full_run_expected, 4)),
+                (f"expected full run ({e.rows_in_job:,} rows)", money(r.cost_usd_full_run_expected)),
             ]
         ),
     ]
@@ -130,7 +130,10 @@ def _result_section(e: Evaluation, r: VariantEvaluation, png: bytes) -> list[str
     out.append(
         table(
             ["label", "precision", "recall", "F1", "support"],
-            [[label, ratio(v.precision), ratio(v.recall), ratio(v.f1), f"{v.support:,}"] for label, v in s.per_label.items()],
+            [
+                [label, ratio(v.precision), ratio(v.recall), ratio(v.f1), f"{v.support:,}"]
+                for label, v in s.per_label.items()
+            ],
         )
     )
     out.append("<h3>Confusion matrix (rows: gold, columns: predicted)</h3>")
@@ -150,7 +153,10 @@ def _result_section(e: Evaluation, r: VariantEvaluation, png: bytes) -> list[str
         out.append(
             table(
                 ["row", "gold", "answer", "prompt"],
-                [[m.key, m.gold, m.predicted if m.error is None else f"{m.predicted}: {m.error}", m.prompt] for m in r.mistakes],
+                [
+                    [m.key, m.gold, m.predicted if m.error is None else f"{m.predicted}: {m.error}", m.prompt]
+                    for m in r.mistakes
+                ],
                 left=4,
             )
         )

@@ -12,7 +12,9 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 _DPI = 100
 _ACCENT = "#2b6cb0"
@@ -27,10 +29,17 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _empty(ax: object, message: str) -> None:
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="#4a5568")  # type: ignore[attr-defined]
-    ax.set_xticks([])  # type: ignore[attr-defined]
-    ax.set_yticks([])  # type: ignore[attr-defined]
+def _empty(ax: Axes, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="#4a5568")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _dollars(value: float, _pos: object = None) -> str:
+    """Axis labels in dollars with enough digits for fractions of a cent, without 1e-5 offsets."""
+    if value == 0:
+        return "$0"
+    return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.2g}" if abs(value) >= 1e-4 else f"${value:.1e}"
 
 
 def confusion_png(
@@ -83,7 +92,8 @@ def variants_png(points: Sequence[VariantPoint]) -> bytes:
             linewidth=1,
             label="best accuracy for the cost",
         )
-    for p in points:
+    # Alternate labels above and below their points: variants often sit close together.
+    for n, p in enumerate(sorted(points, key=lambda q: (q.cost_per_1k_rows, q.accuracy))):
         color = _GOOD if p.frontier else _MUTED
         ax.scatter(
             [p.cost_per_1k_rows],
@@ -95,8 +105,14 @@ def variants_png(points: Sequence[VariantPoint]) -> bytes:
             zorder=3,
         )
         suffix = "  (recommended)" if p.recommended else ""
-        ax.annotate(f"{p.name}{suffix}", (p.cost_per_1k_rows, p.accuracy), textcoords="offset points", xytext=(8, 6))
-    ax.set_xlabel("cost per 1,000 rows (USD)")
+        ax.annotate(
+            f"{p.name}{suffix}",
+            (p.cost_per_1k_rows, p.accuracy),
+            textcoords="offset points",
+            xytext=(10, 8 if n % 2 == 0 else -16),
+        )
+    ax.xaxis.set_major_formatter(FuncFormatter(_dollars))
+    ax.set_xlabel("cost per 1,000 rows")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.08)
     high = max(p.cost_per_1k_rows for p in points)
@@ -133,11 +149,13 @@ def latency_png(latencies: Sequence[float]) -> bytes:
     else:
         ordered = sorted(latencies)
         ax.hist(ordered, bins=min(40, max(5, len(ordered) // 5)), color=_ACCENT)
-        for q, name in ((0.5, "median"), (0.95, "p95")):
+        for q, name, height in ((0.5, "median", 0.94), (0.95, "p95", 0.84)):
             value = ordered[min(len(ordered) - 1, int(q * len(ordered)))]
             ax.axvline(value, color=_BAD if name == "p95" else "#1a202c", linestyle="--", linewidth=1)
-            ax.annotate(f"{name} {value:.2f} s", (value, 0.95), xycoords=("data", "axes fraction"), xytext=(4, 0),
-                        textcoords="offset points", fontsize=9)  # fmt: skip
+            # Labels sit left of their line so the p95 one never runs off the right edge.
+            ax.annotate(f"{name} {value:.2f} s", (value, height), xycoords=("data", "axes fraction"), xytext=(-4, 0),
+                        textcoords="offset points", fontsize=9, ha="right",
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8})  # fmt: skip
         ax.set_xlabel("seconds (final attempt)")
         ax.set_ylabel("rows")
         ax.grid(axis="y", alpha=0.3)
@@ -146,16 +164,16 @@ def latency_png(latencies: Sequence[float]) -> bytes:
 
 
 def cumulative_cost_png(minutes: Sequence[float], cost: Sequence[float]) -> bytes:
-    """Money spent so far against minutes since the first row."""
+    """Money spent by the end of each minute mark, from zero at the first row."""
     fig = Figure(figsize=(7.5, 3.6))
     ax = fig.subplots()
     if not cost:
         _empty(ax, "nothing paid yet")
     else:
-        ax.plot(minutes, cost, color=_ACCENT, drawstyle="steps-post")
-        ax.fill_between(minutes, cost, step="post", alpha=0.15, color=_ACCENT)
+        ax.plot(minutes, cost, color=_ACCENT, marker="." if len(cost) < 30 else None)
+        ax.fill_between(minutes, cost, alpha=0.15, color=_ACCENT)
+        ax.yaxis.set_major_formatter(FuncFormatter(_dollars))
         ax.set_xlabel("minutes since the first row")
-        ax.set_ylabel("USD")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     ax.set_title("Cumulative cost")
@@ -164,7 +182,7 @@ def cumulative_cost_png(minutes: Sequence[float], cost: Sequence[float]) -> byte
 
 def bars_png(counts: Mapping[str, int], title: str, empty: str, color: str = _ACCENT) -> bytes:
     """Horizontal bars, one per category, in the mapping's order (top to bottom)."""
-    fig = Figure(figsize=(7.5, max(2.4, 0.45 * len(counts) + 1.4)))
+    fig = Figure(figsize=(7.5, max(3.6, 0.45 * len(counts) + 1.4)))
     ax = fig.subplots()
     if not counts:
         _empty(ax, empty)

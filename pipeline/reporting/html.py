@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Iterable, Sequence
 
 _CSS = """
@@ -57,7 +58,9 @@ def img(png: bytes, alt: str) -> str:
 
 def cards(items: Sequence[tuple[str, str]]) -> str:
     """Big figures in boxes: (label, value)."""
-    boxes = "".join(f"<div class='card'><div class='v'>{esc(v)}</div><div class='k'>{esc(k)}</div></div>" for k, v in items)
+    boxes = "".join(
+        f"<div class='card'><div class='v'>{esc(v)}</div><div class='k'>{esc(k)}</div></div>" for k, v in items
+    )
     return f"<div class='cards'>{boxes}</div>"
 
 
@@ -79,8 +82,14 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1, 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def money(value: float | None, digits: int = 6) -> str:
-    return "unknown" if value is None else f"${value:,.{digits}f}"
+def money(value: float | None) -> str:
+    """Dollars with three significant digits below a dollar (``$0.0000820``), cents above."""
+    if value is None:
+        return "unknown"
+    if value == 0 or abs(value) >= 1:
+        return f"${value:,.2f}"
+    digits = max(2, 2 - math.floor(math.log10(abs(value))))
+    return f"${value:.{digits}f}"
 
 
 def ratio(value: float | None) -> str:

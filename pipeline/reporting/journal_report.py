@@ -132,7 +132,7 @@ def journal_stats(conn: sqlite3.Connection, job: Job) -> JournalStats:
             running += c
             minutes.append(b * bucket_s / 60)
             rows.append(round(n * 60 / bucket_s))
-            costs.append(running)
+            costs.append(running)  # spent by the end of bucket b
     return JournalStats(
         rows_by_status={str(k): v for k, v in by_status.items()},
         prompt_tokens=prompt,
@@ -195,12 +195,20 @@ def draw(stats: JournalStats, job: Job) -> dict[str, bytes]:
     images = {
         "Throughput": charts.throughput_png(stats.bucket_minutes, stats.bucket_rows),
         "Latency": charts.latency_png(stats.latencies),
-        "Cumulative cost": charts.cumulative_cost_png(stats.bucket_minutes, stats.bucket_cost),
+        "Cumulative cost": charts.cumulative_cost_png(*_cost_curve(stats)),
         "Errors by class": charts.bars_png(stats.errors, "Errors by class", "no errors", color=charts.ERROR_COLOR),
     }
     if stats.labels:
         images["Labels"] = charts.bars_png(stats.labels, "Label distribution", "no answers yet")
     return images
+
+
+def _cost_curve(stats: JournalStats) -> tuple[list[float], list[float]]:
+    """Cost at the end of each bucket, starting from zero at the first answer."""
+    if not stats.bucket_cost:
+        return [], []
+    step = stats.bucket_s / 60
+    return [0.0, *(m + step for m in stats.bucket_minutes)], [0.0, *stats.bucket_cost]
 
 
 def render(job: Job, stats: JournalStats, images: dict[str, bytes]) -> str:
