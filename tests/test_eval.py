@@ -220,3 +220,38 @@ def test_schema_field(workdir: Path, label_server: FakeServer, capsys: Any) -> N
     code, r = eval_json(capsys, "job", "--gold", "gold", "--field", "sentiment")
     assert (code, r["field"], r["accuracy"]) == (0, "sentiment", 0.7)
     assert list(r["per_label"]) == LABELS
+
+
+def test_python_api_dataframe_then_run_pays_nothing(workdir: Path, label_server: FakeServer) -> None:
+    import pandas as pd
+
+    import pipeline
+
+    df = pd.DataFrame(label_rows(30, agree=24))
+    job = {
+        "name": "api_eval",
+        "prompt": {"user": "Classify: {text}", "labels": LABELS},
+        "model": {"base_url": label_server.base_url, "max_tokens": 20},
+        "limits": {"requests_per_minute": 0},
+    }
+    ev = pipeline.evaluate(df, job, gold="gold", progress=False)
+    assert isinstance(ev, pipeline.Evaluation)
+    assert (ev.rows, ev.accuracy) == (30, 0.8)
+    assert ev.per_label[P].support == 10 and ev.confusion[U][N] == 2  # rows 25 and 28
+    assert ev.chart.exists() and ev.report.exists()
+    assert label_server.stats()["requests"] == 30
+    label_server.reset()
+    result = pipeline.run(df, job, progress=False)
+    assert result.ok and label_server.stats()["requests"] == 0
+    assert result.table.column("label").to_pylist() == [LABELS[i % 3] for i in range(30)]
+
+
+async def test_python_api_inside_a_running_loop(workdir: Path, label_server: FakeServer) -> None:
+    import pipeline
+
+    write_parquet(workdir / "data/in.parquet", label_rows(12, agree=6))
+    label_job(workdir, label_server)
+    ev = pipeline.evaluate(job="jobs/job.toml", gold="gold", progress=False)  # a notebook cell: a helper thread
+    assert ev.accuracy == 0.5
+    again = await pipeline.aevaluate(job="jobs/job.toml", gold="gold", progress=False)
+    assert again.accuracy == 0.5 and again.results[0].cost_usd_paid_now == 0

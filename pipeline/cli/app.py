@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_eval_commands(sub: Any) -> None:
+def _add_eval_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev = sub.add_parser("eval", help="score the job's answers against a gold column; compare [[variants]]")
     ev.add_argument("job", help="a job file, or a name in jobs/")
     ev.add_argument("--gold", required=True, metavar="COLUMN", help="the input column holding the right answers")

@@ -21,9 +21,25 @@ def eval_command(job: Job, args: argparse.Namespace) -> int:
         quiet=args.quiet or args.json,
         min_accuracy=args.min_accuracy,
     )
-    evaluation = asyncio.run(aevaluate_job(job, options))
+    evaluation = asyncio.run(_with_signals(job, options))
     print(json.dumps(evaluation.to_dict()) if args.json else format_evaluation(evaluation, args.job))
     return int(evaluation.exit_code)
+
+
+async def _with_signals(job: Job, options: EvalOptions) -> Evaluation:
+    """Ctrl-C, SIGTERM and SIGHUP stop gracefully, as for ``pipeline run``: answers paid for are journaled."""
+    from pipeline.cli.app import STOP_SIGNALS
+    from pipeline.engine.runner import Controls
+
+    controls = Controls()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, controls.stop, f"interrupted by {sig.name}")
+    try:
+        return await aevaluate_job(job, options, controls=controls)
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def report_command(job: Job, args: argparse.Namespace) -> int:

@@ -22,15 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from pipeline.config.job import Job
 from pipeline.engine.plan import Plan, prepare
-from pipeline.engine.runner import RunOptions, run_plan
 from pipeline.errors import ExitCode, InputError, JobError
 from pipeline.evaluation.metrics import ERROR, NULL, LabelScore, Scores, canonical, pareto_front, score_counts
 from pipeline.store.journal import Journal, JournalRow, RowStatus
 
 if TYPE_CHECKING:
     from pipeline.config.structured import StructuredSpec
+    from pipeline.engine.runner import Controls
 
 # Wrong answers kept for the report, per variant.
 MAX_MISTAKES = 20
@@ -46,6 +48,7 @@ class EvalOptions:
     seed: int = 0
     field: str | None = None
     quiet: bool = True
+    notebook: bool = False  # a progress bar that renders in Jupyter (the Python API)
     # The cheapest variant at least this accurate is recommended; None: the most accurate.
     min_accuracy: float | None = None
 
@@ -235,16 +238,25 @@ class _Tally:
     mistakes: list[Mistake] = field(default_factory=list)
 
 
-def targets_for(job: Job, field_name: str | None) -> list[_Target]:
-    """Plans for every variant (or the job itself), checked before anything is sent."""
-    jobs = [(v.name, job.variant_job(v)) for v in job.variants] or [(job.name, job)]
+def targets_for(job: Job, field_name: str | None, data: Any = None, journal: Path | None = None) -> list[_Target]:
+    """Plans for every variant (or the job itself), checked before anything is sent.
+
+    A variant's journal sits beside the job's: ``<journal stem>.variant-<name>.sqlite``.
+    """
+    base = prepare(job, data=data, journal=journal)
+    if not job.variants:
+        column, labels = answer_column(base.structured, field_name)
+        return [_Target(job.name, base, column, labels, chart_path(base, None))]
     targets = []
-    for name, variant_job in jobs:
-        plan = prepare(variant_job)
-        variant = name if job.variants else None
-        column, labels = answer_column(plan.structured, field_name, variant)
-        targets.append(_Target(name, plan, column, labels, chart_path(job, variant)))
+    for variant in job.variants:
+        plan = prepare(job.variant_job(variant), data=data, journal=variant_journal(base.journal_path, variant.name))
+        column, labels = answer_column(plan.structured, field_name, variant.name)
+        targets.append(_Target(variant.name, plan, column, labels, chart_path(base, variant.name)))
     return targets
+
+
+def variant_journal(journal: Path, variant: str) -> Path:
+    return journal.with_name(f"{journal.stem}.variant-{variant}{journal.suffix}")
 
 
 def answer_column(
@@ -300,9 +312,17 @@ def choose_rows(offsets: Sequence[int], sample: int | None, seed: int) -> list[i
     return sorted(random.Random(seed).sample(list(offsets), sample))
 
 
-async def aevaluate_job(job: Job, options: EvalOptions) -> Evaluation:
-    """Send the chosen rows for every target, score them, and write the charts and the report."""
-    targets = targets_for(job, options.field)
+async def aevaluate_job(
+    job: Job, options: EvalOptions, *, data: Any = None, journal: Path | None = None, controls: Controls | None = None
+) -> Evaluation:
+    """Send the chosen rows for every target, score them, and write the charts and the report.
+
+    ``data`` replaces ``[input] path`` (Python API); ``journal`` the job's journal
+    (variants' journals go beside it); ``controls`` lets the caller stop the run.
+    """
+    from pipeline.engine.runner import RunOptions, run_plan
+
+    targets = targets_for(job, options.field, data, journal)
     base = targets[0].plan
     with_gold = gold_rows(base, options.gold)
     chosen = choose_rows(with_gold, options.sample, options.seed)
@@ -310,12 +330,13 @@ async def aevaluate_job(job: Job, options: EvalOptions) -> Evaluation:
     runs = []
     exit_code = ExitCode.OK
     for target in targets:
-        result = await run_plan(target.plan, RunOptions(quiet=options.quiet, rows=rows, write_output=False))
+        run_options = RunOptions(quiet=options.quiet, rows=rows, write_output=False, notebook=options.notebook)
+        result = await run_plan(target.plan, run_options, controls)
         runs.append(result.summary)
         if result.exit_code == ExitCode.STOPPED:
             exit_code = ExitCode.STOPPED
             break  # the remaining variants would be stopped too; rerun to finish
-    tallies = _score_all(targets[: len(runs)], options.gold, rows)
+    tallies = [_score(target, options.gold, rows) for target in targets[: len(runs)]]
     results = [
         _variant_result(t, tally, summary.cost_usd, summary.requests, summary.stop_reason, len(rows))
         for t, tally, summary in zip(targets, tallies, runs, strict=False)
@@ -336,7 +357,7 @@ async def aevaluate_job(job: Job, options: EvalOptions) -> Evaluation:
         results=tuple(results),
         has_variants=bool(job.variants),
         recommended=recommend(results, options.min_accuracy) if job.variants else None,
-        report=report_path(job),
+        report=report_path(base),
         exit_code=exit_code,
         labels=results[0].scores.labels,
     )
@@ -366,54 +387,71 @@ def _cost_key(result: VariantEvaluation) -> tuple[bool, float]:
     return result.cost_per_1k_rows is None, result.cost_per_1k_rows or 0.0
 
 
-def report_path(job: Job) -> Path:
-    out = job.output.path
-    return out.with_name(f"{out.stem}.eval.html")
+def _files_beside(plan: Plan) -> Path:
+    """The evaluation's files go beside the job's output (or its journal, without one)."""
+    return plan.output_path or plan.journal_path
 
 
-def chart_path(job: Job, variant: str | None) -> Path:
-    out = job.output.path
+def report_path(plan: Plan) -> Path:
+    base = _files_beside(plan)
+    return base.with_name(f"{base.stem}.eval.html")
+
+
+def chart_path(plan: Plan, variant: str | None) -> Path:
+    base = _files_beside(plan)
     suffix = f"-{variant}" if variant else ""
-    return out.with_name(f"{out.stem}.eval-confusion{suffix}.png")
+    return base.with_name(f"{base.stem}.eval-confusion{suffix}.png")
 
 
-def _score_all(targets: Sequence[_Target], gold: str, rows: frozenset[int]) -> list[_Tally]:
-    """One pass over the input: each evaluated row's gold value against every target's answer."""
-    tallies = [_Tally() for _ in targets]
-    journals = [Journal(t.plan.job.output.journal_path, readonly=True) for t in targets]
+def _score(target: _Target, gold: str, rows: frozenset[int]) -> _Tally:
+    """Each evaluated row's gold value against the target's answer, streaming over the input.
+
+    Keys come from the target's own plan: without an id column a row's key is
+    its rendered prompt, which a variant's prompt override changes.
+    """
+    tally = _Tally()
+    journal = Journal(target.plan.journal_path, readonly=True)
     try:
         offset = 0
-        for batch, keys in targets[0].plan.keyed_batches():
+        for batch, keys in target.plan.keyed_batches():
             picked = [i for i in range(batch.num_rows) if offset + i in rows]
             offset += batch.num_rows
-            if not picked:
-                continue
-            golds = batch.column(gold).to_pylist()
-            picked_keys = [keys[i] for i in picked]
-            for target, journal, tally in zip(targets, journals, tallies, strict=True):
-                found = journal.results(picked_keys)
-                rendered = None
-                for i, key in zip(picked, picked_keys, strict=True):
-                    expected = canonical(golds[i])
-                    assert expected is not None  # rows were chosen for having a gold value
-                    row = found.get(key)
-                    predicted, error = _predicted(row, target.column)
-                    tally.pairs[(expected, predicted)] += 1
-                    if predicted == ERROR:
-                        tally.errors[str(row.status) if row else "not_run"] += 1
-                    if row is not None and row.cost_usd is not None:
-                        tally.cost += row.cost_usd
-                        tally.cost_known = True
-                    if predicted != expected and len(tally.mistakes) < MAX_MISTAKES:
-                        rendered = rendered or target.plan.renderer.render(batch)
-                        prompt = " ".join(rendered.users[i].split())
-                        if len(prompt) > _PROMPT_CHARS:
-                            prompt = prompt[: _PROMPT_CHARS - 1] + "…"
-                        tally.mistakes.append(Mistake(key, expected, predicted, prompt, error))
+            if picked:
+                _tally_batch(tally, target, batch, keys, picked, gold, journal)
     finally:
-        for journal in journals:
-            journal.close()
-    return tallies
+        journal.close()
+    return tally
+
+
+def _tally_batch(
+    tally: _Tally,
+    target: _Target,
+    batch: pa.RecordBatch,
+    keys: list[str],
+    picked: list[int],
+    gold: str,
+    journal: Journal,
+) -> None:
+    golds = batch.column(gold).to_pylist()
+    found = journal.results([keys[i] for i in picked])
+    rendered = None
+    for i in picked:
+        expected = canonical(golds[i])
+        assert expected is not None  # rows were chosen for having a gold value
+        row = found.get(keys[i])
+        predicted, error = _predicted(row, target.column)
+        tally.pairs[(expected, predicted)] += 1
+        if predicted == ERROR:
+            tally.errors[str(row.status) if row else "not_run"] += 1
+        if row is not None and row.cost_usd is not None:
+            tally.cost += row.cost_usd
+            tally.cost_known = True
+        if predicted != expected and len(tally.mistakes) < MAX_MISTAKES:
+            rendered = rendered or target.plan.renderer.render(batch)
+            prompt = " ".join(rendered.users[i].split())
+            if len(prompt) > _PROMPT_CHARS:
+                prompt = prompt[: _PROMPT_CHARS - 1] + "…"
+            tally.mistakes.append(Mistake(keys[i], expected, predicted, prompt, error))
 
 
 def _predicted(row: JournalRow | None, column: str) -> tuple[str, str | None]:
@@ -443,7 +481,7 @@ def _variant_result(
         cost_per_1k_rows=None if per_row is None else round(per_row * 1000, 10),
         cost_usd_full_run_expected=None if per_row is None else round(per_row * target.plan.total_rows, 10),
         requests=requests,
-        journal=target.plan.job.output.journal_path,
+        journal=target.plan.journal_path,
         chart=target.chart,
         mistakes=tuple(tally.mistakes),
         stop_reason=stop_reason,

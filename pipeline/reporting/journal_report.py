@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.job import Job
-from pipeline.errors import InputError
+from pipeline.errors import InputError, JobError
 from pipeline.reporting import charts
 from pipeline.reporting.html import cards, esc, img, money, page, table
 from pipeline.store.journal import Journal, RowStatus
@@ -82,14 +82,11 @@ class JournalReport:
         }
 
 
-def report_path(job: Job) -> Path:
-    out = job.output.path
-    return out.with_name(f"{out.stem}.report.html")
-
-
 def write_report(job: Job) -> JournalReport:
-    """Read the job's journal, draw the charts and write the page."""
-    journal_path = job.output.journal_path
+    """Read the job's journal, draw the charts and write the page beside the job's output."""
+    journal_path, out = job.output.journal_path, job.output.path
+    if journal_path is None or out is None:
+        raise JobError("[output] path: required key is missing")
     if not journal_path.exists():
         raise InputError(f"no journal at {journal_path}: run the job (or pipeline eval) first")
     journal = Journal(journal_path, readonly=True)
@@ -98,9 +95,9 @@ def write_report(job: Job) -> JournalReport:
     finally:
         journal.close()
     images = draw(stats, job)
-    path = report_path(job)
+    path = out.with_name(f"{out.stem}.report.html")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(job, stats, images), encoding="utf-8")
+    path.write_text(render(job, journal_path, stats, images), encoding="utf-8")
     return JournalReport(path, len(images), stats)
 
 
@@ -211,14 +208,14 @@ def _cost_curve(stats: JournalStats) -> tuple[list[float], list[float]]:
     return [0.0, *(m + step for m in stats.bucket_minutes)], [0.0, *stats.bucket_cost]
 
 
-def render(job: Job, stats: JournalStats, images: dict[str, bytes]) -> str:
+def render(job: Job, journal_path: Path, stats: JournalStats, images: dict[str, bytes]) -> str:
     span = (stats.last - stats.first) if stats.first is not None and stats.last is not None else 0.0
     answered = stats.rows - stats.rows_by_status.get(str(RowStatus.SKIPPED), 0)
     rate = answered / span * 60 if span > 0 else None
     p50, p95 = stats.latency_quantile(0.5), stats.latency_quantile(0.95)
     body = [
         f"<h1>Run report: {esc(job.name)}</h1>",
-        f"<p class='sub'>Journal <code>{esc(job.output.journal_path)}</code>, model <code>{esc(job.model.name)}</code>"
+        f"<p class='sub'>Journal <code>{esc(journal_path)}</code>, model <code>{esc(job.model.name)}</code>"
         f"{_when(stats)}.</p>",
         cards(
             [
