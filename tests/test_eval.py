@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.cli.app import main
 from tests.conftest import write_job, write_parquet
-from tests.fakeserver import FakeServer
+from tests.fakeserver import FakeServer, expected_label
 
 LABELS = ["positive", "negative", "neutral"]
 P, N, U = LABELS
@@ -28,6 +28,22 @@ def label_rows(n: int, agree: int) -> dict[str, list[Any]]:
     texts = [f"item {i}: this one is {LABELS[i % 3]}" for i in range(n)]
     gold = [LABELS[i % 3] if i < agree else LABELS[(i + 1) % 3] for i in range(n)]
     return {"id": list(range(n)), "text": texts, "gold": gold}
+
+
+@pytest.mark.parametrize(
+    ("message", "mode", "expected"),
+    [
+        ("this one is negative", "text", N),
+        ("NEUTRAL, though positive later", "text", U),  # the first label named wins, any case
+        ("positively negative", "text", N),  # whole words only: "positively" is not "positive"
+    ],
+)
+def test_fakeserver_text_label_mode(message: str, mode: str, expected: str) -> None:
+    assert expected_label(message, LABELS, mode) == expected
+
+
+def test_fakeserver_text_mode_falls_back_to_the_hash() -> None:
+    assert expected_label("names no label", LABELS, "text") == expected_label("names no label", LABELS)
 
 
 def eval_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
@@ -66,6 +82,9 @@ def test_accuracy_exactly_seventy_percent(workdir: Path, label_server: FakeServe
     assert list(r["per_label"]) == LABELS  # the job's order, not sorted
     assert r["rows_with_error"] == 0
     assert label_server.stats()["requests"] == 300
+    # The schema sent keeps the labels in the job's order (the confusion matrix and tables follow it).
+    sent = label_server.stats()["bodies"][0]["body"]["response_format"]["json_schema"]["schema"]
+    assert sent["properties"]["label"]["enum"] == LABELS
     # Cost: what the server billed for these rows, and the job's 300 rows at that rate.
     assert r["cost_usd"] == pytest.approx(label_server.stats()["cost"])
     assert r["cost_usd_full_run_expected"] == pytest.approx(r["cost_usd"])
@@ -255,3 +274,51 @@ async def test_python_api_inside_a_running_loop(workdir: Path, label_server: Fak
     assert ev.accuracy == 0.5
     again = await pipeline.aevaluate(job="jobs/job.toml", gold="gold", progress=False)
     assert again.accuracy == 0.5 and again.results[0].cost_usd_paid_now == 0
+
+
+def test_variant_prompt_override_without_id_column(workdir: Path, label_server: FakeServer, capsys: Any) -> None:
+    # Without an id column a row's journal key is its prompt: each variant's own keys must be used.
+    write_parquet(workdir / "data/in.parquet", label_rows(30, agree=27))
+    path = label_job(workdir, label_server, id_column=None)
+    path.write_text(
+        path.read_text()
+        + '\n[[variants]]\nname = "plain"\n\n[[variants]]\nname = "careful"\n'
+        + 'prompt = { user = "Classify carefully: {text}" }\n'
+    )
+    code, r = eval_json(capsys, "job", "--gold", "gold", "--min-accuracy", "0.5")
+    assert code == 0
+    assert [(v["name"], v["accuracy"], v["rows_with_error"]) for v in r["variants"]] == [
+        ("plain", 0.9, 0),
+        ("careful", 0.9, 0),
+    ]
+    assert label_server.stats()["requests"] == 60
+
+
+@pytest.mark.parametrize(
+    ("variants", "message"),
+    [
+        ('[[variants]]\nname = "a"\nmodel = { nam = "x" }\n', "[[variants]] a: [model] nam: unknown key"),
+        ('[[variants]]\nname = "a"\n\n[[variants]]\nname = "a"\n', "[[variants]] name 'a' appears twice"),
+        ('[[variants]]\nname = "a"\ninput = { path = "other.csv" }\n', "[variants] 0.input: unknown key"),
+        ('[[variants]]\nname = "a b"\n', "[variants] 0.name: String should match pattern"),
+    ],
+)
+def test_bad_variants_are_job_errors(
+    workdir: Path, label_server: FakeServer, capsys: Any, variants: str, message: str
+) -> None:
+    write_parquet(workdir / "data/in.parquet", label_rows(5, agree=5))
+    path = label_job(workdir, label_server)
+    path.write_text(path.read_text() + "\n" + variants)
+    for command in (["eval", "job", "--gold", "gold"], ["run", "job"]):
+        capsys.readouterr()
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert label_server.stats()["requests"] == 0
+
+
+def test_report_without_journal_is_a_user_error(workdir: Path, label_server: FakeServer, capsys: Any) -> None:
+    write_parquet(workdir / "data/in.parquet", label_rows(5, agree=5))
+    label_job(workdir, label_server)
+    assert main(["report", "job"]) == 2
+    assert "no journal at data/out/job.parquet.journal.sqlite" in capsys.readouterr().err

@@ -120,3 +120,29 @@ def test_canonical(value: Any, expected: str | None) -> None:
 )
 def test_pareto_front(points: list[tuple[float | None, float | None]], front: list[bool]) -> None:
     assert pareto_front(points) == front
+
+
+def _variant(name: str, accuracy: float | None, per_1k: float | None) -> Any:
+    from pathlib import Path
+
+    from pipeline.evaluation.evaluate import VariantEvaluation
+
+    pairs = [] if accuracy is None else [(P, P)] * round(accuracy * 10) + [(P, N)] * (10 - round(accuracy * 10))
+    return VariantEvaluation(name, "m", score(pairs, LABELS), {}, None, 0.0, per_1k, None, 0, Path("j"), Path("c"), ())
+
+
+@pytest.mark.parametrize(
+    ("figures", "min_accuracy", "expected"),
+    [
+        ([("big", 0.9, 0.10), ("small", 0.8, 0.04)], None, "big"),  # no threshold: the most accurate
+        ([("big", 0.9, 0.10), ("small", 0.8, 0.04)], 0.75, "small"),  # good enough and cheaper
+        ([("big", 0.9, 0.10), ("small", 0.8, 0.04)], 0.85, "big"),
+        ([("big", 0.9, 0.10), ("small", 0.8, 0.04)], 0.95, None),  # none is good enough
+        ([("a", 0.8, 0.10), ("b", 0.8, 0.04)], None, "b"),  # a tie goes to the cheaper
+        ([("a", 0.8, None), ("b", 0.8, 0.04)], 0.5, "b"),  # an unknown cost sorts last
+    ],
+)
+def test_recommend(figures: list[tuple[str, float, float | None]], min_accuracy: float | None, expected: str) -> None:
+    from pipeline.evaluation.evaluate import recommend
+
+    assert recommend([_variant(*f) for f in figures], min_accuracy) == expected

@@ -196,6 +196,7 @@ class Evaluation:
             "confusion": first["confusion"],
             "cost_usd": first["cost_usd"],
             "cost_usd_paid_now": sum(r.cost_usd_paid_now for r in self.results),
+            "requests": sum(r.requests for r in self.results),
             "cost_per_1k_rows": first["cost_per_1k_rows"],
             "cost_usd_full_run_expected": first["cost_usd_full_run_expected"],
             "chart": first["chart"],

@@ -167,8 +167,8 @@ def cumulative_cost_png(minutes: Sequence[float], cost: Sequence[float]) -> byte
     """Money spent by the end of each minute mark, from zero at the first row."""
     fig = Figure(figsize=(7.5, 3.6))
     ax = fig.subplots()
-    if not cost:
-        _empty(ax, "nothing paid yet")
+    if not cost or not max(cost):
+        _empty(ax, "no cost recorded (nothing paid, a free model, or no price known)")
     else:
         ax.plot(minutes, cost, color=_ACCENT, marker="." if len(cost) < 30 else None)
         ax.fill_between(minutes, cost, alpha=0.15, color=_ACCENT)

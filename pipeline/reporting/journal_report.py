@@ -24,6 +24,7 @@ from pipeline.store.journal import Journal, RowStatus
 _BUCKETS = 60
 # At most about this many latencies are read for the histogram.
 _LATENCY_SAMPLE = 20_000
+_ROWS_PER_BUCKET = 5
 _NO_ANSWER = "(no answer)"
 
 
@@ -45,6 +46,7 @@ class JournalStats:
     latencies: list[float]
     errors: dict[str, int]
     labels: dict[str, int] = field(default_factory=dict)
+    models: dict[str, int] = field(default_factory=dict)  # the model as served, by rows
 
     @property
     def rows(self) -> int:
@@ -110,7 +112,11 @@ def journal_stats(conn: sqlite3.Connection, job: Job) -> JournalStats:
     # Answers only: skipped rows were never sent, so they say nothing about speed.
     answered = "status != 'skipped'"
     first, last = conn.execute(f"SELECT MIN(updated), MAX(updated) FROM results WHERE {answered}").fetchone()
-    bucket_s = max(1.0, ((last or 0) - (first or 0)) / _BUCKETS)
+    # About _BUCKETS buckets, but wide enough to hold a few rows each on average,
+    # so a slow run's bars do not jump between 0, 1 and 2 rows per bucket.
+    span = (last or 0) - (first or 0)
+    answered_rows = sum(n for status, n in by_status.items() if status != "skipped")
+    bucket_s = max(1.0, span / _BUCKETS, span * _ROWS_PER_BUCKET / max(1, answered_rows))
     minutes: list[float] = []
     rows: list[int] = []
     costs: list[float] = []
@@ -145,6 +151,11 @@ def journal_stats(conn: sqlite3.Connection, job: Job) -> JournalStats:
         latencies=_latencies(conn),
         errors=_error_classes(conn),
         labels=_labels(conn, job),
+        models=dict(
+            conn.execute(
+                "SELECT model, COUNT(*) AS n FROM results WHERE model IS NOT NULL GROUP BY model ORDER BY n DESC"
+            ).fetchall()
+        ),
     )
 
 
@@ -215,8 +226,7 @@ def render(job: Job, journal_path: Path, stats: JournalStats, images: dict[str, 
     p50, p95 = stats.latency_quantile(0.5), stats.latency_quantile(0.95)
     body = [
         f"<h1>Run report: {esc(job.name)}</h1>",
-        f"<p class='sub'>Journal <code>{esc(journal_path)}</code>, model <code>{esc(job.model.name)}</code>"
-        f"{_when(stats)}.</p>",
+        f"<p class='sub'>Journal <code>{esc(journal_path)}</code>, model {_models(job, stats)}{_when(stats)}.</p>",
         cards(
             [
                 ("rows journaled", f"{stats.rows:,}"),
@@ -243,6 +253,13 @@ def render(job: Job, journal_path: Path, stats: JournalStats, images: dict[str, 
     stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     body.append(f"<footer>Written by <code>pipeline report</code> at {stamp}.</footer>")
     return page(f"Run report: {job.name}", body)
+
+
+def _models(job: Job, stats: JournalStats) -> str:
+    """The models that answered (as the server named them), else the job's."""
+    if not stats.models:
+        return f"<code>{esc(job.model.name)}</code>"
+    return ", ".join(f"<code>{esc(m)}</code> ({n:,} rows)" for m, n in stats.models.items())
 
 
 def _when(stats: JournalStats) -> str:
