@@ -322,3 +322,18 @@ def test_report_without_journal_is_a_user_error(workdir: Path, label_server: Fak
     label_job(workdir, label_server)
     assert main(["report", "job"]) == 2
     assert "no journal at data/out/job.parquet.journal.sqlite" in capsys.readouterr().err
+
+
+def test_budget_stop_exits_3_and_a_rerun_finishes(workdir: Path, label_server: FakeServer, capsys: Any) -> None:
+    write_parquet(workdir / "data/in.parquet", label_rows(50, agree=50))
+    # Each request's worst case is about (12 prompt + 20 max_tokens) x $0.10/M: room for a few rows only.
+    label_job(workdir, label_server, limits={"budget_usd": 0.00002, "concurrency": 1}, model={"max_tokens": 20})
+    code, r = eval_json(capsys, "job", "--gold", "gold")
+    assert code == 3 and "budget" in r["stop_reason"]
+    sent = label_server.stats()["requests"]
+    assert 0 < sent < 50
+    assert r["rows_with_error"] == 50 - sent and r["errors_by_status"] == {"not_run": 50 - sent}
+    path = workdir / "jobs/job.toml"
+    path.write_text(path.read_text().replace("budget_usd = 2e-05", "budget_usd = 1.0"))
+    code, r = eval_json(capsys, "job", "--gold", "gold")
+    assert (code, r["accuracy"], r["requests"]) == (0, 1.0, 50 - sent)

@@ -239,21 +239,23 @@ class _Tally:
     mistakes: list[Mistake] = field(default_factory=list)
 
 
-def targets_for(job: Job, field_name: str | None, data: Any = None, journal: Path | None = None) -> list[_Target]:
-    """Plans for every variant (or the job itself), checked before anything is sent.
+def targets_for(
+    job: Job, field_name: str | None, data: Any = None, journal: Path | None = None
+) -> tuple[Plan, list[_Target]]:
+    """The job's plan, and plans for every variant (or the job itself), checked before anything is sent.
 
     A variant's journal sits beside the job's: ``<journal stem>.variant-<name>.sqlite``.
     """
     base = prepare(job, data=data, journal=journal)
     if not job.variants:
         column, labels = answer_column(base.structured, field_name)
-        return [_Target(job.name, base, column, labels, chart_path(base, None))]
+        return base, [_Target(job.name, base, column, labels, chart_path(base, None))]
     targets = []
     for variant in job.variants:
         plan = prepare(job.variant_job(variant), data=data, journal=variant_journal(base.journal_path, variant.name))
         column, labels = answer_column(plan.structured, field_name, variant.name)
         targets.append(_Target(variant.name, plan, column, labels, chart_path(base, variant.name)))
-    return targets
+    return base, targets
 
 
 def variant_journal(journal: Path, variant: str) -> Path:
@@ -323,8 +325,7 @@ async def aevaluate_job(
     """
     from pipeline.engine.runner import RunOptions, run_plan
 
-    targets = targets_for(job, options.field, data, journal)
-    base = targets[0].plan
+    base, targets = targets_for(job, options.field, data, journal)
     with_gold = gold_rows(base, options.gold)
     chosen = choose_rows(with_gold, options.sample, options.seed)
     rows = frozenset(chosen)
@@ -334,9 +335,11 @@ async def aevaluate_job(
         run_options = RunOptions(quiet=options.quiet, rows=rows, write_output=False, notebook=options.notebook)
         result = await run_plan(target.plan, run_options, controls)
         runs.append(result.summary)
-        if result.exit_code == ExitCode.STOPPED:
-            exit_code = ExitCode.STOPPED
-            break  # the remaining variants would be stopped too; rerun to finish
+        if result.exit_code not in (ExitCode.OK, ExitCode.ROWS_FAILED):
+            # Stopped (a signal, the budget, the key) or a bad input record: the
+            # remaining variants would stop too. What was answered is journaled.
+            exit_code = result.exit_code
+            break
     tallies = [_score(target, options.gold, rows) for target in targets[: len(runs)]]
     results = [
         _variant_result(t, tally, summary.cost_usd, summary.requests, summary.stop_reason, len(rows))
