@@ -138,6 +138,7 @@ class Evaluation:
     has_variants: bool
     recommended: str | None
     report: Path
+    min_accuracy: float | None = None
     variants_chart: Path | None = None
     exit_code: ExitCode = ExitCode.OK
     labels: tuple[str, ...] = ()
@@ -210,6 +211,7 @@ class Evaluation:
             out["variants"] = [r.to_dict() for r in self.results]
             out["variants_chart"] = str(self.variants_chart) if self.variants_chart else None
             out["recommended"] = self.recommended
+            out["min_accuracy"] = self.min_accuracy
         return out
 
 
@@ -362,6 +364,7 @@ async def aevaluate_job(
         has_variants=bool(job.variants),
         recommended=recommend(results, options.min_accuracy) if job.variants else None,
         report=report_path(base),
+        min_accuracy=options.min_accuracy,
         exit_code=exit_code,
         labels=results[0].scores.labels,
     )

@@ -91,8 +91,7 @@ def _variants_section(e: Evaluation, png: bytes | None) -> list[str]:
     out = [
         "<h2>Variants</h2>",
         f"<p>Every variant answered the same {e.rows:,} rows. Recommended: <b>{esc(e.recommended or 'none')}</b> "
-        "(the cheapest variant that reaches the accuracy asked for with <code>--min-accuracy</code>, or else the "
-        "most accurate). <i>Frontier</i>: no other variant is at least as accurate for less.</p>",
+        f"({_rule(e)}). <i>Frontier</i>: no other variant is at least as accurate for less.</p>",
         table(
             ["variant", "model", "accuracy", "macro F1", "errors", "cost", "per 1k rows", "full run", "frontier"],
             rows,
@@ -103,6 +102,14 @@ def _variants_section(e: Evaluation, png: bytes | None) -> list[str]:
     if png is not None:
         out.append(img(png, "accuracy against cost per 1,000 rows"))
     return out
+
+
+def _rule(e: Evaluation) -> str:
+    if e.min_accuracy is None:
+        return "the most accurate; with <code>--min-accuracy A</code>, the cheapest at least that accurate"
+    if e.recommended is None:
+        return f"no variant reaches accuracy {e.min_accuracy:g}"
+    return f"the cheapest with accuracy of at least {e.min_accuracy:g}"
 
 
 def _result_section(e: Evaluation, r: VariantEvaluation, png: bytes) -> list[str]:

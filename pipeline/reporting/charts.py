@@ -39,7 +39,7 @@ def _dollars(value: float, _pos: object = None) -> str:
     """Axis labels in dollars with enough digits for fractions of a cent, without 1e-5 offsets."""
     if value == 0:
         return "$0"
-    return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.2g}" if abs(value) >= 1e-4 else f"${value:.1e}"
+    return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.3g}" if abs(value) >= 1e-4 else f"${value:.2e}"
 
 
 def confusion_png(
@@ -92,8 +92,7 @@ def variants_png(points: Sequence[VariantPoint]) -> bytes:
             linewidth=1,
             label="best accuracy for the cost",
         )
-    # Alternate labels above and below their points: variants often sit close together.
-    for n, p in enumerate(sorted(points, key=lambda q: (q.cost_per_1k_rows, q.accuracy))):
+    for p in points:
         color = _GOOD if p.frontier else _MUTED
         ax.scatter(
             [p.cost_per_1k_rows],
@@ -109,12 +108,16 @@ def variants_png(points: Sequence[VariantPoint]) -> bytes:
             f"{p.name}{suffix}",
             (p.cost_per_1k_rows, p.accuracy),
             textcoords="offset points",
-            xytext=(10, 8 if n % 2 == 0 else -16),
+            xytext=(11, 0),
+            va="center",
         )
     ax.xaxis.set_major_formatter(FuncFormatter(_dollars))
     ax.set_xlabel("cost per 1,000 rows")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.02, 1.08)
+    # Zoomed to the accuracies shown (variants often differ by a few points), never past 0..1.
+    low = min(p.accuracy for p in points)
+    top = max(p.accuracy for p in points)
+    ax.set_ylim(max(0.0, low - 0.1) - 0.02, min(1.0, top + 0.1) + 0.02)
     high = max(p.cost_per_1k_rows for p in points)
     ax.set_xlim(0, high * 1.35 if high > 0 else 1)
     ax.grid(alpha=0.3)
