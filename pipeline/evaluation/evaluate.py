@@ -18,7 +18,7 @@ import json
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,7 +113,7 @@ class VariantEvaluation:
             "journal": str(self.journal),
             "chart": str(self.chart),
             "stop_reason": self.stop_reason,
-            "mistakes": [m.__dict__ for m in self.mistakes],
+            "mistakes": [asdict(m) for m in self.mistakes],
         }
 
 
@@ -348,7 +348,7 @@ async def aevaluate_job(
         for t, tally, summary in zip(targets, tallies, runs, strict=False)
     ]
     front = pareto_front([(r.accuracy, r.cost_per_1k_rows) for r in results])
-    results = [_with(r, frontier=f) for r, f in zip(results, front, strict=True)]
+    results = [replace(r, frontier=f) for r, f in zip(results, front, strict=True)]
     from pipeline.evaluation.page import write_evaluation
 
     evaluation = Evaluation(
@@ -369,12 +369,6 @@ async def aevaluate_job(
         labels=results[0].scores.labels,
     )
     return write_evaluation(evaluation)
-
-
-def _with(result: VariantEvaluation, **changes: Any) -> VariantEvaluation:
-    from dataclasses import replace
-
-    return replace(result, **changes)
 
 
 def recommend(results: Sequence[VariantEvaluation], min_accuracy: float | None) -> str | None:
