@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import replace
+from pathlib import Path
 
 from pipeline.evaluation.evaluate import Evaluation, VariantEvaluation
 from pipeline.evaluation.metrics import ERROR
 from pipeline.reporting import charts
-from pipeline.reporting.html import cards, esc, img, money, page, ratio, table
+from pipeline.reporting.html import Cell, cards, esc, img, money, page, ratio, table
 
 
 def write_evaluation(evaluation: Evaluation) -> Evaluation:
@@ -40,12 +41,9 @@ def write_evaluation(evaluation: Evaluation) -> Evaluation:
     return evaluation
 
 
-def _write(path: object, data: bytes) -> None:
-    from pathlib import Path
-
-    target = Path(str(path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 def render(evaluation: Evaluation, images: dict[str, bytes], variants_png: bytes | None) -> str:
@@ -147,13 +145,13 @@ def _result_section(e: Evaluation, r: VariantEvaluation, png: bytes) -> list[str
     columns = list(next(iter(s.confusion.values()), {}).keys())
     grid = []
     for gold, row in s.confusion.items():
-        cells: list[object] = [gold]
+        cells: list[Cell] = [gold]
         for predicted in columns:
             count = row[predicted]
             css = "hit" if predicted == gold and count else ("err" if predicted == ERROR and count else "")
             cells.append((f"{count:,}", css) if css else f"{count:,}")
         grid.append(cells)
-    out.append(table(["gold \\ predicted", *columns], grid))  # type: ignore[arg-type]
+    out.append(table(["gold \\ predicted", *columns], grid))
     out.append(img(png, f"confusion matrix of {r.name}"))
     if r.mistakes:
         out.append(f"<h3>Wrong answers (first {len(r.mistakes)})</h3>")

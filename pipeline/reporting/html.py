@@ -64,7 +64,11 @@ def cards(items: Sequence[tuple[str, str]]) -> str:
     return f"<div class='cards'>{boxes}</div>"
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1, row_class: Sequence[str] = ()) -> str:
+# A table cell: its text, or (text, CSS class) to mark it.
+Cell = str | tuple[str, str]
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], left: int = 1, row_class: Sequence[str] = ()) -> str:
     """A table whose first ``left`` columns are left-aligned; cells are escaped here.
 
     A cell may be given as ``(text, css_class)`` to mark it.
