@@ -333,6 +333,8 @@ def test_budget_stop_exits_3_and_a_rerun_finishes(workdir: Path, label_server: F
     sent = label_server.stats()["requests"]
     assert 0 < sent < 50
     assert r["rows_with_error"] == 50 - sent and r["errors_by_status"] == {"not_run": 50 - sent}
+    # The full run is extrapolated from the rows answered, not diluted by the rows never sent.
+    assert r["cost_usd_full_run_expected"] == pytest.approx(r["cost_usd"] / sent * 50)
     path = workdir / "jobs/job.toml"
     path.write_text(path.read_text().replace("budget_usd = 2e-05", "budget_usd = 1.0"))
     code, r = eval_json(capsys, "job", "--gold", "gold")

@@ -132,9 +132,9 @@ class Run:
         self.selector = RowSelector(
             journal.seen if journal.has_rows() else None,
             retry_failed=options.retry_failed,
-            sample=set(options.rows)
-            if options.rows is not None
-            else pick_sample(options.sample, plan.total_rows, options.seed),
+            sample=pick_sample(options.sample, plan.total_rows, options.seed)
+            if options.rows is None
+            else set(options.rows),
         )
         self.dialect = plan.dialect()
         self.recorder = Recorder(plan.info, plan.structured, lambda: plan.counter)
@@ -142,9 +142,6 @@ class Run:
         self.input_error: str | None = None  # a bad record found while reading the input
         self.successes = 0  # replies that came back OK: the job as a whole works
         self.exit_code = ExitCode.STOPPED  # the code of a stop, when one happens
-
-    def _sample(self) -> set[int] | None:
-        return pick_sample(self.options.sample, self.plan.total_rows, self.options.seed)
 
     def stop(self, reason: str, code: ExitCode = ExitCode.STOPPED) -> None:
         if not self.stopper.stopped:

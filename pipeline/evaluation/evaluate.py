@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 # Wrong answers kept for the report, per variant.
 MAX_MISTAKES = 20
 _PROMPT_CHARS = 200
+_NOT_RUN = "not_run"  # a chosen row with nothing in the journal (the evaluation stopped early)
 
 
 @dataclass(frozen=True)
@@ -443,7 +444,7 @@ def _tally_batch(
         predicted, error = _predicted(row, target.column)
         tally.pairs[(expected, predicted)] += 1
         if predicted == ERROR:
-            tally.errors[str(row.status) if row else "not_run"] += 1
+            tally.errors[str(row.status) if row else _NOT_RUN] += 1
         if row is not None and row.cost_usd is not None:
             tally.cost += row.cost_usd
             tally.cost_known = True
@@ -471,7 +472,9 @@ def _variant_result(
     scores = score_counts(tally.pairs, target.labels)
     # No row with a cost: zero if the model has a price (nothing billed), else unknown.
     cost = tally.cost if tally.cost_known or target.plan.info.cost(0, 0) is not None else None
-    per_row = cost / rows if cost is not None and rows else None
+    # Per row answered: rows a stopped evaluation never sent would cost as much as the others.
+    answered = rows - tally.errors.get(_NOT_RUN, 0)
+    per_row = cost / answered if cost is not None and answered else None
     return VariantEvaluation(
         name=target.name,
         model=target.plan.model_name,
