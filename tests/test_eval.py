@@ -339,3 +339,15 @@ def test_budget_stop_exits_3_and_a_rerun_finishes(workdir: Path, label_server: F
     path.write_text(path.read_text().replace("budget_usd = 2e-05", "budget_usd = 1.0"))
     code, r = eval_json(capsys, "job", "--gold", "gold")
     assert (code, r["accuracy"], r["requests"]) == (0, 1.0, 50 - sent)
+
+
+def test_changed_prompt_needs_fresh(workdir: Path, label_server: FakeServer, capsys: Any) -> None:
+    write_parquet(workdir / "data/in.parquet", label_rows(9, agree=9))
+    path = label_job(workdir, label_server)
+    assert eval_json(capsys, "job", "--gold", "gold")[1]["accuracy"] == 1.0
+    path.write_text(path.read_text().replace("Classify: {text}", "Label: {text}"))
+    capsys.readouterr()
+    assert main(["eval", "job", "--gold", "gold"]) == 2
+    assert "--fresh" in capsys.readouterr().err
+    code, r = eval_json(capsys, "job", "--gold", "gold", "--fresh")
+    assert (code, r["requests"], r["accuracy"]) == (0, 9, 1.0)

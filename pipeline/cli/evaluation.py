@@ -20,6 +20,7 @@ def eval_command(job: Job, args: argparse.Namespace) -> int:
         field=args.field,
         quiet=args.quiet or args.json,
         min_accuracy=args.min_accuracy,
+        fresh=args.fresh,
     )
     evaluation = asyncio.run(_with_signals(job, options))
     print(json.dumps(evaluation.to_dict()) if args.json else format_evaluation(evaluation, args.job))

@@ -50,6 +50,7 @@ class EvalOptions:
     field: str | None = None
     quiet: bool = True
     notebook: bool = False  # a progress bar that renders in Jupyter (the Python API)
+    fresh: bool = False  # set the journals aside first (after changing the prompt or model)
     # The cheapest variant at least this accurate is recommended; None: the most accurate.
     min_accuracy: float | None = None
 
@@ -335,7 +336,9 @@ async def aevaluate_job(
     runs = []
     exit_code = ExitCode.OK
     for target in targets:
-        run_options = RunOptions(quiet=options.quiet, rows=rows, write_output=False, notebook=options.notebook)
+        run_options = RunOptions(
+            quiet=options.quiet, fresh=options.fresh, rows=rows, write_output=False, notebook=options.notebook
+        )
         result = await run_plan(target.plan, run_options, controls)
         runs.append(result.summary)
         if result.exit_code not in (ExitCode.OK, ExitCode.ROWS_FAILED):
