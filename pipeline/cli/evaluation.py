@@ -11,6 +11,8 @@ from pipeline.errors import ExitCode
 from pipeline.evaluation.evaluate import EvalOptions, Evaluation, VariantEvaluation, aevaluate_job
 from pipeline.reporting.html import money
 
+_SHOWN_MISTAKES = 5
+
 
 def eval_command(job: Job, args: argparse.Namespace) -> int:
     options = EvalOptions(
@@ -103,6 +105,12 @@ def _result_lines(e: Evaluation, r: VariantEvaluation) -> list[str]:
         f"expected full run {money(r.cost_usd_full_run_expected)} ({e.rows_in_job:,} rows at "
         f"{money(r.cost_per_1k_rows)} per 1,000)"
     )
+    if r.mistakes:
+        lines.append(f"  wrong answers, first {min(len(r.mistakes), _SHOWN_MISTAKES)} (more in the report):")
+        for m in r.mistakes[:_SHOWN_MISTAKES]:
+            answer = m.predicted if m.error is None else f"{m.predicted} {m.error}"
+            prompt = m.prompt if len(m.prompt) <= 70 else m.prompt[:69] + "…"
+            lines.append(f"    {m.key}: gold {m.gold}, answered {answer}: {prompt}")
     lines.append(f"  chart: {r.chart}")
     return lines
 
