@@ -7,6 +7,9 @@ The public surface is re-exported here; everything else is implementation::
     result = pipeline.run(df, "jobs/label_reviews.toml")  # a DataFrame in
     result.to_pandas()  # the same rows out, with completion, tokens and cost
     result.summary.cost_usd
+
+    scores = pipeline.evaluate(df, "jobs/label_reviews.toml", gold="gold", sample=200)
+    scores.accuracy, scores.cost_usd_full_run_expected, scores.report
 """
 
 from pipeline.api import Result, arun, estimate, load, run
@@ -25,25 +28,34 @@ from pipeline.errors import (
     StopRun,
     UserError,
 )
+from pipeline.evaluation.api import aevaluate, evaluate
+from pipeline.evaluation.evaluate import Evaluation, VariantEvaluation
+from pipeline.evaluation.metrics import LabelScore, Scores
 
 __all__ = [
     "CredentialsError",
     "Estimate",
+    "Evaluation",
     "ExitCode",
     "IdentityError",
     "InputError",
     "Job",
     "JobError",
     "JournalError",
+    "LabelScore",
     "LocalServerError",
     "LockedError",
     "PipelineError",
     "Result",
     "RunSummary",
+    "Scores",
     "StopRun",
     "UserError",
+    "VariantEvaluation",
+    "aevaluate",
     "arun",
     "estimate",
+    "evaluate",
     "load",
     "load_job",
     "run",

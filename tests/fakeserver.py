@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -118,18 +119,38 @@ def expected_reply(u: str) -> str:
     return f"ok {content_hash(u)[:16]} {_FILLER}"
 
 
-def expected_label(u: str, labels: Sequence[Any]) -> Any:
-    """The enum value the server picks for ``u`` from ``labels`` (structured output)."""
+def expected_label(u: str, labels: Sequence[Any], mode: str = "hash") -> Any:
+    """The enum value the server picks for ``u`` from ``labels`` (structured output).
+
+    ``mode="hash"``: chosen by a hash of ``u``. ``mode="text"``: the label that ``u``
+    names first (as a whole word, case-insensitive), so a test can write the answer
+    it wants into the row's text; a message naming none falls back to the hash.
+    """
+    if mode == "text":
+        named = _named_label(u, labels)
+        if named is not None:
+            return named
     return labels[int(content_hash(u)[:8], 16) % len(labels)]
 
 
-def expected_json(u: str, schema: Mapping[str, Any]) -> Any:
+def _named_label(u: str, labels: Sequence[Any]) -> Any:
+    """The label whose first whole-word occurrence in ``u`` comes earliest, or None."""
+    best: tuple[int, Any] | None = None
+    for label in labels:
+        match = re.search(rf"(?<!\w){re.escape(str(label))}(?!\w)", u, re.IGNORECASE)
+        if match and (best is None or match.start() < best[0]):
+            best = (match.start(), label)
+    return None if best is None else best[1]
+
+
+def expected_json(u: str, schema: Mapping[str, Any], label_mode: str = "hash") -> Any:
     """The object the server returns for ``u`` under JSON schema ``schema``.
 
-    Every enum property gets :func:`expected_label` ``(u, enum)``; other values are derived
-    from a hash of ``u`` and the property path, so they are deterministic but varied.
+    Every enum property gets :func:`expected_label` ``(u, enum, label_mode)``; other values
+    are derived from a hash of ``u`` and the property path, so they are deterministic but
+    varied.
     """
-    return _generate(u, schema, schema, "")
+    return _generate(u, schema, schema, "", label_mode)
 
 
 def _path_int(u: str, path: str) -> int:
@@ -201,28 +222,28 @@ def _gen_number(h: int, node: Mapping[str, Any]) -> float:
     return (h % 10000) / 100
 
 
-def _generate(u: str, node: Mapping[str, Any], root: Mapping[str, Any], path: str) -> Any:
+def _generate(u: str, node: Mapping[str, Any], root: Mapping[str, Any], path: str, label_mode: str = "hash") -> Any:
     """Generate a deterministic value conforming to schema ``node``."""
     node = _resolve_ref(node, root)
     if "const" in node:
         return node["const"]
     if node.get("enum"):
-        return expected_label(u, node["enum"])
+        return expected_label(u, node["enum"], label_mode)
     for key in ("anyOf", "oneOf", "allOf"):
         options = node.get(key)
         if options:
             # Prefer the first non-null alternative so Optional[X] yields an X.
             chosen = next((o for o in options if o.get("type") != "null"), options[0])
-            return _generate(u, chosen, root, path)
+            return _generate(u, chosen, root, path, label_mode)
     typ = _pick_type(node)
     if typ == "object":
         props = node.get("properties") or {}
-        return {name: _generate(u, sub, root, f"{path}/{name}") for name, sub in props.items()}
+        return {name: _generate(u, sub, root, f"{path}/{name}", label_mode) for name, sub in props.items()}
     if typ == "array":
         n = max(2, int(node.get("minItems", 0)))
         n = min(n, int(node.get("maxItems", n)))
         items = node.get("items") or {"type": "string"}
-        return [_generate(u, items, root, f"{path}/{i}") for i in range(n)]
+        return [_generate(u, items, root, f"{path}/{i}", label_mode) for i in range(n)]
     h = _path_int(u, path)
     if typ == "integer":
         return _gen_integer(h, node)
@@ -369,6 +390,9 @@ class FakeConfig:
     api_key: str | None = None
     # The GET /v1/models listing.
     models: list[JSON] = field(default_factory=default_models)
+    # How enum values (labels) are chosen: "hash" of the user message, or "text": the
+    # label the message names (see expected_label), for tests with known answers.
+    label_mode: str = "hash"
 
 
 class _Stats:
@@ -613,7 +637,7 @@ class FakeServer:
             delay = cfg.latency_s + random.uniform(0, cfg.latency_jitter_s)
             await asyncio.sleep(delay)
         if behaviour == "ok":
-            content = self._structured_reply(u, fmt_type, schema)
+            content = self._structured_reply(u, fmt_type, schema, cfg.label_mode)
             return await self._complete(body, u, content, max_tokens)
         with self._lock:
             st = self._stats
@@ -724,9 +748,9 @@ class FakeServer:
         return schema
 
     @staticmethod
-    def _structured_reply(u: str, fmt_type: str | None, schema: JSON | None) -> str:
+    def _structured_reply(u: str, fmt_type: str | None, schema: JSON | None, label_mode: str = "hash") -> str:
         if schema is not None:
-            return json.dumps(expected_json(u, schema))
+            return json.dumps(expected_json(u, schema, label_mode))
         if fmt_type == "json_object":
             # JSON mode without a schema: any JSON object will do.
             return json.dumps({"reply": expected_reply(u)})

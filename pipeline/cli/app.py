@@ -1,4 +1,4 @@
-"""The command line: ``pipeline run | status | prices``. ``asyncio.run`` lives only here.
+"""The command line: ``pipeline run | status | eval | report | prices``. ``asyncio.run`` lives only here.
 
 Exit codes: 0 every row succeeded; 1 finished, some rows failed; 2 usage,
 job or input error (nothing sent); 3 stopped early, resumable.
@@ -51,11 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a job's progress from its journal")
     status.add_argument("job")
     status.add_argument("--json", action="store_true")
+    _add_eval_commands(sub)
     prices = sub.add_parser("prices", help="show or refresh the price table")
     prices.add_argument("model", nargs="?", help="show one model (without it: list the known models)")
     prices.add_argument("--refresh", action="store_true", help="fetch prices from OpenRouter into the local cache")
     prices.add_argument("--base-url", default="https://openrouter.ai/api/v1")
     return parser
+
+
+def _add_eval_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ev = sub.add_parser("eval", help="score the job's answers against a gold column; compare [[variants]]")
+    ev.add_argument("job", help="a job file, or a name in jobs/")
+    ev.add_argument("--gold", required=True, metavar="COLUMN", help="the input column holding the right answers")
+    ev.add_argument("--sample", type=_positive, metavar="N", help="evaluate N random rows with a gold label")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    ev.add_argument("--field", metavar="NAME", help="the schema property to compare (default: label)")
+    ev.add_argument("--min-accuracy", type=float, metavar="A", help="recommend the cheapest variant this accurate")
+    ev.add_argument("--fresh", action="store_true", help="start over: set the old journals aside")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    report = sub.add_parser("report", help="write an HTML page with charts of the job's journal")
+    report.add_argument("job", help="a job file, or a name in jobs/")
+    report.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _positive(text: str) -> int:
@@ -109,6 +126,10 @@ def _dispatch(args: argparse.Namespace, errors: _ErrorPrinter) -> int:
     _require_files(job)
     if args.command == "status":
         return _status(job, args.json)
+    if args.command in ("eval", "report"):
+        from pipeline.cli.evaluation import eval_command, report_command
+
+        return eval_command(job, args) if args.command == "eval" else report_command(job, args)
     if args.dry_run:
         return _dry_run(job, args.json)
     return _run(job, args)

@@ -147,12 +147,29 @@ class OutputSpec(_Section):
         return None if self.path is None else self.path.with_name(self.path.name + ".journal.sqlite")
 
 
+class VariantSpec(_Section):
+    """One ``[[variants]]`` table: a name and overrides merged over the base job's sections.
+
+    Only ``pipeline eval`` reads variants; ``pipeline run`` ignores them. Each
+    override is an inline table whose keys replace the base section's keys
+    (``model = { name = "mistralai/ministral-3b" }`` keeps the base model's
+    ``max_tokens``, ``base_url``, ...). The input and output cannot be
+    overridden: every variant answers the same rows.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    model: dict[str, Any] = Field(default_factory=dict)
+    prompt: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, Any] = Field(default_factory=dict)
+
+
 class Job(_Section):
     input: InputSpec = Field(default_factory=InputSpec)
     prompt: PromptSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    variants: list[VariantSpec] = Field(default_factory=list)
     name: str = Field(default="job", exclude=True)
 
     @model_validator(mode="after")
@@ -163,7 +180,26 @@ class Job(_Section):
             raise ValueError("set either [prompt] labels or a JSON schema, not both")
         if self.prompt.json_schema is not None and self.prompt.json_schema_file is not None:
             raise ValueError("set either [prompt] json_schema or json_schema_file, not both")
+        names = [v.name for v in self.variants]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"[[variants]] name {twice[0]!r} appears twice")
+        for variant in self.variants:
+            self.variant_job(variant)  # a bad override is a job error at load time, naming the variant
         return self
+
+    def variant_job(self, variant: VariantSpec) -> Job:
+        """The base job with a variant's overrides merged in (``pipeline eval`` gives it its own journal)."""
+        raw = self.model_dump(exclude_unset=True, exclude={"variants"})
+        for section in ("model", "prompt", "limits"):
+            override = getattr(variant, section)
+            if override:
+                raw[section] = {**raw.get(section, {}), **override}
+        try:
+            job = Job.model_validate(raw)
+        except ValidationError as exc:
+            raise ValueError(f"[[variants]] {variant.name}: {describe_validation_error(exc)}") from None
+        return job.model_copy(update={"name": f"{self.name}-{variant.name}"})
 
     def identity(self, structured: dict[str, Any] | None, provider: str) -> dict[str, Any]:
         """What determines the results. Limits are deliberately not part of it."""
@@ -217,7 +253,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     """Turn pydantic's report into one line naming the key, e.g. ``[model] max_tokenz``."""
     first = exc.errors()[0]
     loc = [str(part) for part in first["loc"]]
-    key = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else (loc[0] if loc else "job")
+    key = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else (loc[0] if loc else "")
     if first["type"] == "extra_forbidden":
         message = "unknown key (check the spelling)"
     elif first["type"] == "missing":
@@ -229,4 +265,4 @@ def describe_validation_error(exc: ValidationError) -> str:
     else:
         message = first["msg"].removeprefix("Value error, ")
     more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-    return f"{key}: {message}{more}"
+    return f"{key}: {message}{more}" if key else f"{message}{more}"

@@ -76,6 +76,8 @@ class RunOptions:
     seed: int = 0
     write_output: bool = True
     notebook: bool = False  # a tqdm bar that renders in Jupyter (the Python API)
+    # Exactly these row offsets (an evaluation's rows); overrides ``sample``.
+    rows: frozenset[int] | None = None
 
 
 @dataclass
@@ -121,9 +123,8 @@ class Run:
         self.job = plan.job
         self.controls = controls or Controls()
         self.stopper = self.controls.stopper
-        self.tracker = Tracker(
-            options.sample or plan.total_rows, quiet=options.quiet, desc=plan.job.name, notebook=options.notebook
-        )
+        total = len(options.rows) if options.rows is not None else options.sample or plan.total_rows
+        self.tracker = Tracker(total, quiet=options.quiet, desc=plan.job.name, notebook=options.notebook)
         self.budget = Budget(self.job.limits.budget_usd, journal.job_spent())
         self.need_tokens = bool(self.job.limits.tokens_per_minute or self.job.limits.budget_usd)
         self.queue: WorkQueue[Item] = WorkQueue(low_water=2 * self.job.limits.concurrency)
@@ -131,7 +132,9 @@ class Run:
         self.selector = RowSelector(
             journal.seen if journal.has_rows() else None,
             retry_failed=options.retry_failed,
-            sample=pick_sample(options.sample, plan.total_rows, options.seed),
+            sample=pick_sample(options.sample, plan.total_rows, options.seed)
+            if options.rows is None
+            else set(options.rows),
         )
         self.dialect = plan.dialect()
         self.recorder = Recorder(plan.info, plan.structured, lambda: plan.counter)

@@ -1,0 +1,1 @@
+"""Evaluation against a gold column: metrics, variants and the evaluation report."""
