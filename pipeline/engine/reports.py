@@ -45,6 +45,13 @@ class RunSummary:
     output_rows_with_error: int = 0
     estimate: Estimate | None = None
     """With ``--sample``: the dry-run estimate for the whole job, from the sample."""
+    mode: str = "realtime"
+    batches_submitted: int = 0
+    """Batch mode: provider batches this run submitted."""
+    batches_pending: int = 0
+    """Batch mode: batches still running at the provider when the run ended (a rerun collects them)."""
+    rows_pending: int = 0
+    """Batch mode: rows in those batches."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +84,12 @@ class Estimate:
     context_length: int | None
     skipped: dict[str, int]
     rows_per_s: int | None
+    mode: str = "realtime"
+    batch_discount: float | None = None
+    """Batch mode: the cost figures above are at this fraction of the list price."""
+    realtime_cost_usd_expected: float | None = None
+    """Batch mode: what the expected cost would be in realtime mode."""
+    realtime_cost_usd_max: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

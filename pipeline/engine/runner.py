@@ -76,6 +76,7 @@ class RunOptions:
     seed: int = 0
     write_output: bool = True
     notebook: bool = False  # a tqdm bar that renders in Jupyter (the Python API)
+    wait: bool = True  # batch mode: poll until every batch is collected (False: --no-wait)
 
 
 @dataclass
@@ -385,6 +386,11 @@ async def run_plan(plan: Plan, options: RunOptions, controls: Controls | None = 
             if plan.key_scheme != KeyScheme.ID:
                 plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
             journal.set_meta("total_rows", str(plan.total_rows))
+            from pipeline.engine import batch
+
+            if plan.job.model.mode == "batch":
+                return await batch.run_batch(plan, journal, options, controls or Controls())
+            batch.refuse_if_batches_pending(journal)
             run = Run(plan, journal, options, controls)
             async with plan.provider.server(plan.job.model) as base_url:
                 await run.execute(base_url)
