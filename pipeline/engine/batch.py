@@ -264,6 +264,7 @@ class BatchRun:
         self._scan = True  # rows may need submitting: read the input (again)
         self._first_scan = True
         self._poll_failures: dict[str, int] = {}
+        self._budget_blocked = False  # a batch waits for pending batches to release their reservations
 
     def stop(self, reason: str, code: ExitCode = ExitCode.STOPPED) -> None:
         if not self.stopper.stopped:
@@ -384,6 +385,11 @@ class BatchRun:
         """Submit one batch and journal it; False when the run must submit no more."""
         worst = self._worst(chunk)
         if not self.budget.reserve(worst):
+            if self.store.pending():
+                # Pending batches hold their worst case until collected (they usually cost far
+                # less): try again once one is collected.
+                self._budget_blocked = True
+                return False
             self.stop(
                 f"budget reached: ${self.budget.spent:.4f} spent and ${self.budget.reserved:.4f} reserved by "
                 f"pending batches of budget_usd ${self.budget.limit:g}; raise [limits] budget_usd and rerun"
@@ -491,6 +497,8 @@ class BatchRun:
         ]
         self.store.finish(known.id, state.provider_status, state.error, unanswered)
         self.budget.settle(known.worst_usd, 0.0)
+        if self._budget_blocked:
+            self._budget_blocked, self._scan = False, True
         for row in unanswered:
             self._transient(row.key, reason)
 

@@ -57,7 +57,26 @@ def dry_run(plan: Plan) -> Estimate:
     report["rows_done"] = done
     report["skipped"] = {"empty_prompt": empty, "over_context": too_long, "total": empty + too_long}
     report["rows_per_s"] = round(rows / elapsed) if elapsed > 0 else None
+    if plan.job.model.mode == "batch":
+        _batch_prices(plan, report)
     return Estimate(**report)
+
+
+def _batch_prices(plan: Plan, report: dict[str, Any]) -> None:
+    """Batch mode: cost at the batch discount, beside what realtime mode would cost; no rate limits apply."""
+    discount = plan.job.model.batch_discount
+    report["realtime_cost_usd_expected"] = report["cost_usd_expected"]
+    report["realtime_cost_usd_max"] = report["cost_usd_max"]
+    for key in ("cost_usd_min", "cost_usd_expected", "cost_usd_max"):
+        report[key] = _discounted(report[key], discount)
+    report["cost_usd_interval"] = [_discounted(v, discount) for v in report["cost_usd_interval"]]
+    report["mode"] = "batch"
+    report["batch_discount"] = discount
+    report["duration_s_min"] = 0.0
+
+
+def _discounted(value: float | None, discount: float) -> float | None:
+    return None if value is None else round(value * discount, 10)
 
 
 def _open_readonly(journal_path: Path) -> Journal | None:
@@ -130,8 +149,16 @@ def format_report(estimate: Estimate) -> str:
         f"max {money(report['cost_usd_max'])}",
         f"  prices: {report['model']} at {report['input_price_per_million']} / "
         f"{report['output_price_per_million']} USD per million tokens in/out, from {report['price_source']}",
-        f"  time: at least {_duration(report['duration_s_min'])} at the job's rate limits",
     ]
+    if report["mode"] == "batch":
+        lines[4] += f" at the batch price ({report['batch_discount']:g} of the list price)"
+        lines.append(
+            f"  realtime mode would cost: expected {money(report['realtime_cost_usd_expected'])}, "
+            f"max {money(report['realtime_cost_usd_max'])}"
+        )
+        lines.append("  time: within the provider's batch window (usually minutes, at most 24 h); no rate limits")
+    else:
+        lines.append(f"  time: at least {_duration(report['duration_s_min'])} at the job's rate limits")
     return "\n".join(lines)
 
 

@@ -115,6 +115,23 @@ class JobStatus:
     cost_usd: float = 0.0
     """Everything the job has spent, including journals set aside by ``--fresh``."""
     last_progress: str | None = None
+    batches_pending: list[PendingBatch] = field(default_factory=list)
+    """Batch mode: provider batches not yet collected (a rerun collects them)."""
+    rows_in_batches: int = 0
+    """Batch mode: rows in those batches (not counted in ``rows_retryable``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    """A provider batch the journal knows of and has not fully collected."""
+
+    id: str
+    provider: str
+    status: str
+    """The provider's own word for it when last polled (``submitted`` before the first poll)."""
+    rows: int
+    submitted: str
+    """When it was submitted (ISO 8601, UTC)."""
