@@ -321,8 +321,8 @@ class FakeBatchServer:
         if form.get("purpose") != "batch" or upload is None or not hasattr(upload, "file"):
             return self._reject("multipart upload with purpose=batch and a file is required")
         file_id = self._next_id("file-")
-        self.files[file_id] = upload.file.read()
-        return web.json_response({"id": file_id, "object": "file", "purpose": "batch", "bytes": len(self.files[file_id])})
+        self.files[file_id] = data = upload.file.read()
+        return web.json_response({"id": file_id, "object": "file", "purpose": "batch", "bytes": len(data)})
 
     async def _content(self, request: web.Request) -> web.Response:
         data = self.files.get(request.match_info["id"])

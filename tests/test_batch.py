@@ -354,3 +354,77 @@ def test_kill_9_while_waiting_then_rerun_never_resubmits(workdir: Path) -> None:
         assert run_cli("job") == 0
         assert_all_answered(data, server)
         assert len(server.submissions) == 1 and server.duplicates() == 0
+
+
+@pytest.mark.slow
+def test_done_when_12000_rows_first_batch_expires_half_done(workdir: Path, capsys: Any) -> None:
+    """Issue 13's acceptance test, against the strict fake OpenRouter batch API.
+
+    --no-wait submits three batches and exits 3; a waiting run is killed with SIGKILL; the
+    rerun ends with exit 0, every row once with its own completion, only the expired batch's
+    unanswered rows submitted twice, no realtime request, and cost_usd summing to the bill.
+    """
+    with fake(complete_after_s=3600, expire={0: 0.5}) as server:
+        data = batch_job(workdir, server, 12_000)
+        # The batch-mode dry run: half the realtime price.
+        assert main(["run", "job", "--dry-run", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["rows_to_send"] == 12_000 and report["cost_usd_expected"] > 0
+        assert math.isclose(report["cost_usd_expected"], report["realtime_cost_usd_expected"] / 2)
+
+        assert run_cli("job", "--no-wait") == 3
+        assert [n for _, n in server.submissions] == [5_000, 5_000, 2_000]
+        assert all(r["error"].startswith("not_run: ") and "pending in batch" in r["error"] for r in output_rows())
+
+        proc = spawn(workdir, "run", "job", "--quiet")
+        try:
+            polls = server.polls
+            _wait(lambda: server.polls >= polls + 6, "the run polls every batch twice", proc)
+            _kill9(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert len(server.submissions) == 3  # the killed run only waited
+
+        server.config.complete_after_s = 0  # the first batch now expires half done; the others complete
+        assert run_cli("job") == 0
+        assert_all_answered(data, server)
+        assert [n for _, n in server.submissions] == [5_000, 5_000, 2_000, 2_500]
+        counts = submissions(server, range(12_000))
+        twice = [i for i, n in enumerate(counts) if n == 2]
+        assert twice == list(range(2_500, 5_000))  # the expired batch's unanswered rows, exactly twice
+        assert all(n == 1 for i, n in enumerate(counts) if not 2_500 <= i < 5_000)
+        assert server.chat_requests == 0 and server.rejected == []
+
+
+def _journal_spent() -> float:
+    with contextlib.closing(sqlite3.connect(f"file:{JOURNAL}?mode=ro", uri=True, timeout=2)) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'spent_usd'").fetchone()
+    return float(row[0]) if row else 0.0
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_pays_at_most_one_batch_twice_per_kill(workdir: Path) -> None:
+    """Kills land while submitting, polling and collecting (results in small pages): after a
+    rerun every row is answered once in the output, at most one batch per kill was submitted
+    twice (caught between its POST and its journal commit), and the journal's spend and the
+    output's cost_usd equal what the server billed (no page counted twice)."""
+    import random
+
+    rng = random.Random(13)
+    with fake(complete_after_s=0.4, inline_results=False, page_size=50, expire={1: 0.3}) as server:
+        data = batch_job(workdir, server, 2_000, batch_max_requests=250)
+        kills = 0
+        for _ in range(4):
+            proc = spawn(workdir, "run", "job", "--quiet")
+            time.sleep(rng.uniform(0.4, 1.6))
+            if proc.poll() is not None:
+                break
+            _kill9(proc)
+            kills += 1
+        assert kills >= 2 and server.result_pages > 0  # the kills landed mid-run
+        assert run_cli("job") == 0
+        assert_all_answered(data, server)
+        assert server.duplicates() <= 250 * kills + 175  # + the expired batch's 175 unanswered rows
+        assert math.isclose(_journal_spent(), server.bill, rel_tol=1e-9)
+        assert all(n <= 250 for _, n in server.submissions)

@@ -91,6 +91,7 @@ class ModelSpec(_Section):
     batch_url: str | None = None  # default: {base_url}/batches ({base_url}/batch/jobs for mistral)
     batch_discount: StrictFloat = Field(default=0.5, gt=0, le=1)  # batch price / list price, where usage has no cost
     batch_poll_s: StrictFloat = Field(default=30.0, gt=0)  # seconds between polls of pending batches
+    batch_max_requests: StrictInt | None = Field(default=None, gt=0)  # rows per batch; default: the provider's limit
 
     _path = field_validator("path", mode="before")(_non_empty_path)
 

@@ -309,11 +309,12 @@ class BatchRun:
         size = 0
         offset = 0
         limit = self.adapter.max_bytes - ENVELOPE_BYTES
+        most = min(self.adapter.max_requests, self.spec.batch_max_requests or self.adapter.max_requests)
         try:
             for batch, keys, rendered in self.plan.batches():
                 for item in await self._batch_items(keys, rendered, offset):
                     item_size = self.adapter.request_size(item.request)
-                    if chunk and (len(chunk) >= self.adapter.max_requests or size + item_size > limit):
+                    if chunk and (len(chunk) >= most or size + item_size > limit):
                         if not await self._submit(session, chunk):
                             return
                         chunk, size = [], 0
