@@ -226,6 +226,8 @@ def test_no_wait_exits_3_with_pending_rows_marked_then_a_rerun_collects(workdir:
         status = _status_json()
         assert [b["id"] for b in status["batches_pending"]] == [batch_id]
         assert status["rows_in_batches"] == 12 and status["rows_retryable"] == 0
+        # Rows waiting in a batch are not "to send" in a dry run.
+        assert _cli_json("run", "job", "--dry-run", "--json")["rows_to_send"] == 0
         # Still pending: a second --no-wait submits nothing new.
         assert run_cli("job", "--no-wait") == 3
         assert len(server.submissions) == 1
@@ -241,13 +243,18 @@ def test_no_wait_exits_3_with_pending_rows_marked_then_a_rerun_collects(workdir:
 
 
 def _status_json() -> dict[str, Any]:
+    return _cli_json("status", "job", "--json")
+
+
+def _cli_json(*args: str) -> dict[str, Any]:
     import io
     from contextlib import redirect_stdout
 
     buf = io.StringIO()
     with redirect_stdout(buf):
-        assert main(["status", "job", "--json"]) == 0
-    return json.loads(buf.getvalue())
+        assert main(list(args)) == 0
+    result: dict[str, Any] = json.loads(buf.getvalue())
+    return result
 
 
 def test_budget_reserves_each_batch_worst_case_before_submitting(workdir: Path) -> None:

@@ -13,13 +13,16 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.limiter import estimated_duration_s
 from pipeline.engine.plan import KeyScheme, Plan
 from pipeline.engine.reports import Estimate
 from pipeline.engine.selection import RowSelector
 from pipeline.store.journal import Journal
+
+if TYPE_CHECKING:
+    from pipeline.engine.batch import BatchStore
 
 
 def dry_run(plan: Plan) -> Estimate:
@@ -35,12 +38,17 @@ def dry_run(plan: Plan) -> Estimate:
             plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
         selector = RowSelector(journal.seen if journal is not None else None)
         sample = journal.completion_token_sample() if journal is not None else []
+        waiting = _batch_store(journal)
         for batch, keys, rendered in plan.batches():
             rows += batch.num_rows
             selection = selector.select(keys, rendered, rows - batch.num_rows)
             done += selection.done
             empty += len(selection.blank)
             idx = selection.todo
+            if waiting is not None and idx:
+                # Batch mode: rows waiting in a provider batch are paid for already, not to send.
+                pending = waiting.pending_keys([keys[i] for i in idx])
+                idx = [i for i in idx if keys[i] not in pending]
             systems = [rendered.systems[i] for i in idx] if rendered.systems is not None else [None] * len(idx)
             counts = plan.counter.count_chat(systems, [rendered.users[i] for i in idx]) if idx else []
             for tokens in counts:
@@ -77,6 +85,15 @@ def _batch_prices(plan: Plan, report: dict[str, Any]) -> None:
 
 def _discounted(value: float | None, discount: float) -> float | None:
     return None if value is None else round(value * discount, 10)
+
+
+def _batch_store(journal: Journal | None) -> BatchStore | None:
+    if journal is None:
+        return None
+    from pipeline.engine.batch import BatchStore
+
+    store = BatchStore(journal)
+    return store if store.has_tables() else None
 
 
 def _open_readonly(journal_path: Path) -> Journal | None:
