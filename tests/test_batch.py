@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -435,3 +436,24 @@ def test_kill_9_at_random_moments_pays_at_most_one_batch_twice_per_kill(workdir:
         assert server.duplicates() <= 250 * kills + 175  # + the expired batch's 175 unanswered rows
         assert math.isclose(_journal_spent(), server.bill, rel_tol=1e-9)
         assert all(n <= 250 for _, n in server.submissions)
+
+
+def test_python_api_batch_mode_with_and_without_waiting(workdir: Path) -> None:
+    import pipeline
+
+    data = reviews(6)
+    with fake(complete_after_s=3600) as server:
+        job = {
+            "prompt": {"user": "Summarise in one sentence:\n\n{text}"},
+            "input": {"id_column": "id"},
+            "model": {"base_url": server.base_url, "provider": "openrouter", "mode": "batch", "batch_poll_s": 0.05},
+        }
+        table = pa.table(data)
+        first = pipeline.run(table, job, wait=False, progress=False)
+        assert first.exit_code == 3 and first.summary.batches_pending == 1 and first.summary.rows_pending == 6
+        assert all("pending in batch" in e for e in first.table.column("error").to_pylist())
+        server.config.complete_after_s = 0
+        second = pipeline.run(table, job, progress=False)
+        assert second.ok and second.summary.batches_submitted == 0
+        assert second.table.column("completion").to_pylist() == [expected_reply(PREFIX + t) for t in data["text"]]
+        assert server.duplicates() == 0 and server.chat_requests == 0

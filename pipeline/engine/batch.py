@@ -574,6 +574,8 @@ class BatchRun:
 
 async def run_batch(plan: Plan, journal: Journal, options: RunOptions, controls: Controls) -> RunResult:
     """Batch mode inside ``run_plan`` (which holds the lock and the open journal)."""
+    if options.sample:
+        raise UserError('a sample sends rows in realtime: run it without [model] mode = "batch"')
     run = BatchRun(plan, journal, options, controls)
     await run.execute()
     pending = run.store.pending()
