@@ -423,14 +423,27 @@ def test_kill_9_at_random_moments_pays_at_most_one_batch_twice_per_kill(workdir:
     with fake(complete_after_s=0.4, inline_results=False, page_size=50, expire={1: 0.3}) as server:
         data = batch_job(workdir, server, 2_000, batch_max_requests=250)
         kills = 0
-        for _ in range(4):
+        # Kill while submitting, while reading result pages, and at a random moment after that.
+        stages: list[Callable[[], bool]] = [
+            lambda: _journaled_batches() >= 2,
+            lambda: server.result_pages >= 3,
+            lambda: server.result_pages >= 8,
+        ]
+        for ready in stages:
             proc = spawn(workdir, "run", "job", "--quiet")
-            time.sleep(rng.uniform(0.4, 1.6))
+            try:
+                _wait(ready, "the run gets going", proc)
+            except AssertionError:
+                if proc.poll() is None:  # timed out: our own child, by its pid
+                    proc.kill()
+                    proc.communicate(timeout=10)
+                break  # it finished first
+            time.sleep(rng.uniform(0, 0.05))
             if proc.poll() is not None:
                 break
             _kill9(proc)
             kills += 1
-        assert kills >= 2 and server.result_pages > 0  # the kills landed mid-run
+        assert kills >= 2  # the kills landed mid-run
         assert run_cli("job") == 0
         assert_all_answered(data, server)
         assert server.duplicates() <= 250 * kills + 175  # + the expired batch's 175 unanswered rows
@@ -457,3 +470,22 @@ def test_python_api_batch_mode_with_and_without_waiting(workdir: Path) -> None:
         assert second.ok and second.summary.batches_submitted == 0
         assert second.table.column("completion").to_pylist() == [expected_reply(PREFIX + t) for t in data["text"]]
         assert server.duplicates() == 0 and server.chat_requests == 0
+
+
+def test_journals_of_schema_3_gain_the_batch_tables(tmp_path: Path) -> None:
+    from pipeline.store.journal import Journal
+    from pipeline.store.migrations import SCHEMA_VERSION
+
+    path = tmp_path / "j.sqlite"
+    Journal(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("DROP TABLE batch_rows")
+        conn.execute("DROP TABLE batches")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    journal = Journal(path)
+    try:
+        tables = {r[0] for r in journal.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"batches", "batch_rows"} <= tables
+        assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
+    finally:
+        journal.close()
