@@ -489,3 +489,21 @@ def test_journals_of_schema_3_gain_the_batch_tables(tmp_path: Path) -> None:
         assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
     finally:
         journal.close()
+
+
+@pytest.mark.slow
+def test_sigterm_while_waiting_writes_the_output_and_exits_3(workdir: Path) -> None:
+    with fake(complete_after_s=3600) as server:
+        batch_job(workdir, server, 50)
+        proc = spawn(workdir, "run", "job", "--quiet")
+        try:
+            _wait(lambda: server.polls >= 2, "the run polls", proc)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 3, err
+        assert "interrupted by SIGTERM" in err
+        assert all("pending in batch" in r["error"] for r in output_rows())
+        assert len(server.submissions) == 1 and server.chat_requests == 0

@@ -431,7 +431,7 @@ class BatchRun:
             self.transient.pop(q.key, None)
         self.batches_submitted += 1
         self.tracker.requests(len(chunk), 0.0, None, None)
-        return True
+        return not self.stopper.stopped  # a stop (Ctrl-C) during the upload: submit nothing more
 
     def _submission_failed(self, reply: Reply) -> None:
         if reply.kind == ReplyKind.AUTH:
