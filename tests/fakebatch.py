@@ -75,6 +75,7 @@ class BatchConfig:
     discount: float = 0.5
     seed: int = 0
     api_key: str | None = None
+    respond_after_s: float = 0.0  # OpenRouter: accept (store) a batch, then wait this long before answering
 
 
 @dataclass
@@ -260,6 +261,8 @@ class FakeBatchServer:
         if problem:
             return self._reject(problem)
         batch = self._create(requests, data["model"])  # type: ignore[arg-type]
+        if self.config.respond_after_s:
+            await asyncio.sleep(self.config.respond_after_s)
         return web.json_response(self._or_object(batch), status=202)
 
     def _reject(self, message: str) -> web.Response:

@@ -507,3 +507,23 @@ def test_sigterm_while_waiting_writes_the_output_and_exits_3(workdir: Path) -> N
         assert "interrupted by SIGTERM" in err
         assert all("pending in batch" in r["error"] for r in output_rows())
         assert len(server.submissions) == 1 and server.chat_requests == 0
+
+
+@pytest.mark.slow
+def test_kill_between_submit_and_journal_commit_resubmits_that_one_batch(workdir: Path) -> None:
+    """The documented exception: a batch the provider accepted but the journal never recorded."""
+    with fake(respond_after_s=30) as server:
+        data = batch_job(workdir, server, 300)
+        proc = spawn(workdir, "run", "job", "--quiet")
+        try:
+            _wait(lambda: len(server.submissions) == 1, "the batch reaches the provider", proc)
+            _kill9(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert _journaled_batches() == 0
+        server.config.respond_after_s = 0
+        assert run_cli("job") == 0
+        assert_all_answered(data, server)
+        assert [n for _, n in server.submissions] == [300, 300]
+        assert server.duplicates() == 300  # that one batch, once more; never more than one per kill
