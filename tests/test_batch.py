@@ -237,7 +237,9 @@ def test_no_wait_exits_3_with_pending_rows_marked_then_a_rerun_collects(workdir:
         assert main(["run", "job", "--quiet"]) == 2
         batch_job(workdir, server, 12)
         server.config.complete_after_s = 0
-        assert run_cli("job", "--no-wait") == 0
+        summary = _cli_json("run", "job", "--no-wait", "--json")  # asserts exit 0
+        assert summary["rows_ok"] == 12 and summary["rows_resumed"] == 0 and summary["batches_pending"] == 0
+        assert summary["mode"] == "batch" and summary["batches_submitted"] == 0
         assert_all_answered(data, server)
         assert server.duplicates() == 0
         assert _status_json()["batches_pending"] == []

@@ -261,6 +261,7 @@ class BatchRun:
         self.batches_submitted = 0
         self.sent: dict[str, int] = {}  # batches each row was submitted in by this run
         self.transient: dict[str, str] = {}  # rows whose last result was transient: key -> error
+        self.collected: set[str] = set()  # rows this run journaled a final result for
         self._scan = True  # rows may need submitting: read the input (again)
         self._first_scan = True
         self._poll_failures: dict[str, int] = {}
@@ -333,7 +334,10 @@ class BatchRun:
     async def _batch_items(self, keys: list[str], rendered: RenderedBatch, offset: int) -> list[Queued]:
         selection = self.selector.select(keys, rendered, offset)
         if self._first_scan:
-            self.tracker.resumed(selection.done)
+            # Done before this run; rows this run collected already count in the bar.
+            looked_at = set(selection.todo) | set(selection.blank)
+            fresh = sum(1 for i, key in enumerate(keys) if i not in looked_at and key in self.collected)
+            self.tracker.resumed(selection.done - fresh)
         hashes = selection.hashes
         if selection.blank:
             self._journal_skipped([(keys[i], hashes[i]) for i in selection.blank], BLANK_ERROR)
@@ -539,6 +543,7 @@ class BatchRun:
             if row.status == RowStatus.TRANSIENT:
                 self._transient(ref.key, row.error or "transient error")
             else:
+                self.collected.add(ref.key)
                 self.tracker.row_done(row.status, row.error)
             if reply.kind == ReplyKind.AUTH:
                 self.stop(f"the provider refused the key ({reply.error}); fix the key or credits and rerun")
