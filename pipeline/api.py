@@ -102,13 +102,20 @@ async def arun(
     sample: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    wait: bool = True,
 ) -> Result:
     """Run a job in the running event loop; see :func:`run`."""
     from pipeline.engine.runner import RunOptions, run_plan
 
     prepared = plan(data, job, output=output, journal=journal)
     options = RunOptions(
-        quiet=not progress, fresh=fresh, retry_failed=retry_failed, sample=sample, seed=seed, notebook=True
+        quiet=not progress,
+        fresh=fresh,
+        retry_failed=retry_failed,
+        sample=sample,
+        seed=seed,
+        notebook=True,
+        wait=wait,
     )
     result = await run_plan(prepared, options)
     table = result.table
@@ -131,6 +138,7 @@ def run(
     sample: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    wait: bool = True,
 ) -> Result:
     """Send every row that is not done yet and return all rows with their answers.
 
@@ -143,8 +151,11 @@ def run(
     (default: ``[output] path``, if any). ``journal``: where the journal
     lives (default: beside the job's output file, else the cache folder).
     ``progress``: show a progress bar (notebook-aware); nothing else is
-    printed. Mistakes in the job or the data raise :class:`pipeline.UserError`
-    before anything is sent.
+    printed. ``wait``: in batch mode (``[model] mode = "batch"``), poll until
+    every provider batch is collected; ``False`` returns once what has
+    finished is collected (``exit_code`` 3 while batches are pending, as with
+    ``--no-wait``). Mistakes in the job or the data raise
+    :class:`pipeline.UserError` before anything is sent.
     """
     call = arun(
         data,
@@ -156,6 +167,7 @@ def run(
         sample=sample,
         seed=seed,
         progress=progress,
+        wait=wait,
     )
     return _run_sync(call)
 

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline
+from pipeline.store.migrations import SCHEMA_VERSION
 from tests.fakeserver import FakeServer, expected_reply
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -178,4 +179,4 @@ def test_old_journal_with_row_number_keys_resumes(server: FakeServer, workdir: P
     assert_matched(again, df)
     with sqlite3.connect(journal) as conn:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
-    assert meta["schema_version"] == "3" and meta["key_scheme"] == "row_number"
+    assert meta["schema_version"] == str(SCHEMA_VERSION) and meta["key_scheme"] == "row_number"

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="start over: set the old journal aside")
     run.add_argument("--retry-failed", action="store_true", help="also retry rows that failed permanently")
     run.add_argument("--output", metavar="PATH", help="write the output here instead of [output] path")
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="batch mode: submit, collect what has finished, write the output, exit 3 while batches are pending",
+    )
     status = sub.add_parser("status", help="show a job's progress from its journal")
     status.add_argument("job")
     status.add_argument("--json", action="store_true")
@@ -143,6 +148,14 @@ def _require_files(job: Job) -> None:
         raise JobError(f"jobs/{job.name}: [output] path: required key is missing")
 
 
+def _check_mode(job: Job, args: argparse.Namespace) -> None:
+    batch = job.model.mode == "batch"
+    if args.no_wait and not batch:
+        raise JobError('--no-wait applies to batch mode only: set [model] mode = "batch"')
+    if args.sample and batch:
+        raise JobError('--sample sends rows in realtime: run it without [model] mode = "batch", or use --dry-run')
+
+
 def _output(args: argparse.Namespace) -> Path | None:
     """``--output`` moves the output file only: the journal, lock and budget stay the job's."""
     return Path(args.output) if getattr(args, "output", None) else None
@@ -170,9 +183,12 @@ def _run(job: Job, args: argparse.Namespace) -> int:
     from pipeline.engine.plan import prepare
     from pipeline.engine.runner import RunOptions
 
+    _check_mode(job, args)
     plan = prepare(job, output=_output(args))
     _tune_gc()
-    options = RunOptions(quiet=args.quiet, fresh=args.fresh, retry_failed=args.retry_failed, sample=args.sample)
+    options = RunOptions(
+        quiet=args.quiet, fresh=args.fresh, retry_failed=args.retry_failed, sample=args.sample, wait=not args.no_wait
+    )
     result = asyncio.run(_with_signals(plan, options))
     print_summary(plan, result, args)
     return result.exit_code

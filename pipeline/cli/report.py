@@ -50,6 +50,11 @@ def format_summary(plan: Plan, s: RunSummary, job_arg: str) -> str:
         )
     if s.errors:
         lines.append("  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items())))
+    if s.mode == "batch":
+        lines.append(
+            f"  batches: {s.batches_submitted:,} submitted by this run, {s.batches_pending:,} pending at the "
+            f"provider ({s.rows_pending:,} rows)"
+        )
     if s.output:
         lines.append(f"  output: {s.output} ({s.output_rows:,} rows)")
     lines += _stop_lines(s, job_arg)

@@ -86,12 +86,20 @@ class ModelSpec(_Section):
     context_length: StrictInt | None = Field(default=None, gt=0)
     path: Path | None = None  # local GGUF file (provider = "local")
     n_ctx: StrictInt = Field(default=4096, gt=0)  # local server context size
+    # Batch mode: rows go through the provider's asynchronous batch API (about half price).
+    mode: Literal["realtime", "batch"] = "realtime"
+    batch_url: str | None = None  # default: {base_url}/batches ({base_url}/batch/jobs for mistral)
+    batch_discount: StrictFloat = Field(default=0.5, gt=0, le=1)  # batch price / list price, where usage has no cost
+    batch_poll_s: StrictFloat = Field(default=30.0, gt=0)  # seconds between polls of pending batches
+    batch_max_requests: StrictInt | None = Field(default=None, gt=0)  # rows per batch; default: the provider's limit
 
     _path = field_validator("path", mode="before")(_non_empty_path)
 
-    @field_validator("base_url")
+    @field_validator("base_url", "batch_url")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
+    def _strip_slash(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")

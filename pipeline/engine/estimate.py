@@ -13,13 +13,16 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.limiter import estimated_duration_s
 from pipeline.engine.plan import KeyScheme, Plan
 from pipeline.engine.reports import Estimate
 from pipeline.engine.selection import RowSelector
 from pipeline.store.journal import Journal
+
+if TYPE_CHECKING:
+    from pipeline.engine.batch import BatchStore
 
 
 def dry_run(plan: Plan) -> Estimate:
@@ -35,12 +38,17 @@ def dry_run(plan: Plan) -> Estimate:
             plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
         selector = RowSelector(journal.seen if journal is not None else None)
         sample = journal.completion_token_sample() if journal is not None else []
+        waiting = _batch_store(journal)
         for batch, keys, rendered in plan.batches():
             rows += batch.num_rows
             selection = selector.select(keys, rendered, rows - batch.num_rows)
             done += selection.done
             empty += len(selection.blank)
             idx = selection.todo
+            if waiting is not None and idx:
+                # Batch mode: rows waiting in a provider batch are paid for already, not to send.
+                pending = waiting.pending_keys([keys[i] for i in idx])
+                idx = [i for i in idx if keys[i] not in pending]
             systems = [rendered.systems[i] for i in idx] if rendered.systems is not None else [None] * len(idx)
             counts = plan.counter.count_chat(systems, [rendered.users[i] for i in idx]) if idx else []
             for tokens in counts:
@@ -57,7 +65,35 @@ def dry_run(plan: Plan) -> Estimate:
     report["rows_done"] = done
     report["skipped"] = {"empty_prompt": empty, "over_context": too_long, "total": empty + too_long}
     report["rows_per_s"] = round(rows / elapsed) if elapsed > 0 else None
+    if plan.job.model.mode == "batch":
+        _batch_prices(plan, report)
     return Estimate(**report)
+
+
+def _batch_prices(plan: Plan, report: dict[str, Any]) -> None:
+    """Batch mode: cost at the batch discount, beside what realtime mode would cost; no rate limits apply."""
+    discount = plan.job.model.batch_discount
+    report["realtime_cost_usd_expected"] = report["cost_usd_expected"]
+    report["realtime_cost_usd_max"] = report["cost_usd_max"]
+    for key in ("cost_usd_min", "cost_usd_expected", "cost_usd_max"):
+        report[key] = _discounted(report[key], discount)
+    report["cost_usd_interval"] = [_discounted(v, discount) for v in report["cost_usd_interval"]]
+    report["mode"] = "batch"
+    report["batch_discount"] = discount
+    report["duration_s_min"] = 0.0
+
+
+def _discounted(value: float | None, discount: float) -> float | None:
+    return None if value is None else round(value * discount, 10)
+
+
+def _batch_store(journal: Journal | None) -> BatchStore | None:
+    if journal is None:
+        return None
+    from pipeline.engine.batch import BatchStore
+
+    store = BatchStore(journal)
+    return store if store.has_tables() else None
 
 
 def _open_readonly(journal_path: Path) -> Journal | None:
@@ -130,8 +166,16 @@ def format_report(estimate: Estimate) -> str:
         f"max {money(report['cost_usd_max'])}",
         f"  prices: {report['model']} at {report['input_price_per_million']} / "
         f"{report['output_price_per_million']} USD per million tokens in/out, from {report['price_source']}",
-        f"  time: at least {_duration(report['duration_s_min'])} at the job's rate limits",
     ]
+    if report["mode"] == "batch":
+        lines[4] += f" at the batch price ({report['batch_discount']:g} of the list price)"
+        lines.append(
+            f"  realtime mode would cost: expected {money(report['realtime_cost_usd_expected'])}, "
+            f"max {money(report['realtime_cost_usd_max'])}"
+        )
+        lines.append("  time: within the provider's batch window (usually minutes, at most 24 h); no rate limits")
+    else:
+        lines.append(f"  time: at least {_duration(report['duration_s_min'])} at the job's rate limits")
     return "\n".join(lines)
 
 

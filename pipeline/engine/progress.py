@@ -40,6 +40,7 @@ class Tracker:
         self.quiet = quiet
         self._next_refresh = 0.0
         self._paused_until = 0.0  # wall-clock time a server's Retry-After pauses the job until
+        self.note = ""  # shown after the counters, e.g. batch mode's "3 batches pending"
         bar = auto_tqdm if notebook else tqdm
         self.bar = bar(
             total=total,
@@ -100,7 +101,15 @@ class Tracker:
         text = f"${c.cost_usd:.4f}, {tokens:,} tok, {c.failed + c.invalid} err"
         if self._paused_until > time.time():
             text += f", paused by the server until {time.strftime('%H:%M:%S', time.localtime(self._paused_until))}"
+        if self.note:
+            text += f", {self.note}"
         self.bar.set_postfix_str(text, refresh=False)
+
+    def set_note(self, note: str) -> None:
+        if note != self.note:
+            self.note = note
+            self._refresh_postfix()
+            self.bar.refresh()
 
     def close(self) -> None:
         self._refresh_postfix()

@@ -45,6 +45,13 @@ class RunSummary:
     output_rows_with_error: int = 0
     estimate: Estimate | None = None
     """With ``--sample``: the dry-run estimate for the whole job, from the sample."""
+    mode: str = "realtime"
+    batches_submitted: int = 0
+    """Batch mode: provider batches this run submitted."""
+    batches_pending: int = 0
+    """Batch mode: batches still running at the provider when the run ended (a rerun collects them)."""
+    rows_pending: int = 0
+    """Batch mode: rows in those batches."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +84,12 @@ class Estimate:
     context_length: int | None
     skipped: dict[str, int]
     rows_per_s: int | None
+    mode: str = "realtime"
+    batch_discount: float | None = None
+    """Batch mode: the cost figures above are at this fraction of the list price."""
+    realtime_cost_usd_expected: float | None = None
+    """Batch mode: what the expected cost would be in realtime mode."""
+    realtime_cost_usd_max: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +115,23 @@ class JobStatus:
     cost_usd: float = 0.0
     """Everything the job has spent, including journals set aside by ``--fresh``."""
     last_progress: str | None = None
+    batches_pending: list[PendingBatch] = field(default_factory=list)
+    """Batch mode: provider batches not yet collected (a rerun collects them)."""
+    rows_in_batches: int = 0
+    """Batch mode: rows in those batches (not counted in ``rows_retryable``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    """A provider batch the journal knows of and has not fully collected."""
+
+    id: str
+    provider: str
+    status: str
+    """The provider's own word for it when last polled (``submitted`` before the first poll)."""
+    rows: int
+    submitted: str
+    """When it was submitted (ISO 8601, UTC)."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pyarrow as pa
 
+from pipeline.engine.batch import refuse_if_batches_pending, run_batch
 from pipeline.engine.client import Attempted, ChatClient, Stopper, request_headers
 from pipeline.engine.limiter import RateLimiter
 from pipeline.engine.plan import KeyScheme, Plan
@@ -78,6 +79,7 @@ class RunOptions:
     notebook: bool = False  # a tqdm bar that renders in Jupyter (the Python API)
     # Exactly these row offsets (an evaluation's rows); overrides ``sample``.
     rows: frozenset[int] | None = None
+    wait: bool = True  # batch mode: poll until every batch is collected (False: --no-wait)
 
 
 @dataclass
@@ -388,6 +390,9 @@ async def run_plan(plan: Plan, options: RunOptions, controls: Controls | None = 
             if plan.key_scheme != KeyScheme.ID:
                 plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
             journal.set_meta("total_rows", str(plan.total_rows))
+            if plan.job.model.mode == "batch":
+                return await run_batch(plan, journal, options, controls or Controls())
+            refuse_if_batches_pending(journal)
             run = Run(plan, journal, options, controls)
             async with plan.provider.server(plan.job.model) as base_url:
                 await run.execute(base_url)

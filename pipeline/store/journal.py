@@ -17,6 +17,7 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import Field, dataclass, fields
 from enum import StrEnum
 from operator import attrgetter
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import IdentityError, JournalError, LockedError
-from pipeline.store.migrations import SCHEMA_VERSION, migrate
+from pipeline.store.migrations import BATCH_SCHEMA, SCHEMA_VERSION, migrate
 
 
 class RowStatus(StrEnum):
@@ -168,6 +169,7 @@ class Journal:
         new = self.conn.execute("SELECT name FROM sqlite_master WHERE name = 'results'").fetchone() is None
         self.conn.executescript(SCHEMA)
         if new:
+            self.conn.executescript(BATCH_SCHEMA)
             self.set_meta("schema_version", str(SCHEMA_VERSION))
             self.set_meta("key_scheme", "content")
         else:
@@ -264,11 +266,15 @@ class Journal:
         if done is not None and not done.done():
             done.set_result(None)
 
-    def write_now(self, rows: list[JournalRow], cost: float = 0.0) -> None:
-        """Commit rows (and what they cost) in one transaction."""
+    def write_now(
+        self, rows: list[JournalRow], cost: float = 0.0, also: Callable[[sqlite3.Connection], None] | None = None
+    ) -> None:
+        """Commit rows (and what they cost) in one transaction, with ``also``'s statements (batch mode)."""
         with self.conn:
             self.conn.execute("BEGIN")
             self.conn.executemany(_UPSERT, map(_AS_TUPLE, rows))
+            if also is not None:
+                also(self.conn)
             if cost:
                 self.conn.execute(
                     "INSERT INTO meta VALUES ('spent_usd', ?) ON CONFLICT(key) "

@@ -27,8 +27,43 @@ def _v3_row_number_keys(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('key_scheme', 'row_number')")
 
 
+# Batch mode: the provider batches a job submitted and which rows each holds, so a
+# rerun polls them instead of submitting their rows again. Created with the
+# journal (new journals are never migrated), and by the migration for older ones.
+BATCH_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    status TEXT NOT NULL,
+    collected INTEGER NOT NULL DEFAULT 0,
+    rows INTEGER NOT NULL,
+    worst_usd REAL NOT NULL DEFAULT 0,
+    submitted REAL NOT NULL,
+    updated REAL NOT NULL,
+    cursor TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS batch_rows (
+    batch_id TEXT NOT NULL,
+    custom_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    prompt_hash TEXT NOT NULL,
+    collected INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (batch_id, custom_id)
+);
+CREATE INDEX IF NOT EXISTS batch_rows_key ON batch_rows (key);
+"""
+
+
+def _v4_batches(conn: sqlite3.Connection) -> None:
+    """Provider batches and their rows (batch mode)."""
+    for statement in BATCH_SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 # MIGRATIONS[i] takes a journal from version i + 1 to version i + 2.
-MIGRATIONS: list[Migration] = [_v2_cost_estimated, _v3_row_number_keys]
+MIGRATIONS: list[Migration] = [_v2_cost_estimated, _v3_row_number_keys, _v4_batches]
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 
