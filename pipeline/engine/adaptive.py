@@ -70,6 +70,7 @@ class AutoSettings:
     backoff: float = 0.5
     most_after_cut: float = 0.95
     window_s: float = 20.0
+    min_answers: int = 5
     # A 429 without Retry-After: assume a bucket refilled in this time.
     default_pause_s: float = 1.0
     # Below a stated limit: windows and clocks never line up exactly.
@@ -199,13 +200,14 @@ class RateController:
         if info.limit_tokens:
             self.token_limit = info.limit_tokens
 
-    def _believable(self, stated: int, measured: float) -> bool:
+    def _believable(self, stated: int, measured: float | None) -> bool:
         """A stated limit (read as per minute) the answers counted do not contradict.
 
         OpenRouter does not say over what interval ``X-RateLimit-Limit``
         counts: if far more than it went through per minute, it is not per minute.
         """
-        return stated != self._distrusted and measured <= stated * self.settings.stated_tolerance
+        too_many = measured is not None and measured > stated * self.settings.stated_tolerance
+        return stated != self._distrusted and not too_many
 
     def _adopt(self, stated: int, now: float) -> None:
         """Run just below a stated limit, without probing above it."""
@@ -215,14 +217,15 @@ class RateController:
         self._stated = stated
         self._last_cut = now
 
-    def _cut(self, now: float, measured: float) -> None:
-        """A bit below what the server was measured to allow; at least a multiplicative cut."""
+    def _cut(self, now: float, measured: float | None) -> None:
+        """A bit below what the server was measured to allow, but no more than halving at once."""
         s = self.settings
-        halved = self.rpm * s.backoff
-        new = max(s.min_rpm, min(max(halved, s.below_measured * measured), self.rpm * s.most_after_cut))
-        self.rpm = self.settled_rpm = new
-        # Too few answers to measure: climb back in slow start, as TCP does after a timeout.
-        self._target = new if new > halved else None
+        estimate = None if measured is None else s.below_measured * measured
+        new = max(self.rpm * s.backoff, estimate or 0.0)
+        self.rpm = max(s.min_rpm, min(new, self.rpm * s.most_after_cut))
+        self.settled_rpm = self.rpm if estimate is None else min(self.rpm, estimate)
+        # Nothing measured: climb back in slow start, as TCP does after a timeout.
+        self._target = estimate
         self.source = LimitSource.MEASURED
         self._stated = None
         self._last_cut = now
@@ -241,17 +244,20 @@ class RateController:
             return self.rpm * s.slow_start_per_s
         return max(s.probe_per_s * self._target, s.catch_up_per_s * (self._target - self.rpm))
 
-    def _measured_rpm(self, now: float, pause_s: float) -> float:
+    def _measured_rpm(self, now: float, pause_s: float) -> float | None:
         """The rate the server allowed: answers since the window's start, per (time + the pause it asks).
 
         Counting from the last cut, pause or first request, a server's bucket
         started full; a bucket refilled in ``pause_s`` held ``rate x pause_s``,
         so answers / (span + pause) is its rate, and a fixed window's limit per
         window (its Retry-After runs to the window's end) comes out the same.
+        None when too few answers were counted to tell.
         """
         first = now if self._first_sent is None else self._first_sent
         start = min(now, max(now - self.settings.window_s, self._last_cut, self._resume_at, first))
         count = sum(1 for t in self._answers if t >= start)
+        if count < self.settings.min_answers:
+            return None
         return count / (now - start + pause_s) * 60
 
     def _trim(self, now: float) -> None:
