@@ -42,6 +42,7 @@ from pipeline.engine.adaptive import (
 from pipeline.engine.client import ChatClient, Stopper
 from pipeline.engine.limiter import RateLimiter
 from pipeline.engine.tokens import counter_for
+from pipeline.providers import get_provider
 from pipeline.providers.base import parse_response
 from pipeline.providers.ratelimits import RateLimitInfo, key_rate_limit, parse_reset, rate_limit_info
 from tests.conftest import reviews, run_cli, write_job, write_parquet
@@ -179,7 +180,9 @@ def test_key_rate_limit(body: Any, expected: int | None) -> None:
 )
 def test_make_limiter(limits: dict[str, Any], local: bool, kind: type, auto: bool) -> None:
     async def build() -> RateLimiter:
-        return make_limiter(LimitsSpec(**limits), max_tokens=64, local=local)
+        return make_limiter(
+            LimitsSpec(**limits), max_tokens=64, provider=get_provider("local" if local else "openrouter")
+        )
 
     limiter = asyncio.run(build())
     assert type(limiter) is kind

@@ -364,6 +364,15 @@ class AdaptiveLimiter(RateLimiter):
         if self._gate is not None:
             self._gate.resize(controller.in_flight_limit(self._concurrency))
 
+    def ready(self, prompt_tokens: int = 0) -> bool:
+        """True when ``acquire`` would not wait: no cool-down, token room, and the pacer's slot is due."""
+        if not super().ready(prompt_tokens):
+            return False
+        if not self.requests_auto:
+            return True
+        now = asyncio.get_running_loop().time()
+        return not self._pace_lock.locked() and self._next_at - 60 / self.controller.rpm <= now
+
     def cool_down(self, seconds: float) -> None:
         super().cool_down(seconds)
         self.controller.on_pause(self._paused_until)

@@ -183,7 +183,7 @@ def format_report(estimate: Estimate) -> str:
 
 
 def _time_line(report: dict[str, Any]) -> str:
-    if report.get("requests_per_minute") != AUTO:
+    if report["requests_per_minute"] != AUTO:
         return f"  time: at least {_duration(report['duration_s_min'])} at the job's rate limits"
     at_start = _duration(report["rows_to_send"] / START_RPM * 60)
     return (

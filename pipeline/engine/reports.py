@@ -84,6 +84,9 @@ class Estimate:
     cost_usd_interval: list[float | None]
     cost_usd_max: float | None
     duration_s_min: float
+    """The least time the job's fixed caps allow ("auto" limits fix none in advance)."""
+    requests_per_minute: int | str
+    """The job's setting: a number, or "auto" (learned while running)."""
     model: str
     tokenizer: str
     tokens_exact: bool
