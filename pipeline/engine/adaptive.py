@@ -435,7 +435,11 @@ async def read_stated_limit(
     limiter: RateLimiter, session: aiohttp.ClientSession, base_url: str, provider: Provider
 ) -> None:
     """Best effort, once per run: a limit the provider states outside replies (OpenRouter's GET /key)."""
-    if isinstance(limiter, AdaptiveLimiter) and limiter.requests_auto:
+    if not isinstance(limiter, AdaptiveLimiter) or not limiter.requests_auto:
+        return
+    try:
         info = await provider.stated_rate_limit(session, base_url)
-        if info is not None:
-            limiter.controller.on_stated(info)
+    except Exception:  # a hint, never a reason to fail the run (this task shares the run's TaskGroup)
+        return
+    if info is not None:
+        limiter.controller.on_stated(info)
