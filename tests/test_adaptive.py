@@ -790,3 +790,15 @@ def test_progress_bar_shows_learned_rate(workdir: Path, server: FakeServer, caps
     assert main(["run", str(job)]) == 0
     assert "auto 6" in capsys.readouterr().err  # "auto 6xx/min" in the bar's last refresh
     assert run_cli(str(job)) == 0  # and a rerun is a no-op
+
+
+def test_dry_run_with_auto_rate(workdir: Path, server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """A dry run cannot know the server's limit: it gives the time at the starting rate and says so."""
+    job = auto_job(workdir, server, 300)
+    assert main(["run", str(job), "--dry-run"]) == 0
+    assert 'time: 30 s at the starting 600 requests/min; requests_per_minute = "auto"' in capsys.readouterr().out
+    assert main(["run", str(job), "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["requests_per_minute"] == "auto"
+    assert report["duration_s_min"] == 0.0
+    assert server.stats()["requests"] == 0
