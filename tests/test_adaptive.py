@@ -26,10 +26,11 @@ from unittest import mock
 
 import pytest
 from multidict import CIMultiDict
+from pydantic import ValidationError
 
 from pipeline.cli.app import main
 from pipeline.cli.report import pinnable
-from pipeline.config.job import LimitsSpec
+from pipeline.config.job import LimitsSpec, describe_validation_error
 from pipeline.engine import adaptive
 from pipeline.engine.adaptive import (
     AdaptiveLimiter,
@@ -193,6 +194,17 @@ def test_auto_is_the_default_and_numbers_stay_numbers() -> None:
     assert LimitsSpec().requests_per_minute == "auto"
     assert LimitsSpec().tokens_per_minute == 0
     assert LimitsSpec(requests_per_minute=2350).requests_per_minute == 2350
+
+
+@pytest.mark.parametrize("value", ["600", 600.0, 20.5, -1, True, "fast", "AUTO", None])
+@pytest.mark.parametrize("key", ["requests_per_minute", "tokens_per_minute"])
+def test_rate_settings_are_a_whole_number_or_auto(key: str, value: Any) -> None:
+    """Strict like every number in a job file; one line naming the key and both accepted forms."""
+    with pytest.raises(ValidationError) as caught:
+        LimitsSpec(**{key: value})
+    message = describe_validation_error(caught.value)
+    assert message.startswith(f'{key}: must be a whole number per minute (0: no cap) or "auto"')
+    assert "more problems" not in message
 
 
 @pytest.mark.parametrize(("rpm", "pin"), [(2356.4, 2350), (583.9, 583), (12_345.0, 12_300), (57.2, 57), (0.4, 1)])
