@@ -402,6 +402,7 @@ class BucketServer:
     """A strict token bucket (one second of burst) answering like OpenRouter, on the loop's clock."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, cap_rpm: float, stated: bool, latency_s: float) -> None:
+        self.headers: dict[str, str] = {}  # the client reads the session's headers (no key here)
         self.loop = loop
         self.cap_rpm = cap_rpm
         self.stated = stated
