@@ -60,6 +60,8 @@ DRY_GOAL_ROWS_PER_S = 16_000
 # [limits] requests_per_minute: a whole number, 0 meaning no cap (pipeline/job.py).
 NO_CAP_RPM = 0
 CHILD_TIMEOUT_S = 3600.0
+# benchmarks/adaptive.py's section of results.md starts here; this script keeps it.
+KEPT_MARKER = "<!-- benchmarks/adaptive.py -->"
 
 # Must match benchmarks/minimal_loop.py so both send identical bodies.
 SYSTEM = "You are a concise analyst."
@@ -645,6 +647,12 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _kept_sections() -> str:
+    """Sections other scripts (benchmarks/adaptive.py) wrote after their marker: kept as they are."""
+    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else ""
+    return "\n" + KEPT_MARKER + old.split(KEPT_MARKER, 1)[1] if KEPT_MARKER in old else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the pipeline against the fake server.")
     parser.add_argument("--quick", action="store_true", help="skip the 1,000,000-row memory run")
@@ -695,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    RESULTS.write_text(text, encoding="utf-8")
+    RESULTS.write_text(text + _kept_sections(), encoding="utf-8")
     print("\n".join(header))
     print()
     print(table(rows))

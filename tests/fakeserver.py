@@ -360,6 +360,15 @@ class FakeConfig:
     rps: float | None = None
     # Retry-After header value for 429 (and scripted 503) answers.
     retry_after: str = "1"
+    # With rps: also state the limit on its 429s as OpenRouter does (X-RateLimit-Limit per
+    # minute, -Remaining 0, -Reset in epoch milliseconds); otherwise only Retry-After.
+    rate_limit_headers: bool = False
+    # State OpenAI-style limits on every answer: x-ratelimit-limit-requests (per minute) and
+    # x-ratelimit-limit-tokens / -remaining-tokens (per minute; stated, not enforced).
+    stated_rpm: int | None = None
+    stated_tpm: int | None = None
+    # GET /v1/key's data.rate_limit (OpenRouter shape; it now answers requests -1).
+    key_rate_limit: JSON = field(default_factory=lambda: {"requests": -1, "interval": "10s"})
     # {substring of the last user message: [behaviour, ...]}: the n-th matching request
     # gets the n-th behaviour, then "ok".  Lists are read, never mutated; assigning a new
     # list to a key restarts it.  Behaviours: "ok", "NNN" or "NNN:message" (HTTP error
@@ -406,6 +415,7 @@ class _Stats:
         self.completion_tokens = 0
         self.cost = 0.0
         self.arrivals: list[float] = []
+        self.completed: list[float] = []  # when each billed completion was answered
         self.by_content: dict[str, int] = {}
         self.bodies: deque[JSON] = deque(maxlen=max_bodies)
         self.response_formats: dict[str, int] = {}
@@ -438,6 +448,7 @@ class _Stats:
         }
         if full:
             out["arrivals"] = list(self.arrivals)
+            out["completed"] = list(self.completed)
             out["bodies"] = list(self.bodies)
         return out
 
@@ -517,7 +528,8 @@ class FakeServer:
         answers sent; hung/dropped requests are not in it), ``ok`` (billed 200
         completions, including "invalid_json"/"wrong_label"/"empty" ones),
         ``prompt_tokens``, ``completion_tokens``, ``cost`` (sums over billed
-        completions), ``arrivals`` (seconds since start, monotonic), ``by_content``
+        completions), ``arrivals`` (seconds since start, monotonic), ``completed`` (when
+        each billed completion was answered, same clock), ``by_content``
         ({sha256(u)[:16]: billed completions}), ``bodies`` (``{"t", "path", "body",
         "headers"}``, headers a case-insensitive ``CIMultiDict``), ``response_formats``
         ({type: n}), ``behaviours`` ({non-ok behaviour: n}), ``rate_limited``, ``hung``,
@@ -555,6 +567,7 @@ class FakeServer:
         for prefix in ("/v1", "/api/v1"):
             app.router.add_post(f"{prefix}/chat/completions", self._handle_chat)
             app.router.add_get(f"{prefix}/models", self._handle_models)
+            app.router.add_get(f"{prefix}/key", self._handle_key)
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_post("/reset", self._handle_reset)
         app.router.add_post("/control", self._handle_control)
@@ -562,6 +575,15 @@ class FakeServer:
 
     async def _handle_models(self, request: web.Request) -> web.Response:
         return _json_response(200, {"data": self.config.models})
+
+    async def _handle_key(self, request: web.Request) -> web.Response:
+        """OpenRouter's ``GET /key``: the key's credit and (deprecated) rate limit."""
+        try:
+            self._check_auth(request)
+        except _Reply as reply:
+            return _json_response(reply.status, reply.body, reply.headers)
+        data = {"label": "sk-or-v1-fake", "limit": None, "usage": 0.0, "rate_limit": self.config.key_rate_limit}
+        return _json_response(200, {"data": data})
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
         full = request.query.get("full", "0") not in ("0", "", "false")
@@ -693,7 +715,23 @@ class FakeServer:
                 self._bucket_tokens -= 1.0
                 return
             self._stats.rate_limited += 1
-        raise _Reply(429, error_body(429), {"Retry-After": str(self.config.retry_after)})
+            wait_s = (1.0 - self._bucket_tokens) / rps
+        headers = {"Retry-After": str(self.config.retry_after), **self._stated_headers()}
+        if self.config.rate_limit_headers:
+            headers["X-RateLimit-Limit"] = str(round(rps * 60))
+            headers["X-RateLimit-Remaining"] = "0"
+            headers["X-RateLimit-Reset"] = str(int((time.time() + wait_s) * 1000))
+        raise _Reply(429, error_body(429), headers)
+
+    def _stated_headers(self) -> dict[str, str]:
+        """OpenAI-style limit headers (``stated_rpm`` / ``stated_tpm``), sent on every answer."""
+        headers = {}
+        if self.config.stated_rpm:
+            headers["x-ratelimit-limit-requests"] = str(self.config.stated_rpm)
+        if self.config.stated_tpm:
+            headers["x-ratelimit-limit-tokens"] = str(self.config.stated_tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(self.config.stated_tpm)
+        return headers
 
     def _parse_max_tokens(self, body: JSON) -> int | None:
         value = body.get("max_tokens", body.get("max_completion_tokens"))
@@ -820,12 +858,13 @@ class FakeServer:
         with self._lock:
             st = self._stats
             st.ok += 1
+            st.completed.append(time.monotonic() - self._t0)
             st.prompt_tokens += prompt
             st.completion_tokens += completion
             st.cost += cost
             st.by_content[h16] = st.by_content.get(h16, 0) + 1
             st.status_counts[200] = st.status_counts.get(200, 0) + 1
-        return _json_response(200, payload)
+        return _json_response(200, payload, self._stated_headers() or None)
 
     def _envelope(self, body: JSON, content: str, finish_reason: str, usage: JSON) -> JSON:
         """The OpenAI/OpenRouter success shape around one choice."""
@@ -1014,6 +1053,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before answering")
     parser.add_argument("--jitter", type=float, default=0.0, help="extra uniform 0..S latency")
     parser.add_argument("--retry-after", default="1", help="Retry-After value for 429/503")
+    parser.add_argument(
+        "--rate-limit-headers", action="store_true", help="state X-RateLimit-* on 429s (OpenRouter style)"
+    )
     parser.add_argument("--tokenizer", choices=("words", "tekken"), default="words")
     parser.add_argument("--no-cost", action="store_true", help="omit usage.cost")
     parser.add_argument("--provider-name", default="FakeProvider")
@@ -1035,6 +1077,7 @@ def config_from_args(args: argparse.Namespace) -> FakeConfig:
         latency_jitter_s=args.jitter,
         rps=args.rps,
         retry_after=args.retry_after,
+        rate_limit_headers=args.rate_limit_headers,
         tokenizer=args.tokenizer,
         include_cost=not args.no_cost,
         provider_name=None if args.no_provider else args.provider_name,

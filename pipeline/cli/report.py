@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import replace
 
+from pipeline.engine.adaptive import LimitSource
 from pipeline.engine.plan import Plan
 from pipeline.engine.reports import RunSummary
 from pipeline.engine.runner import RunResult
@@ -48,6 +50,7 @@ def format_summary(plan: Plan, s: RunSummary, job_arg: str) -> str:
             "  note: the server reported no usage for some replies; their cost was estimated from "
             "counted tokens at the job's prices (and counted against budget_usd)"
         )
+    lines += _rate_lines(s)
     if s.errors:
         lines.append("  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items())))
     if s.mode == "batch":
@@ -59,6 +62,35 @@ def format_summary(plan: Plan, s: RunSummary, job_arg: str) -> str:
         lines.append(f"  output: {s.output} ({s.output_rows:,} rows)")
     lines += _stop_lines(s, job_arg)
     return "\n".join(lines)
+
+
+def _rate_lines(s: RunSummary) -> list[str]:
+    """What ``"auto"`` limits learned, worded so the user can pin it next time."""
+    lines = []
+    rpm = s.learned_requests_per_minute
+    if rpm is not None and s.learned_rate_source == LimitSource.NOT_REACHED:
+        lines.append(
+            f"  rate: no rate limit met up to {rpm:,.0f} requests/min "
+            '(requests_per_minute = "auto" kept raising it while requests succeeded)'
+        )
+    elif rpm is not None:
+        pin = pinnable(rpm)
+        said = ", as it stated" if s.learned_rate_source == LimitSource.STATED else ""
+        lines.append(
+            f"  rate: the server allowed about {pin:,} requests/min{said} "
+            f"(pin it with [limits] requests_per_minute = {pin})"
+        )
+    if s.learned_tokens_per_minute is not None:
+        lines.append(f"  tokens: the server stated a limit of {s.learned_tokens_per_minute:,} tokens/min")
+    return lines
+
+
+def pinnable(rpm: float) -> int:
+    """A learned rate as a whole number to put in a job file: three significant figures, rounded down."""
+    if rpm < 1:
+        return 1
+    step = 10 ** max(0, math.floor(math.log10(rpm)) - 2)
+    return int(rpm // step * step)
 
 
 def _stop_lines(s: RunSummary, job_arg: str) -> list[str]:

@@ -13,10 +13,11 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictFloat,
@@ -127,9 +128,29 @@ class ModelSpec(_Section):
         return value
 
 
+AUTO: Final = "auto"
+
+
+def _rate_setting(value: Any) -> Any:
+    """A whole number per minute (0: no cap), or "auto": learn the server's limit while running.
+
+    Whole numbers only: 20.5 per minute would let a 60-s window hold 21.
+    """
+    if value == AUTO and isinstance(value, str):
+        return value
+    # Strict, like every other number in a job file: 600, not "600" or 600.0.
+    if type(value) is int and value >= 0:
+        return value
+    raise ValueError(f'must be a whole number per minute (0: no cap) or "auto", not {value!r}')
+
+
+# Checked before pydantic's union, so a bad value gets one plain message.
+RateSetting = Annotated[int | Literal["auto"], BeforeValidator(_rate_setting)]
+
+
 class LimitsSpec(_Section):
-    requests_per_minute: StrictInt = Field(default=600, ge=0)  # 0: no cap
-    tokens_per_minute: StrictInt = Field(default=0, ge=0)
+    requests_per_minute: RateSetting = AUTO
+    tokens_per_minute: RateSetting = 0
     concurrency: StrictInt = Field(default=32, gt=0, le=4096)
     max_attempts: StrictInt = Field(default=6, ge=1)
     timeout_s: StrictFloat = Field(default=60, gt=0)

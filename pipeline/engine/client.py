@@ -101,12 +101,16 @@ class ChatClient:
         attempt = 0
         reply = Reply(ReplyKind.RETRY, error="stopped before sending (not_run)")
         while attempt < self.max_attempts and not self.stopper.stopped:
-            if not await self._acquire(tokens):
-                break
-            attempt += 1
-            started = time.perf_counter()
-            reply = await self._send_once(body)
-            latency = time.perf_counter() - started
+            # The slot (auto rate limits) bounds requests in flight, the wait for the rate included.
+            # Waiting for it is not raced with a stop: a slot frees within one request's latency.
+            async with self.limiter.slot():
+                if not await self._acquire(tokens):
+                    break
+                attempt += 1
+                started = time.perf_counter()
+                reply = await self._send_once(body)
+                latency = time.perf_counter() - started
+            self.limiter.observe(reply.status, latency, reply.limits, reply.retry_after)
             cost += reply.cost or 0.0
             if reply.kind != ReplyKind.RETRY or attempt >= self.max_attempts:
                 return Attempted(reply, attempt, latency, cost)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config.job import AUTO
+from pipeline.engine.adaptive import START_RPM
 from pipeline.engine.limiter import estimated_duration_s
 from pipeline.engine.plan import KeyScheme, Plan
 from pipeline.engine.reports import Estimate
@@ -132,6 +134,7 @@ def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: lis
         "duration_s_min": estimated_duration_s(
             to_send, limits.requests_per_minute, input_tokens + to_send * max_tokens, limits.tokens_per_minute
         ),
+        "requests_per_minute": limits.requests_per_minute,
         "model": plan.model_name,
         "tokenizer": plan.counter.name,
         "tokens_exact": plan.counter.exact,
@@ -175,8 +178,18 @@ def format_report(estimate: Estimate) -> str:
         )
         lines.append("  time: within the provider's batch window (usually minutes, at most 24 h); no rate limits")
     else:
-        lines.append(f"  time: at least {_duration(report['duration_s_min'])} at the job's rate limits")
+        lines.append(_time_line(report))
     return "\n".join(lines)
+
+
+def _time_line(report: dict[str, Any]) -> str:
+    if report["requests_per_minute"] != AUTO:
+        return f"  time: at least {_duration(report['duration_s_min'])} at the job's rate limits"
+    at_start = _duration(report["rows_to_send"] / START_RPM * 60)
+    return (
+        f"  time: {at_start} at the starting {START_RPM:,.0f} requests/min; requests_per_minute = "
+        '"auto" then learns the server\'s limit while running (pin a number to fix it)'
+    )
 
 
 def _money(value: float | None) -> str:

@@ -13,9 +13,19 @@ per minute so that no 60-second window ever holds more than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
 
 from aiolimiter import AsyncLimiter
+
+if TYPE_CHECKING:
+    from pipeline.engine.adaptive import LearnedRate
+    from pipeline.providers.ratelimits import RateLimitInfo
+
+# Shared by every request when nothing gates requests in flight.
+_NO_SLOT: AbstractAsyncContextManager[None] = contextlib.nullcontext()
 
 
 def request_bucket(requests_per_minute: float) -> AsyncLimiter:
@@ -33,18 +43,27 @@ def request_bucket(requests_per_minute: float) -> AsyncLimiter:
 
 
 class RateLimiter:
-    """Admits requests under the job's caps; a 429 pauses every worker."""
+    """Admits requests under the job's caps; a 429 pauses every worker.
+
+    This is the fixed-cap limiter; :class:`pipeline.engine.adaptive.AdaptiveLimiter`
+    extends it for ``"auto"`` limits. :meth:`slot`, :meth:`observe` and
+    :meth:`learned` are the hooks auto mode uses; here they do nothing.
+    """
 
     def __init__(self, requests_per_minute: float, tokens_per_minute: int = 0, max_tokens: int = 0) -> None:
         self._requests = request_bucket(requests_per_minute) if requests_per_minute else None
         self._tokens: AsyncLimiter | None = None
         self._token_capacity = 0
-        if tokens_per_minute:
-            # Bucket: a tenth of a minute's tokens, but always room for a large request.
-            self._token_capacity = min(tokens_per_minute, max(tokens_per_minute // 10, 2 * max_tokens + 2048))
-            self._tokens = AsyncLimiter(self._token_capacity, self._token_capacity * 60 / tokens_per_minute)
         self._max_tokens = max_tokens
+        if tokens_per_minute:
+            self._set_token_cap(tokens_per_minute)
         self._paused_until = 0.0
+
+    def _set_token_cap(self, tokens_per_minute: int) -> None:
+        # Bucket: a tenth of a minute's tokens, but always room for a large request.
+        capacity = min(tokens_per_minute, max(tokens_per_minute // 10, 2 * self._max_tokens + 2048))
+        self._token_capacity = capacity
+        self._tokens = AsyncLimiter(capacity, capacity * 60 / tokens_per_minute)
 
     async def acquire(self, prompt_tokens: int = 0) -> None:
         """Wait for a cool-down to pass, then for room under both caps.
@@ -57,8 +76,7 @@ class RateLimiter:
         if self._tokens is not None:
             # A request larger than the bucket waits for an empty bucket.
             await self._tokens.acquire(min(prompt_tokens + self._max_tokens, self._token_capacity))
-        if self._requests is not None:
-            await self._requests.acquire()
+        await self._acquire_request()
         if self._paused_until:
             # A 429 may have arrived while we waited for a slot.
             await self._wait_cool_down()
@@ -73,6 +91,23 @@ class RateLimiter:
             return False
         return self._requests is None or self._requests.has_capacity()
 
+    async def _acquire_request(self) -> None:
+        if self._requests is not None:
+            await self._requests.acquire()
+
+    def slot(self) -> AbstractAsyncContextManager[None]:
+        """Held around each request: nothing limits requests in flight here but the workers."""
+        return _NO_SLOT
+
+    def observe(
+        self, status: int | None, latency_s: float, info: RateLimitInfo | None, retry_after_s: float | None
+    ) -> None:
+        """Told about every attempt's answer; a fixed cap learns nothing from it."""
+
+    def learned(self) -> LearnedRate | None:
+        """What auto mode learned; None for fixed caps."""
+        return None
+
     def cool_down(self, seconds: float) -> None:
         """Pause all new requests for ``seconds`` (after a 429: the whole job slows)."""
         loop = asyncio.get_running_loop()
@@ -85,8 +120,16 @@ class RateLimiter:
             await asyncio.sleep(delay)
 
 
-def estimated_duration_s(rows: int, requests_per_minute: float, tokens: int = 0, tokens_per_minute: int = 0) -> float:
-    """The least time the caps allow for ``rows`` requests carrying ``tokens``."""
-    by_requests = rows / requests_per_minute * 60 if requests_per_minute else 0.0
-    by_tokens = tokens / tokens_per_minute * 60 if tokens_per_minute else 0.0
+def fixed_rate(setting: int | str) -> int:
+    """A ``[limits]`` rate as a fixed cap: ``"auto"`` has none fixed in advance (0)."""
+    return setting if isinstance(setting, int) else 0
+
+
+def estimated_duration_s(
+    rows: int, requests_per_minute: int | str, tokens: int = 0, tokens_per_minute: int | str = 0
+) -> float:
+    """The least time the fixed caps allow for ``rows`` requests carrying ``tokens`` ("auto": no fixed cap)."""
+    rpm, tpm = fixed_rate(requests_per_minute), fixed_rate(tokens_per_minute)
+    by_requests = rows / rpm * 60 if rpm else 0.0
+    by_tokens = tokens / tpm * 60 if tpm else 0.0
     return math.ceil(max(by_requests, by_tokens) * 10) / 10

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 from tqdm.auto import tqdm as auto_tqdm
 
 from pipeline.store.journal import RowStatus
+
+if TYPE_CHECKING:
+    from pipeline.engine.adaptive import LearnedRate
 
 REFRESH_S = 0.5
 
@@ -41,6 +46,8 @@ class Tracker:
         self._next_refresh = 0.0
         self._paused_until = 0.0  # wall-clock time a server's Retry-After pauses the job until
         self.note = ""  # shown after the counters, e.g. batch mode's "3 batches pending"
+        # The limiter's learned rate (requests_per_minute = "auto"), shown in the bar.
+        self.learned: Callable[[], LearnedRate | None] | None = None
         bar = auto_tqdm if notebook else tqdm
         self.bar = bar(
             total=total,
@@ -99,6 +106,7 @@ class Tracker:
         c = self.counters
         tokens = c.prompt_tokens + c.completion_tokens
         text = f"${c.cost_usd:.4f}, {tokens:,} tok, {c.failed + c.invalid} err"
+        text += self._rate_text()
         if self._paused_until > time.time():
             text += f", paused by the server until {time.strftime('%H:%M:%S', time.localtime(self._paused_until))}"
         if self.note:
@@ -110,6 +118,12 @@ class Tracker:
             self.note = note
             self._refresh_postfix()
             self.bar.refresh()
+
+    def _rate_text(self) -> str:
+        learned = self.learned() if self.learned is not None else None
+        if learned is None or learned.current_requests_per_minute is None:
+            return ""
+        return f", auto {learned.current_requests_per_minute:,.0f}/min"
 
     def close(self) -> None:
         self._refresh_postfix()

@@ -7,9 +7,12 @@ Frozen dataclasses: the CLI prints them or dumps them with ``asdict()`` for
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ExitCode
+
+if TYPE_CHECKING:
+    from pipeline.engine.adaptive import LimitSource
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,12 @@ class RunSummary:
     """Batch mode: batches still running at the provider when the run ended (a rerun collects them)."""
     rows_pending: int = 0
     """Batch mode: rows in those batches."""
+    learned_requests_per_minute: float | None = None
+    """With ``requests_per_minute = "auto"``: the rate learned from the server (what to pin), else None."""
+    learned_rate_source: LimitSource | None = None
+    """How it was learned: ``measured`` (from 429s), ``stated`` (the server said), ``not_reached`` (no limit met)."""
+    learned_tokens_per_minute: int | None = None
+    """With ``tokens_per_minute = "auto"``: the token limit the server stated, if it did."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +84,9 @@ class Estimate:
     cost_usd_interval: list[float | None]
     cost_usd_max: float | None
     duration_s_min: float
+    """The least time the job's fixed caps allow ("auto" limits fix none in advance)."""
+    requests_per_minute: int | str
+    """The job's setting: a number, or "auto" (learned while running)."""
     model: str
     tokenizer: str
     tokens_exact: bool

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pyarrow as pa
 
+from pipeline.engine.adaptive import make_limiter, read_stated_limit
 from pipeline.engine.batch import refuse_if_batches_pending, run_batch
 from pipeline.engine.client import Attempted, ChatClient, Stopper, request_headers
 from pipeline.engine.limiter import RateLimiter
@@ -144,6 +145,7 @@ class Run:
         self.input_error: str | None = None  # a bad record found while reading the input
         self.successes = 0  # replies that came back OK: the job as a whole works
         self.exit_code = ExitCode.STOPPED  # the code of a stop, when one happens
+        self.limiter: RateLimiter | None = None
 
     def stop(self, reason: str, code: ExitCode = ExitCode.STOPPED) -> None:
         if not self.stopper.stopped:
@@ -153,7 +155,8 @@ class Run:
     async def execute(self, base_url: str | None = None) -> None:
         limits = self.job.limits
         self.dialect = self.plan.dialect(base_url)
-        limiter = RateLimiter(limits.requests_per_minute, limits.tokens_per_minute, self.job.model.max_tokens)
+        limiter = self.limiter = make_limiter(limits, self.job.model.max_tokens, self.plan.provider)
+        self.tracker.learned = limiter.learned
         headers = request_headers(self.plan.api_key, self.job.model.headers)
         connector = aiohttp.TCPConnector(limit=limits.concurrency + 4)
         timeout = aiohttp.ClientTimeout(total=limits.timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, limits.timeout_s))
@@ -168,11 +171,14 @@ class Run:
     async def _run_tasks(self, client: ChatClient) -> None:
         async with asyncio.TaskGroup() as tg:
             producer = tg.create_task(self._produce())
+            stated = read_stated_limit(client.limiter, client.session, self.job.model.base_url, self.plan.provider)
+            key = tg.create_task(stated)
             workers = [tg.create_task(self._work(client)) for _ in range(self.job.limits.concurrency)]
             guard = tg.create_task(self._guard(workers))
             await asyncio.wait(workers)
             producer.cancel()
             guard.cancel()
+            key.cancel()
 
     async def _guard(self, workers: list[asyncio.Task[None]]) -> None:
         """On a stop: unblock idle workers, then give busy ones the grace period."""
@@ -424,6 +430,7 @@ def _result(run: Run, rows: int, rows_with_error: int, table: pa.Table | None = 
     plan = run.plan
     estimated = plan.info.cost(c.prompt_tokens, c.completion_tokens)
     elapsed = run.tracker.elapsed_s
+    learned = run.limiter.learned() if run.limiter is not None else None
     summary = RunSummary(
         job=plan.job.name,
         model=plan.model_name,
@@ -448,5 +455,12 @@ def _result(run: Run, rows: int, rows_with_error: int, table: pa.Table | None = 
         output=str(plan.output_path) if rows and plan.output_path else None,
         output_rows=rows,
         output_rows_with_error=rows_with_error,
+        learned_requests_per_minute=_round(learned.requests_per_minute if learned else None),
+        learned_rate_source=learned.source if learned else None,
+        learned_tokens_per_minute=learned.tokens_per_minute if learned else None,
     )
     return RunResult(code, summary, run.budget.spent, table)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

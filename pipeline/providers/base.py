@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import aiohttp
+
+from pipeline.providers.ratelimits import RateLimitInfo, rate_limit_info
+
 if TYPE_CHECKING:
     from pipeline.config.job import ModelSpec
 
@@ -58,6 +62,7 @@ class Reply:
     model: str | None = None
     provider: str | None = None
     generation_id: str | None = None
+    limits: RateLimitInfo | None = None  # what the server said about its rate limits, if anything
 
 
 class Provider:
@@ -67,6 +72,11 @@ class Provider:
     reports_cost: ClassVar[bool] = False  # usage.cost on every response; else cost = tokens x price
     needs_key: ClassVar[bool] = True
     free: ClassVar[bool] = False  # no price to pay (a model on this machine)
+    rate_limited: ClassVar[bool] = True  # a limit for requests_per_minute = "auto" to learn
+
+    async def stated_rate_limit(self, session: aiohttp.ClientSession, base_url: str) -> RateLimitInfo | None:
+        """A rate limit the provider states outside replies (asked once per run, best effort)."""
+        return None
 
     def matches(self, base_url: str) -> bool:
         """True when ``base_url`` is this provider's own (for guessing it when the job names none)."""
@@ -141,13 +151,19 @@ def _deep_merge(target: dict[str, Any], extra: dict[str, Any]) -> None:
 def parse_response(status: int, body: bytes, headers: Any) -> Reply:
     """Classify one HTTP response (status, raw body, headers)."""
     data = _json_or_none(body)
+    limits = rate_limit_info(headers, status)
     if status == 200 and isinstance(data, dict):
-        return _parse_success(data)
+        reply = _parse_success(data)
+        reply.limits = limits
+        return reply
     retry_after = parse_retry_after(headers.get("Retry-After"))
+    if retry_after is None and status == 429 and limits is not None:
+        retry_after = limits.retry_after_s  # nothing remains until the window resets
     message = _error_message(data, body)
     if status == 200:
-        return Reply(ReplyKind.RETRY, status, f"HTTP 200 with an unreadable body: {message}")
-    return Reply(classify_status(status, message), status, f"HTTP {status}: {message}", retry_after)
+        return Reply(ReplyKind.RETRY, status, f"HTTP 200 with an unreadable body: {message}", limits=limits)
+    kind = classify_status(status, message)
+    return Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits)
 
 
 def classify_status(status: int, message: str) -> ReplyKind:

@@ -386,6 +386,7 @@ class Local(Provider):
     name = "local"
     needs_key = False
     free = True
+    rate_limited = False  # one request at a time, no limit: "auto" means no cap
 
     def structured_fields(self, schema: dict[str, Any]) -> dict[str, Any]:
         # llama-cpp-python's server rejects OpenAI's json_schema form with a 500.
