@@ -202,3 +202,27 @@ def test_damaged_journal_names_its_path(tmp_path: Path) -> None:
         conn.execute("CREATE TABLE results (key TEXT)")
     with pytest.raises(JournalError, match="newer"):
         Journal.open(tmp_path / "other.sqlite", {})
+
+
+async def test_waiters_do_not_burst_when_a_pause_ends() -> None:
+    """Requests queued behind a 429 pause leave spaced by the cap, not all at the pause's end."""
+    import asyncio
+
+    from pipeline.engine.limiter import RateLimiter
+
+    limiter = RateLimiter(600)  # 10 a second, a bucket of two
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire()
+        times.append(loop.time())
+
+    waiters = [asyncio.create_task(one()) for _ in range(12)]
+    await asyncio.sleep(0.05)
+    limiter.cool_down(0.6)
+    await asyncio.gather(*waiters)
+    after = sorted(t for t in times if t >= times[0] + 0.5)
+    assert len(after) >= 8
+    most = max(sum(1 for u in after if t <= u < t + 0.25) for t in after)
+    assert most <= 4, f"{most} requests within 0.25 s after the pause (cap: 10 a second)"

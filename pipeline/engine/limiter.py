@@ -76,10 +76,17 @@ class RateLimiter:
         if self._tokens is not None:
             # A request larger than the bucket waits for an empty bucket.
             await self._tokens.acquire(min(prompt_tokens + self._max_tokens, self._token_capacity))
-        await self._acquire_request()
-        if self._paused_until:
-            # A 429 may have arrived while we waited for a slot.
+        while True:
+            await self._acquire_request()
+            if not self._paused_now():
+                return
+            # A 429 paused the job while we waited for this slot: wait the pause out
+            # and queue for a fresh slot, so waiters leave spaced by the bucket
+            # rather than all together when the pause ends.
             await self._wait_cool_down()
+
+    def _paused_now(self) -> bool:
+        return bool(self._paused_until) and self._paused_until > asyncio.get_running_loop().time()
 
     def ready(self, prompt_tokens: int = 0) -> bool:
         """True when ``acquire`` would not wait (no cool-down, room under both caps)."""
