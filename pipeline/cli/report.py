@@ -66,7 +66,9 @@ def format_summary(plan: Plan, s: RunSummary, job_arg: str) -> str:
 
 def _rate_lines(s: RunSummary) -> list[str]:
     """What ``"auto"`` limits learned, worded so the user can pin it next time."""
-    lines = []
+    lines: list[str] = []
+    if not s.requests:
+        return lines  # nothing was sent: nothing was learned
     rpm = s.learned_requests_per_minute
     if rpm is not None and s.learned_rate_source == LimitSource.NOT_REACHED:
         lines.append(
