@@ -39,7 +39,6 @@ from pipeline.engine.client import backoff_delay, request_headers
 from pipeline.engine.progress import Tracker
 from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.recorder import Recorder
-from pipeline.engine.reports import RunSummary
 from pipeline.engine.selection import BLANK_ERROR, RowSelector
 from pipeline.errors import ExitCode, InputError, JobError, UserError
 from pipeline.io.output import output_schema, write_output, write_table
@@ -602,45 +601,20 @@ async def run_batch(plan: Plan, journal: Journal, options: RunOptions, controls:
 def _result(
     run: BatchRun, pending: list[KnownBatch], rows: int, rows_with_error: int, table: pa.Table | None
 ) -> RunResult:
-    from pipeline.engine.runner import RunResult
+    from pipeline.engine.runner import build_result
 
-    c = run.tracker.counters
-    if run.stopper.stopped:
-        code = run.exit_code
-    elif rows_with_error or c.failed or c.invalid:
-        code = ExitCode.ROWS_FAILED
-    else:
-        code = ExitCode.OK
-    plan = run.plan
-    priced = plan.info.cost(c.prompt_tokens, c.completion_tokens)
-    elapsed = run.tracker.elapsed_s
-    summary = RunSummary(
-        job=plan.job.name,
-        model=plan.model_name,
-        exit_code=code,
-        stop_reason=run.stopper.reason,
-        rows_ok=c.ok,
-        rows_failed=c.failed,
-        rows_invalid=c.invalid,
-        rows_skipped=c.skipped,
-        rows_resumed=c.resumed,
-        requests=c.requests,
-        prompt_tokens=c.prompt_tokens,
-        completion_tokens=c.completion_tokens,
-        cost_usd=round(c.cost_usd, 8),
-        cost_usd_estimated=None if priced is None else round(priced * run.spec.batch_discount, 8),
-        cost_estimated=c.cost_estimated,
-        job_spent_usd=round(run.budget.spent, 8),
-        price_source=plan.info.source,
-        wall_s=round(elapsed, 2),
-        requests_per_minute=round(c.requests / elapsed * 60, 1) if elapsed > 0 else 0.0,
-        errors=dict(c.errors),
-        output=str(plan.output_path) if rows and plan.output_path else None,
-        output_rows=rows,
-        output_rows_with_error=rows_with_error,
+    return build_result(
+        run.plan,
+        run.tracker,
+        run.stopper,
+        run.exit_code,
+        run.budget.spent,
+        rows,
+        rows_with_error,
+        table,
+        price_factor=run.spec.batch_discount,
         mode="batch",
         batches_submitted=run.batches_submitted,
         batches_pending=len(pending),
         rows_pending=sum(b.rows for b in pending),
     )
-    return RunResult(code, summary, run.budget.spent, table)

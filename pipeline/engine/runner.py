@@ -16,6 +16,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pyarrow as pa
@@ -419,23 +420,55 @@ async def run_plan(plan: Plan, options: RunOptions, controls: Controls | None = 
 
 
 def _result(run: Run, rows: int, rows_with_error: int, table: pa.Table | None = None) -> RunResult:
-    """Exit code: 3 stopped early (2 on a bad input record); 1 some output row carries an error; else 0."""
-    c = run.tracker.counters
-    if run.stopper.stopped:
-        code = run.exit_code
+    learned = run.limiter.learned() if run.limiter is not None else None
+    return build_result(
+        run.plan,
+        run.tracker,
+        run.stopper,
+        run.exit_code,
+        run.budget.spent,
+        rows,
+        rows_with_error,
+        table,
+        learned_requests_per_minute=_round(learned.requests_per_minute if learned else None),
+        learned_rate_source=learned.source if learned else None,
+        learned_tokens_per_minute=learned.tokens_per_minute if learned else None,
+    )
+
+
+def build_result(
+    plan: Plan,
+    tracker: Tracker,
+    stopper: Stopper,
+    stop_code: ExitCode,
+    spent: float,
+    rows: int,
+    rows_with_error: int,
+    table: pa.Table | None,
+    *,
+    price_factor: float = 1.0,
+    **extra: Any,
+) -> RunResult:
+    """The run's summary and exit code (shared by realtime and batch mode).
+
+    Exit code: the stop's code when stopped early (3, or 2 on a bad input
+    record); 1 when some output row carries an error; else 0. ``extra`` are
+    the mode's own ``RunSummary`` fields.
+    """
+    c = tracker.counters
+    if stopper.stopped:
+        code = stop_code
     elif rows_with_error or c.failed or c.invalid:
         code = ExitCode.ROWS_FAILED
     else:
         code = ExitCode.OK
-    plan = run.plan
-    estimated = plan.info.cost(c.prompt_tokens, c.completion_tokens)
-    elapsed = run.tracker.elapsed_s
-    learned = run.limiter.learned() if run.limiter is not None else None
+    priced = plan.info.cost(c.prompt_tokens, c.completion_tokens)
+    elapsed = tracker.elapsed_s
     summary = RunSummary(
         job=plan.job.name,
         model=plan.model_name,
         exit_code=code,
-        stop_reason=run.stopper.reason,
+        stop_reason=stopper.reason,
         rows_ok=c.ok,
         rows_failed=c.failed,
         rows_invalid=c.invalid,
@@ -445,9 +478,9 @@ def _result(run: Run, rows: int, rows_with_error: int, table: pa.Table | None = 
         prompt_tokens=c.prompt_tokens,
         completion_tokens=c.completion_tokens,
         cost_usd=round(c.cost_usd, 8),
-        cost_usd_estimated=None if estimated is None else round(estimated, 8),
+        cost_usd_estimated=None if priced is None else round(priced * price_factor, 8),
         cost_estimated=c.cost_estimated,
-        job_spent_usd=round(run.budget.spent, 8),
+        job_spent_usd=round(spent, 8),
         price_source=plan.info.source,
         wall_s=round(elapsed, 2),
         requests_per_minute=round(c.requests / elapsed * 60, 1) if elapsed > 0 else 0.0,
@@ -455,11 +488,9 @@ def _result(run: Run, rows: int, rows_with_error: int, table: pa.Table | None = 
         output=str(plan.output_path) if rows and plan.output_path else None,
         output_rows=rows,
         output_rows_with_error=rows_with_error,
-        learned_requests_per_minute=_round(learned.requests_per_minute if learned else None),
-        learned_rate_source=learned.source if learned else None,
-        learned_tokens_per_minute=learned.tokens_per_minute if learned else None,
+        **extra,
     )
-    return RunResult(code, summary, run.budget.spent, table)
+    return RunResult(code, summary, spent, table)
 
 
 def _round(value: float | None) -> float | None:
