@@ -116,7 +116,7 @@ def test_s3_output_to_missing_bucket_is_refused_before_sending(
 def test_s3_output_written_whole_or_not_at_all(s3: pafs.S3FileSystem) -> None:
     # A failure half-way leaves the old object in place and no temporary key behind.
     _put_parquet(s3, "out.parquet", pa.table({"v": [1]}))
-    with pytest.raises(RuntimeError), fs.atomic_output(f"s3://{BUCKET}/out.parquet") as sink:
+    with pytest.raises(RuntimeError), fs.remote_output(f"s3://{BUCKET}/out.parquet") as sink:
         sink.write(b"partial")
         raise RuntimeError("killed half-way")
     assert pq.read_table(f"{BUCKET}/out.parquet", filesystem=s3).to_pydict() == {"v": [1]}
@@ -155,3 +155,21 @@ def test_data_paths_in_job_files(workdir: Path, value: str, expected: object, er
 def test_journal_stays_on_local_disk(workdir: Path, output: str, journal: Path) -> None:
     job_file = write_job(workdir, "http://127.0.0.1:9/v1", output=output)
     assert load_job(str(job_file)).output.journal_path == journal
+
+
+def test_s3_csv_output_staged_beside_the_journal(workdir: Path, server: FakeServer, s3: pafs.S3FileSystem) -> None:
+    _put_parquet(s3, "in.parquet", pa.table(_texts(7)))
+    write_job(
+        workdir,
+        server.base_url or "",
+        input_path=f"s3://{BUCKET}/in.parquet",
+        output=f"s3://{BUCKET}/out/result.csv",
+        system=None,
+        user="{text}",
+    )
+    assert run_cli("job") == 0
+    with s3.open_input_stream(f"{BUCKET}/out/result.csv") as stream:
+        out = pacsv.read_csv(stream).to_pylist()
+    assert [r["completion"] for r in out] == [expected_reply(t) for t in _texts(7)["text"]]
+    staging = workdir / ".pipeline" / "s3" / BUCKET / "out"
+    assert not [p.name for p in staging.iterdir() if not p.name.startswith("result.csv.journal.sqlite")]
