@@ -20,7 +20,7 @@ import asyncio
 import concurrent.futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,6 +30,7 @@ from pipeline.config.job import Job, describe_validation_error, load_job
 from pipeline.engine.plan import Plan, prepare
 from pipeline.engine.reports import Estimate, RunSummary
 from pipeline.errors import ExitCode, JobError
+from pipeline.io import fs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -86,7 +87,7 @@ def plan(
         load(job),
         need_key=need_key,
         data=data,
-        output=Path(output) if output is not None else None,
+        output=fs.parse_data_path(output) if output is not None else None,
         journal=Path(journal) if journal is not None else None,
     )
 
@@ -103,10 +104,19 @@ async def arun(
     seed: int = 0,
     progress: bool = True,
     wait: bool = True,
+    engine: Literal["default", "ray"] = "default",
+    workers: int | None = None,
+    address: str | None = None,
 ) -> Result:
     """Run a job in the running event loop; see :func:`run`."""
     from pipeline.engine.runner import RunOptions, run_plan
 
+    if engine not in ("default", "ray"):
+        raise JobError(f"engine: {engine!r} is not one of 'default', 'ray'")
+    if engine != "ray" and (workers or address):
+        raise JobError("workers and address go with engine='ray'")
+    if engine == "ray" and not wait:
+        raise JobError("wait=False is for batch mode; engine='ray' sends rows in realtime")
     prepared = plan(data, job, output=output, journal=journal)
     options = RunOptions(
         quiet=not progress,
@@ -117,11 +127,16 @@ async def arun(
         notebook=True,
         wait=wait,
     )
-    result = await run_plan(prepared, options)
+    if engine == "ray":
+        from pipeline.engine.ray_engine import DEFAULT_WORKERS, RaySettings, run_plan_ray
+
+        result = await run_plan_ray(prepared, options, RaySettings(workers or DEFAULT_WORKERS, address))
+    else:
+        result = await run_plan(prepared, options)
     table = result.table
     if table is None:
         if prepared.output_path is not None and result.summary.output_rows:
-            table = pq.read_table(prepared.output_path)
+            table = pq.read_table(fs.readable(prepared.output_path))
         else:  # a sample writes no output: return its rows from the journal
             table = pa.table({})
     return Result(table, result.summary, result.exit_code)
@@ -139,6 +154,9 @@ def run(
     seed: int = 0,
     progress: bool = True,
     wait: bool = True,
+    engine: Literal["default", "ray"] = "default",
+    workers: int | None = None,
+    address: str | None = None,
 ) -> Result:
     """Send every row that is not done yet and return all rows with their answers.
 
@@ -154,8 +172,11 @@ def run(
     printed. ``wait``: in batch mode (``[model] mode = "batch"``), poll until
     every provider batch is collected; ``False`` returns once what has
     finished is collected (``exit_code`` 3 while batches are pending, as with
-    ``--no-wait``). Mistakes in the job or the data raise
-    :class:`pipeline.UserError` before anything is sent.
+    ``--no-wait``). ``engine="ray"`` sends the requests from ``workers`` Ray
+    worker actors (default 2), on a local Ray instance or the cluster at
+    ``address`` (or the Ray this program already started); see the README.
+    Mistakes in the job or the data raise :class:`pipeline.UserError` before
+    anything is sent.
     """
     call = arun(
         data,
@@ -168,6 +189,9 @@ def run(
         seed=seed,
         progress=progress,
         wait=wait,
+        engine=engine,
+        workers=workers,
+        address=address,
     )
     return _run_sync(call)
 

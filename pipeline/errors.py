@@ -60,7 +60,7 @@ class RecordError(InputError):
     within that file, where reading stopped.
     """
 
-    def __init__(self, path: Path, row: int, problem: str) -> None:
+    def __init__(self, path: Path | str, row: int, problem: str) -> None:
         super().__init__(f"{path}: row {row}: {problem}")
         self.path = path
         self.row = row

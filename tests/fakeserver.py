@@ -397,6 +397,9 @@ class FakeConfig:
     max_bodies: int = 5000
     # When set, requests must carry "Authorization: Bearer <api_key>" or get a 401.
     api_key: str | None = None
+    # Count requests per client process (found from the connection's port with psutil;
+    # loopback clients of the same user only): shows which processes sent the requests.
+    record_client_pids: bool = False
     # The GET /v1/models listing.
     models: list[JSON] = field(default_factory=default_models)
     # How enum values (labels) are chosen: "hash" of the user message, or "text": the
@@ -426,6 +429,7 @@ class _Stats:
         self.cancelled = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.client_pids: dict[int, int] = {}
 
     def snapshot(self, full: bool = True) -> JSON:
         """A plain-dict copy; ``full=False`` omits the bulky ``bodies`` and ``arrivals``."""
@@ -445,6 +449,7 @@ class _Stats:
             "cancelled": self.cancelled,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "client_pids": dict(self.client_pids),
         }
         if full:
             out["arrivals"] = list(self.arrivals)
@@ -518,6 +523,7 @@ class FakeServer:
         self._bucket_t = 0.0
         # Connections of requests currently hanging, so stopping can cut them off.
         self._hanging: set[asyncio.Transport] = set()
+        self._pid_by_port: dict[int, int] = {}
 
     # -- public helpers -------------------------------------------------------------------
 
@@ -534,7 +540,8 @@ class FakeServer:
         "headers"}``, headers a case-insensitive ``CIMultiDict``), ``response_formats``
         ({type: n}), ``behaviours`` ({non-ok behaviour: n}), ``rate_limited``, ``hung``,
         ``dropped``, ``cancelled`` (client gave up before the answer; not billed),
-        ``in_flight``, ``max_in_flight``.
+        ``in_flight``, ``max_in_flight``, ``client_pids`` ({pid: requests}, with
+        ``record_client_pids``; -1 for a client not found).
         """
         with self._lock:
             return self._stats.snapshot(full=True)
@@ -550,6 +557,7 @@ class FakeServer:
             self._stats = _Stats(self.config.max_bodies)
             self.config.script = {}
             self._script_pos.clear()
+            self._pid_by_port.clear()
             self._bucket_rps = None
             self._rng = random.Random(self.config.seed)
             self._rng_seed = self.config.seed
@@ -622,6 +630,8 @@ class FakeServer:
         # ``trace`` tells this wrapper which behaviour was chosen, e.g. to tell a
         # deliberate hang from a client that gave up during the latency sleep.
         trace: dict[str, str] = {}
+        if self.config.record_client_pids:
+            await self._record_client_pid(request)
         try:
             return await self._answer_chat(request, trace)
         except _Reply as reply:
@@ -637,6 +647,28 @@ class FakeServer:
         finally:
             with self._lock:
                 st.in_flight -= 1
+
+    async def _record_client_pid(self, request: web.Request) -> None:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if not peer:
+            return
+        port = int(peer[1])
+        pid = self._pid_by_port.get(port)
+        if pid is None:
+            # Once per connection (keep-alive reuses it): scanning sockets takes milliseconds.
+            pid = await asyncio.get_running_loop().run_in_executor(None, self._pid_of_client_port, port)
+            self._pid_by_port[port] = pid
+        with self._lock:
+            pids = self._stats.client_pids
+            pids[pid] = pids.get(pid, 0) + 1
+
+    def _pid_of_client_port(self, port: int) -> int:
+        import psutil
+
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.raddr and conn.raddr.port == self.port:
+                return conn.pid or -1
+        return -1
 
     def _count_status(self, status: int) -> None:
         with self._lock:

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
 import signal
 import sqlite3
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config.job import Job, load_job
 from pipeline.errors import ExitCode, JobError, PipelineError, UserError
+from pipeline.io.fs import DataPath, parse_data_path
 from pipeline.secrets import Redactor, looks_like_key
 
 if TYPE_CHECKING:
     from pipeline.engine.plan import Plan
+    from pipeline.engine.ray_engine import RaySettings
     from pipeline.engine.runner import RunOptions, RunResult
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = (
@@ -53,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="batch mode: submit, collect what has finished, write the output, exit 3 while batches are pending",
     )
+    run.add_argument(
+        "--engine", choices=("default", "ray"), default="default", help="send from this process, or from Ray workers"
+    )
+    run.add_argument("--workers", type=_positive, metavar="N", help="--engine ray: worker actors (default 2)")
+    run.add_argument("--address", metavar="ADDR", help="--engine ray: join this Ray cluster (default: start one)")
     status = sub.add_parser("status", help="show a job's progress from its journal")
     status.add_argument("job")
     status.add_argument("--json", action="store_true")
@@ -135,6 +142,8 @@ def _dispatch(args: argparse.Namespace, errors: _ErrorPrinter) -> int:
         from pipeline.cli.evaluation import eval_command, report_command
 
         return eval_command(job, args) if args.command == "eval" else report_command(job, args)
+    if args.engine != "ray" and (args.workers or args.address):
+        raise UserError("--workers and --address go with --engine ray")
     if args.dry_run:
         return _dry_run(job, args.json)
     return _run(job, args)
@@ -154,11 +163,21 @@ def _check_mode(job: Job, args: argparse.Namespace) -> None:
         raise JobError('--no-wait applies to batch mode only: set [model] mode = "batch"')
     if args.sample and batch:
         raise JobError('--sample sends rows in realtime: run it without [model] mode = "batch", or use --dry-run')
+    if args.engine == "ray" and batch:
+        raise JobError('--engine ray sends rows in realtime: run it without [model] mode = "batch"')
 
 
-def _output(args: argparse.Namespace) -> Path | None:
-    """``--output`` moves the output file only: the journal, lock and budget stay the job's."""
-    return Path(args.output) if getattr(args, "output", None) else None
+def _output(args: argparse.Namespace) -> DataPath | None:
+    """``--output`` moves the output file only: the journal, lock and budget stay the job's.
+
+    It takes what ``[output] path`` takes: a local path or an s3:// URI.
+    """
+    if not getattr(args, "output", None):
+        return None
+    try:
+        return parse_data_path(args.output)
+    except ValueError as exc:
+        raise JobError(f"--output: {exc}") from None
 
 
 def _status(job: Job, as_json: bool) -> int:
@@ -189,12 +208,20 @@ def _run(job: Job, args: argparse.Namespace) -> int:
     options = RunOptions(
         quiet=args.quiet, fresh=args.fresh, retry_failed=args.retry_failed, sample=args.sample, wait=not args.no_wait
     )
-    result = asyncio.run(_with_signals(plan, options))
+    if args.engine == "ray":
+        from pipeline.engine.ray_engine import DEFAULT_WORKERS, RaySettings
+
+        settings = RaySettings(args.workers or DEFAULT_WORKERS, args.address)
+        # Ray prints some messages (a worker died, ...) on stdout; stdout is for the summary.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = asyncio.run(_with_signals(plan, options, settings))
+    else:
+        result = asyncio.run(_with_signals(plan, options))
     print_summary(plan, result, args)
     return result.exit_code
 
 
-async def _with_signals(plan: Plan, options: RunOptions) -> RunResult:
+async def _with_signals(plan: Plan, options: RunOptions, ray: RaySettings | None = None) -> RunResult:
     """Run with Ctrl-C, SIGTERM and SIGHUP turned into a graceful stop (twice: at once)."""
     from pipeline.engine.runner import Controls, run_plan
 
@@ -203,6 +230,10 @@ async def _with_signals(plan: Plan, options: RunOptions) -> RunResult:
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, controls.stop, f"interrupted by {sig.name}")
     try:
+        if ray is not None:
+            from pipeline.engine.ray_engine import run_plan_ray
+
+            return await run_plan_ray(plan, options, ray, controls)
         return await run_plan(plan, options, controls)
     finally:
         for sig in STOP_SIGNALS:

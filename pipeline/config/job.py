@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from pipeline.errors import JobError
+from pipeline.io.fs import default_journal, is_uri, parse_data_path
 
 DEFAULT_MODEL = "mistralai/ministral-8b"
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
@@ -52,8 +53,12 @@ def _non_empty_path(value: Any) -> Any:
     return value
 
 
+# A local path, or an ``s3://bucket/key`` URI kept as text (other schemes are refused).
+DataPath = Annotated[Path | str, BeforeValidator(parse_data_path)]
+
+
 class InputSpec(_Section):
-    path: Path | None = None  # required unless the Python API is given data
+    path: DataPath | None = None  # required unless the Python API is given data
     id_column: str | None = None
     batch_size: StrictInt = Field(default=8192, gt=0)
     dtypes: dict[str, DType] = Field(default_factory=dict)  # force a column's type (CSV types are inferred)
@@ -159,7 +164,7 @@ class LimitsSpec(_Section):
 
 
 class OutputSpec(_Section):
-    path: Path | None = None  # required by the CLI; the Python API returns a table without it
+    path: DataPath | None = None  # required by the CLI; the Python API returns a table without it
     journal: Path | None = None
 
     _paths = field_validator("path", "journal", mode="before")(_non_empty_path)
@@ -169,11 +174,17 @@ class OutputSpec(_Section):
         """Where the journal lives: ``journal``, else beside the job's own output path.
 
         The journal belongs to the job, not to where one run writes its output:
-        ``--output`` moves the output file only.
+        ``--output`` moves the output file only. For an ``s3://`` output it
+        stays on local disk, under ``.pipeline/`` in the working directory.
         """
         if self.journal is not None:
             return self.journal
-        return None if self.path is None else self.path.with_name(self.path.name + ".journal.sqlite")
+        if self.path is None:
+            return None
+        if is_uri(self.path):
+            return default_journal(str(self.path))
+        path = Path(self.path)
+        return path.with_name(path.name + ".journal.sqlite")
 
 
 class VariantSpec(_Section):

@@ -23,8 +23,10 @@ from pipeline.engine.pricing import ModelInfo, default_cache_dir, model_info
 from pipeline.engine.prompts import PromptRenderer, RenderedBatch, require_text_columns
 from pipeline.engine.tokens import TokenCounter, counter_for
 from pipeline.errors import InputError, JobError
+from pipeline.io import fs
 from pipeline.io.base import DataSource
-from pipeline.io.output import RESULT_COLUMNS, check_journal_location, check_output_location
+from pipeline.io.fs import DataPath
+from pipeline.io.output import OUTPUT_FORMATS, RESULT_COLUMNS, check_journal_location, check_output_location
 from pipeline.io.source import Source, check_id_column, row_keys
 from pipeline.providers import provider_for
 from pipeline.providers.base import Dialect, Provider
@@ -58,7 +60,7 @@ class Plan:
     total_rows: int
     api_key: str | None
     journal_path: Path
-    output_path: Path | None  # None: the Python API assembles a table in memory
+    output_path: DataPath | None  # None: the Python API assembles a table in memory
     key_scheme: KeyScheme = KeyScheme.CONTENT
 
     @property
@@ -124,22 +126,25 @@ class Plan:
         return content_keys(rendered, occurrences)
 
     def fits_without_counting(self, rendered: RenderedBatch, i: int) -> bool:
-        """True when a prompt surely fits the context window without tokenizing it.
+        return fits_without_counting(rendered, i, self.context_length, self.job.model.max_tokens)
 
-        Byte-level BPE never makes more tokens than UTF-8 bytes, and a character
-        is at most 4 bytes: the cheap character bound settles almost every row.
-        """
-        limit = self.context_length
-        if limit is None:
-            return True
-        budget = limit - self.job.model.max_tokens - TEMPLATE_SLACK
-        chars = len(rendered.users[i]) + (len(rendered.systems[i]) if rendered.systems is not None else 0)
-        if 4 * chars <= budget:
-            return True
-        size = len(rendered.users[i].encode())
-        if rendered.systems is not None:
-            size += len(rendered.systems[i].encode())
-        return size <= budget
+
+def fits_without_counting(rendered: RenderedBatch, i: int, context_length: int | None, max_tokens: int) -> bool:
+    """True when a prompt surely fits the context window without tokenizing it.
+
+    Byte-level BPE never makes more tokens than UTF-8 bytes, and a character
+    is at most 4 bytes: the cheap character bound settles almost every row.
+    """
+    if context_length is None:
+        return True
+    budget = context_length - max_tokens - TEMPLATE_SLACK
+    chars = len(rendered.users[i]) + (len(rendered.systems[i]) if rendered.systems is not None else 0)
+    if 4 * chars <= budget:
+        return True
+    size = len(rendered.users[i].encode())
+    if rendered.systems is not None:
+        size += len(rendered.systems[i].encode())
+    return size <= budget
 
 
 def content_keys(rendered: RenderedBatch, occurrences: dict[str, int]) -> list[str]:
@@ -161,7 +166,7 @@ def prepare(
     *,
     need_key: bool = True,
     data: Any = None,
-    output: Path | None = None,
+    output: DataPath | None = None,
     journal: Path | None = None,
 ) -> Plan:
     """Validate the job against its dataset and environment; nothing is sent.
@@ -178,7 +183,8 @@ def prepare(
     output_path = output or job.output.path
     if output_path is not None:
         check_output_path(source.path, output_path)
-        check_output_location(output_path)
+        if not fs.is_uri(output_path):
+            check_output_location(Path(output_path))
     structured = _structured_spec(job)
     if structured is not None:
         structured.check_clashes(source.columns)
@@ -207,7 +213,7 @@ def prepare(
 
 def _open_source(job: Job, data: Any) -> DataSource:
     if data is None or isinstance(data, (str, Path)):
-        path = Path(data) if data is not None else job.input.path
+        path = fs.parse_data_path(data) if data is not None else job.input.path
         if path is None:
             raise JobError("[input] path: required key is missing (or pass data to pipeline.run)")
         return Source.open(path, job.input.batch_size, job.input.dtypes)
@@ -253,12 +259,15 @@ def check_result_column_clash(source: DataSource) -> None:
         )
 
 
-def check_output_path(input_path: Path, output_path: Path) -> None:
+def check_output_path(input_path: DataPath, output_path: DataPath) -> None:
     """The output must not overwrite the input or land inside an input folder."""
-    source = input_path.resolve()
-    target = output_path.resolve()
-    if target == source or source in target.parents:
+    if fs.inside(output_path, input_path):
         raise JobError(f"[output] path: {output_path} would overwrite or sit inside the input {input_path}")
+    if fs.is_uri(output_path) and fs.suffix(output_path) not in OUTPUT_FORMATS:
+        raise JobError(f"[output] path: {output_path}: unsupported extension; use .parquet, .csv or .jsonl")
+    problem = fs.output_problem(output_path)
+    if problem:
+        raise JobError(f"[output] path: {problem}")
 
 
 def _api_key(job: Job) -> str | None:

@@ -61,6 +61,10 @@ class RunSummary:
     """How it was learned: ``measured`` (from 429s), ``stated`` (the server said), ``not_reached`` (no limit met)."""
     learned_tokens_per_minute: int | None = None
     """With ``tokens_per_minute = "auto"``: the token limit the server stated, if it did."""
+    engine: str = "default"
+    """Which engine sent the requests: ``default`` (this process) or ``ray``."""
+    workers: int | None = None
+    """With ``--engine ray``: the number of Ray worker actors."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,9 @@ class Budget:
 
 class Run:
     """One execution of a plan against a server."""
+
+    engine = "default"  # the summary names the engine that sent the requests
+    workers: int | None = None
 
     def __init__(self, plan: Plan, journal: Journal, options: RunOptions, controls: Controls | None = None) -> None:
         self.plan = plan
@@ -387,8 +390,16 @@ class Run:
         return rows, errors, None
 
 
-async def run_plan(plan: Plan, options: RunOptions, controls: Controls | None = None) -> RunResult:
-    """Lock, open the journal, send what is not done, write the output."""
+async def run_plan(
+    plan: Plan,
+    options: RunOptions,
+    controls: Controls | None = None,
+    new_run: Callable[[Plan, Journal, RunOptions, Controls | None], Run] = Run,
+) -> RunResult:
+    """Lock, open the journal, send what is not done, write the output.
+
+    ``new_run`` makes the run that sends the requests (the Ray engine passes its own).
+    """
     lock = RunLock(plan.journal_path)
     lock.acquire()
     try:
@@ -400,7 +411,7 @@ async def run_plan(plan: Plan, options: RunOptions, controls: Controls | None = 
             if plan.job.model.mode == "batch":
                 return await run_batch(plan, journal, options, controls or Controls())
             refuse_if_batches_pending(journal)
-            run = Run(plan, journal, options, controls)
+            run = new_run(plan, journal, options, controls)
             async with plan.provider.server(plan.job.model) as base_url:
                 await run.execute(base_url)
             rows, errors, table = 0, 0, None
@@ -433,6 +444,8 @@ def _result(run: Run, rows: int, rows_with_error: int, table: pa.Table | None = 
         learned_requests_per_minute=_round(learned.requests_per_minute if learned else None),
         learned_rate_source=learned.source if learned else None,
         learned_tokens_per_minute=learned.tokens_per_minute if learned else None,
+        engine=run.engine,
+        workers=run.workers,
     )
 
 

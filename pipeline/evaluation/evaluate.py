@@ -28,6 +28,7 @@ from pipeline.config.job import Job
 from pipeline.engine.plan import Plan, prepare
 from pipeline.errors import ExitCode, InputError, JobError
 from pipeline.evaluation.metrics import ERROR, NULL, LabelScore, Scores, canonical, pareto_front, score_counts
+from pipeline.io.fs import is_uri
 from pipeline.store.journal import Journal, JournalRow, RowStatus
 
 if TYPE_CHECKING:
@@ -393,8 +394,10 @@ def _cost_key(result: VariantEvaluation) -> tuple[bool, float]:
 
 
 def _files_beside(plan: Plan) -> Path:
-    """The evaluation's files go beside the job's output (or its journal, without one)."""
-    return plan.output_path or plan.journal_path
+    """The evaluation's files go beside the job's output (or its journal, without one or for an s3:// one)."""
+    if plan.output_path is None or is_uri(plan.output_path):
+        return plan.journal_path
+    return Path(plan.output_path)
 
 
 def report_path(plan: Plan) -> Path:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Protocol
 
 import pyarrow as pa
+
+from pipeline.io.fs import DataPath
 
 
 class DataSource(Protocol):
     """A file ``Source`` or an in-memory ``MemorySource``."""
 
     @property
-    def path(self) -> Path: ...
+    def path(self) -> DataPath: ...
     @property
     def format(self) -> str: ...
     @property

@@ -4,7 +4,8 @@ The output is assembled by streaming: one input batch at a time is joined
 with its rows from the journal and appended (a Parquet row group, CSV or JSON
 Lines rows), so memory stays bounded for any number of rows. It is written to
 a temporary file beside the target and renamed into place, so a crash never
-leaves a half-written file. Where it goes is checked before anything is sent
+leaves a half-written file (an ``s3://`` output is then uploaded whole: see
+``io/fs.py``). Where it goes is checked before anything is sent
 (:func:`check_output_location`): a run must not pay for rows it cannot write.
 """
 
@@ -25,6 +26,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import JobError
+from pipeline.io import fs
+from pipeline.io.fs import DataPath
 from pipeline.store.journal import RESULT_FIELDS, Journal
 
 # The documented result columns and their Arrow types. Types are fixed, so a
@@ -82,7 +85,7 @@ def result_arrays(
 
 
 def write_output(
-    path: Path,
+    path: DataPath,
     schema: pa.Schema,
     batches: Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]],
     journal: Journal,
@@ -92,6 +95,9 @@ def write_output(
 
     Returns the number of rows written and how many of them carry an error.
     """
+    if fs.is_uri(path):
+        return _write_remote(str(path), schema, batches, journal, structured)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The run lock is held, so a temporary file left here is from a killed run.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
@@ -115,6 +121,23 @@ def write_output(
         if tmp.exists():
             tmp.unlink()
     return rows, errors
+
+
+def _write_remote(
+    uri: str,
+    schema: pa.Schema,
+    batches: Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]],
+    journal: Journal,
+    structured: Any | None,
+) -> tuple[int, int]:
+    """Object storage: written whole beside the journal (local disk), then uploaded whole (``io/fs.py``)."""
+    staged = journal.path.parent / f".{os.getpid()}.{fs.basename(uri)}"
+    try:
+        counts = write_output(staged, schema, batches, journal, structured)
+        fs.upload_whole(staged, uri)
+    finally:
+        staged.unlink(missing_ok=True)
+    return counts
 
 
 def write_table(

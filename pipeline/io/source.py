@@ -21,7 +21,6 @@ import io
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 import pyarrow as pa
@@ -31,7 +30,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, RecordError
+from pipeline.io import fs
 from pipeline.io.base import DataSource
+from pipeline.io.fs import DataPath
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 # What ``[input] dtypes`` may force a column to.
@@ -63,7 +64,7 @@ _BLOCK = 4 << 20
 class Source:
     """A dataset on disk, with its format and column types, read in batches."""
 
-    path: Path
+    path: DataPath
     format: str
     schema: pa.Schema
     """The columns as :meth:`batches` yields them."""
@@ -76,11 +77,15 @@ class Source:
     """Columns converted while reading: CSV types found losslessly, forced dtypes."""
 
     @classmethod
-    def open(cls, path: Path, batch_size: int = 8192, dtypes: Mapping[str, str] | None = None) -> Source:
+    def open(cls, path: DataPath, batch_size: int = 8192, dtypes: Mapping[str, str] | None = None) -> Source:
         """Open and check a dataset; every problem is a one-line InputError."""
-        if not path.exists():
+        try:
+            found, folder = fs.exists(path), fs.is_dir(path)
+        except OSError as exc:  # object storage: credentials, endpoint, permissions
+            raise InputError(f"[input] path: cannot reach {path}: {_one_line(exc)}") from None
+        if not found:
             raise InputError(f"[input] path: file not found: {path}")
-        fmt = "parquet" if path.is_dir() else FORMATS.get(path.suffix.lower())
+        fmt = "parquet" if folder else FORMATS.get(fs.suffix(path))
         if fmt is None:
             raise InputError(f"[input] path: {path}: use .parquet, .csv, .jsonl or a folder of Parquet files")
         forced = _forced_types(dtypes or {})
@@ -143,7 +148,7 @@ class Source:
             # Buffered, un-prebuffered reads decode a large row group page by page
             # instead of holding its whole column chunks in memory (410 MB -> 160 MB
             # for a 1,000,000-row, 260 MB file in one row group).
-            parquet = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 20)
+            parquet = pq.ParquetFile(fs.readable(file), pre_buffer=False, buffer_size=1 << 20)
             for batch in parquet.iter_batches(batch_size=self.batch_size, columns=names):
                 # Files of a folder may order (or widen) their columns differently.
                 yield self._convert(batch if batch.schema == target else batch.select(names).cast(target))
@@ -159,7 +164,9 @@ class Source:
         # An explicit schema from the first pass: the reader would otherwise infer
         # types from its first block only and fail on a column that starts null.
         parse = pajson.ParseOptions(explicit_schema=self.read_schema or self.schema)
-        reader = pajson.open_json(self.path, read_options=pajson.ReadOptions(block_size=_BLOCK), parse_options=parse)
+        reader = pajson.open_json(
+            fs.readable(self.path), read_options=pajson.ReadOptions(block_size=_BLOCK), parse_options=parse
+        )
         for batch in _rebatch(reader, self.batch_size):
             yield self._convert(batch.select(names))
 
@@ -174,10 +181,10 @@ class Source:
 class _Cursor:
     """Where streaming is: the file being read and the rows yielded from it."""
 
-    file: Path
+    file: DataPath
     row: int = 0
 
-    def start(self, file: Path) -> None:
+    def start(self, file: DataPath) -> None:
         self.file, self.row = file, 0
 
 
@@ -190,7 +197,7 @@ def _forced_types(dtypes: Mapping[str, str]) -> dict[str, pa.DataType]:
     return forced
 
 
-def _check_names(path: Path, names: list[str], forced: Mapping[str, pa.DataType]) -> None:
+def _check_names(path: DataPath, names: list[str], forced: Mapping[str, pa.DataType]) -> None:
     """Column names are unique, and every forced dtype names a column."""
     seen: set[str] = set()
     for name in names:
@@ -213,7 +220,9 @@ def _rebatch(reader: pa.RecordBatchReader, size: int) -> Iterator[pa.RecordBatch
             yield block.slice(start, size)
 
 
-def _check_forced(path: Path, column: str, values: pa.Array, kind: pa.DataType, first_row: int, *, text: bool) -> None:
+def _check_forced(
+    path: DataPath, column: str, values: pa.Array, kind: pa.DataType, first_row: int, *, text: bool
+) -> None:
     """Every value of ``column`` converts to its forced type, or name the first that does not."""
     convert = _cast_text if text else _cast
     try:
@@ -237,33 +246,31 @@ def _cast(values: pa.Array, kind: pa.DataType) -> pa.Array:
 # ---------------------------------------------------------------------- Parquet
 
 
-def _parquet_files(path: Path) -> list[Path]:
-    if not path.is_dir():
-        return [path]
-    files = sorted(path.rglob("*.parquet"))
+def _parquet_files(path: DataPath) -> list[DataPath]:
+    files = fs.parquet_files(path)
     if not files:
         raise InputError(f"[input] path: no .parquet files in folder {path}")
     return files
 
 
-def _open_parquet(path: Path, batch_size: int, forced: dict[str, pa.DataType]) -> Source:
+def _open_parquet(path: DataPath, batch_size: int, forced: dict[str, pa.DataType]) -> Source:
     files = _parquet_files(path)
     schema = _folder_schema(files)
     _check_names(path, schema.names, forced)
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    rows = sum(pq.ParquetFile(fs.readable(f)).metadata.num_rows for f in files)
     if forced:
         _check_forced_parquet(files, forced, batch_size)
     final = _with_types(schema, forced)
     return Source(path, "parquet", final, batch_size, rows, schema, forced)
 
 
-def _folder_schema(files: list[Path]) -> pa.Schema:
+def _folder_schema(files: list[DataPath]) -> pa.Schema:
     """One schema for every file of a folder: the same columns, types equal or widened losslessly."""
-    first = pq.read_schema(files[0])
+    first = pq.read_schema(fs.readable(files[0]))
     fields = {f.name: f for f in first}
     origin = dict.fromkeys(first.names, files[0])
     for file in files[1:]:
-        other = pq.read_schema(file)
+        other = pq.read_schema(fs.readable(file))
         if set(other.names) != set(first.names):
             raise InputError(
                 f"[input] path: {file} has columns {', '.join(other.names)} but {files[0]} has "
@@ -329,11 +336,11 @@ def _widen(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     return None
 
 
-def _check_forced_parquet(files: list[Path], forced: Mapping[str, pa.DataType], batch_size: int) -> None:
+def _check_forced_parquet(files: list[DataPath], forced: Mapping[str, pa.DataType], batch_size: int) -> None:
     """Read only the forced columns and check each converts (Parquet metadata cannot tell)."""
     for file in files:
         row = 1
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=list(forced)):
+        for batch in pq.ParquetFile(fs.readable(file)).iter_batches(batch_size=batch_size, columns=list(forced)):
             for name, kind in forced.items():
                 _check_forced(file, name, batch.column(name), kind, row, text=False)
             row += batch.num_rows
@@ -348,25 +355,25 @@ def _with_types(schema: pa.Schema, types: Mapping[str, pa.DataType]) -> pa.Schem
 _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
 
 
-def _csv_reader(path: Path, columns: list[str] | None = None) -> pa.RecordBatchReader:
+def _csv_reader(path: DataPath, columns: list[str] | None = None) -> pa.RecordBatchReader:
     """Every column as text, empty cells as empty strings."""
-    header = pacsv.open_csv(path, parse_options=_CSV_PARSE).schema.names
+    header = pacsv.open_csv(fs.readable(path), parse_options=_CSV_PARSE).schema.names
     convert = pacsv.ConvertOptions(
         column_types={name: pa.string() for name in header},
         strings_can_be_null=False,
         include_columns=columns,
     )
     return pacsv.open_csv(
-        path,
+        fs.readable(path),
         read_options=pacsv.ReadOptions(block_size=_BLOCK),
         parse_options=_CSV_PARSE,
         convert_options=convert,
     )
 
 
-def _open_csv(path: Path, batch_size: int, forced: dict[str, pa.DataType]) -> Source:
+def _open_csv(path: DataPath, batch_size: int, forced: dict[str, pa.DataType]) -> Source:
     """One pass over the whole file: it counts the rows, checks the encoding and types the columns."""
-    header = _csv_step(path, 0, lambda: pacsv.open_csv(path, parse_options=_CSV_PARSE).schema.names)
+    header = _csv_step(path, 0, lambda: pacsv.open_csv(fs.readable(path), parse_options=_CSV_PARSE).schema.names)
     _check_names(path, header, forced)
     typers = {name: _ColumnTyper(name, forced.get(name)) for name in header}
     rows = 0
@@ -382,7 +389,7 @@ def _open_csv(path: Path, batch_size: int, forced: dict[str, pa.DataType]) -> So
     return Source(path, "csv", schema, batch_size, rows, None, types)
 
 
-def _csv_step(path: Path, rows: int, step: Callable[[], T]) -> T:
+def _csv_step(path: DataPath, rows: int, step: Callable[[], T]) -> T:
     """Run one read of the first pass; a reader error names the line (bad UTF-8) or the rows read."""
     try:
         return step()
@@ -408,7 +415,7 @@ class _ColumnTyper:
         self.candidates = [] if forced is not None else list(_CSV_CANDIDATES)
         self.seen_value = False
 
-    def observe(self, path: Path, column: pa.Array, first_row: int) -> None:
+    def observe(self, path: DataPath, column: pa.Array, first_row: int) -> None:
         if self.forced is not None:
             if not pa.types.is_string(self.forced):
                 _check_forced(path, self.name, column, self.forced, first_row, text=True)
@@ -449,7 +456,7 @@ def _cast_text(column: pa.Array, kind: pa.DataType) -> pa.Array:
     return pc.if_else(empty, pa.scalar(None, pa.string()), column).cast(kind)
 
 
-def _raise_if_not_utf8(path: Path, exc: Exception) -> None:
+def _raise_if_not_utf8(path: DataPath, exc: Exception) -> None:
     """Turn a reader's bare "invalid UTF8" into the file's line and byte."""
     text = str(exc).lower()
     if not isinstance(exc, UnicodeDecodeError) and "utf8" not in text and "utf-8" not in text:
@@ -463,11 +470,11 @@ def _raise_if_not_utf8(path: Path, exc: Exception) -> None:
     ) from None
 
 
-def first_invalid_utf8(path: Path) -> tuple[int, int] | None:
+def first_invalid_utf8(path: DataPath) -> tuple[int, int] | None:
     """(line number from 1, the offending byte) of the first invalid UTF-8 in a file, or None."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     line = 1
-    with path.open("rb") as handle:
+    with fs.open_binary(path) as handle:
         while chunk := handle.read(_BLOCK):
             try:
                 decoder.decode(chunk)
@@ -484,12 +491,12 @@ def first_invalid_utf8(path: Path) -> tuple[int, int] | None:
 # -------------------------------------------------------------------- JSON Lines
 
 
-def _open_jsonl(path: Path, batch_size: int, forced: dict[str, pa.DataType]) -> Source:
+def _open_jsonl(path: DataPath, batch_size: int, forced: dict[str, pa.DataType]) -> Source:
     """One pass over the whole file, a block at a time: encoding, row count, one schema."""
     schema: pa.Schema | None = None
     rows = 0
     line = 1  # the first line of the current block
-    with path.open("rb") as handle:
+    with fs.open_binary(path) as handle:
         while chunk := handle.read(_BLOCK):
             chunk += handle.readline()  # end the block on a line boundary
             _check_utf8_block(path, chunk, line)
@@ -515,7 +522,7 @@ def _open_jsonl(path: Path, batch_size: int, forced: dict[str, pa.DataType]) -> 
 _TYPE_CHANGE = re.compile(r"Column\((?P<field>.*?)\) changed from (?P<old>\w+) to (?P<new>\w+) in row (?P<row>\d+)")
 
 
-def _jsonl_error(path: Path, exc: pa.ArrowInvalid, first: int, last: int) -> InputError:
+def _jsonl_error(path: DataPath, exc: pa.ArrowInvalid, first: int, last: int) -> InputError:
     """A JSON reader error as one line naming the file's line (the reader counts rows per block)."""
     found = _TYPE_CHANGE.search(str(exc))
     if found is None:
@@ -527,7 +534,7 @@ def _jsonl_error(path: Path, exc: pa.ArrowInvalid, first: int, last: int) -> Inp
     )
 
 
-def _check_utf8_block(path: Path, chunk: bytes, line: int) -> None:
+def _check_utf8_block(path: DataPath, chunk: bytes, line: int) -> None:
     """JSON Lines must be UTF-8 (the JSON reader does not check)."""
     try:
         chunk.decode("utf-8")
@@ -538,7 +545,7 @@ def _check_utf8_block(path: Path, chunk: bytes, line: int) -> None:
         ) from None
 
 
-def _merge_block(path: Path, schema: pa.Schema | None, table: pa.Table, line: int) -> pa.Schema:
+def _merge_block(path: DataPath, schema: pa.Schema | None, table: pa.Table, line: int) -> pa.Schema:
     """Unify a block's inferred types with the file's so far, naming the line where a type changes."""
     if schema is None:
         return table.schema

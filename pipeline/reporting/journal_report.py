@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.config.job import Job
 from pipeline.errors import InputError, JobError
+from pipeline.io.fs import basename, is_uri
 from pipeline.reporting import charts
 from pipeline.reporting.html import cards, esc, img, money, page, table
 from pipeline.store.journal import Journal, RowStatus
@@ -97,7 +98,9 @@ def write_report(job: Job) -> JournalReport:
     finally:
         journal.close()
     images = draw(stats, job)
-    path = out.with_name(f"{out.stem}.report.html")
+    # Beside a local output; beside the (local) journal for an s3:// one.
+    local = journal_path.with_name(basename(out)) if is_uri(out) else Path(out)
+    path = local.with_name(f"{local.stem}.report.html")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(job, journal_path, stats, images), encoding="utf-8")
     return JournalReport(path, len(images), stats)
