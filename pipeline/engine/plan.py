@@ -63,11 +63,11 @@ class Plan:
     output_path: DataPath | None  # None: the Python API assembles a table in memory
     key_scheme: KeyScheme = KeyScheme.CONTENT
 
-    @property
+    @cached_property
     def provider(self) -> Provider:
         return provider_for(self.job.model)
 
-    @property
+    @cached_property
     def context_length(self) -> int | None:
         if self.job.model.context_length:
             return self.job.model.context_length
