@@ -343,6 +343,10 @@ class AdaptiveLimiter(RateLimiter):
         self._pace_lock = asyncio.Lock()
         self._next_at = 0.0
 
+    @property
+    def unlimited(self) -> bool:
+        return False  # the pacer and the gate are the limit, whatever the fixed caps
+
     def slot(self) -> AbstractAsyncContextManager[None]:
         return self._gate if self._gate is not None else super().slot()
 

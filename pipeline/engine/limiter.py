@@ -88,6 +88,11 @@ class RateLimiter:
     def _paused_now(self) -> bool:
         return bool(self._paused_until) and self._paused_until > asyncio.get_running_loop().time()
 
+    @property
+    def unlimited(self) -> bool:
+        """No cap at all and no pause now: ``acquire`` would return at once (the hot path skips it)."""
+        return self._requests is None and self._tokens is None and not self._paused_now()
+
     def ready(self, prompt_tokens: int = 0) -> bool:
         """True when ``acquire`` would not wait (no cool-down, room under both caps)."""
         if self._paused_until and self._paused_until > asyncio.get_running_loop().time():

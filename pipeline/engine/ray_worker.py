@@ -113,6 +113,10 @@ class RemoteLimiter(RateLimiter):
         self._waiting: list[tuple[int, asyncio.Future[float]]] = []
         self._fetcher: asyncio.Task[None] | None = None
 
+    @property
+    def unlimited(self) -> bool:
+        return False  # every send time comes from the global limiter actor
+
     async def acquire(self, prompt_tokens: int = 0) -> None:
         while True:
             future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
