@@ -154,6 +154,9 @@ class ChatClient:
             async with self.session.post(self.dialect.url, data=body) as resp:
                 raw = self._redactor.redact_bytes(await resp.read())
                 reply = parse_response(resp.status, raw, resp.headers)
+        except aiohttp.ConnectionTimeoutError:
+            # The server never accepted the connection: as unreachable as a refused one.
+            reply = Reply(ReplyKind.RETRY, error="connection error: could not connect before the connect timeout")
         except TimeoutError:
             return Reply(ReplyKind.RETRY, error=f"timeout after {self.timeout_s:g} s")
         except aiohttp.ClientError as exc:
