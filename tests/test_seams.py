@@ -226,3 +226,13 @@ async def test_waiters_do_not_burst_when_a_pause_ends() -> None:
     assert len(after) >= 8
     most = max(sum(1 for u in after if t <= u < t + 0.25) for t in after)
     assert most <= 4, f"{most} requests within 0.25 s after the pause (cap: 10 a second)"
+
+
+def test_fresh_sets_a_damaged_journal_aside(tmp_path: Path) -> None:
+    """The advice for a damaged journal ("rerun with --fresh") works."""
+    path = tmp_path / "j.sqlite"
+    path.write_bytes(b"garbage" * 500)
+    journal = Journal.open(path, {"id": 1}, fresh=True)
+    assert journal.results(["k"]) == {} and journal.job_spent() == 0
+    journal.close()
+    assert [p.read_bytes()[:7] for p in tmp_path.glob("j.sqlite.*.old")] == [b"garbage"]

@@ -22,7 +22,7 @@ from pipeline.config.job import Job, identity_hash
 from pipeline.engine.pricing import ModelInfo, default_cache_dir, model_info
 from pipeline.engine.prompts import PromptRenderer, RenderedBatch, require_text_columns
 from pipeline.engine.tokens import TokenCounter, counter_for
-from pipeline.errors import InputError, JobError
+from pipeline.errors import InputError, JobError, JournalError
 from pipeline.io import fs
 from pipeline.io.base import DataSource
 from pipeline.io.fs import DataPath
@@ -231,7 +231,10 @@ def stored_key_scheme(journal_path: Path) -> KeyScheme:
     """Content keys, unless an existing journal was written with row-number keys."""
     if not journal_path.exists():
         return KeyScheme.CONTENT
-    stored = read_meta(journal_path, "key_scheme")
+    try:
+        stored = read_meta(journal_path, "key_scheme")
+    except JournalError:
+        return KeyScheme.CONTENT  # opening it for the run says what is wrong (or --fresh sets it aside)
     return KeyScheme(stored) if stored else KeyScheme.CONTENT
 
 

@@ -185,9 +185,13 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         carried = 0.0
         if fresh and path.exists():
-            old = cls(path)
-            carried = old.job_spent()
-            old.close()
+            try:
+                old = cls(path)
+            except JournalError:
+                pass  # a damaged journal is set aside all the same; what it spent cannot be read
+            else:
+                carried = old.job_spent()
+                old.close()
             set_aside(path)
         journal = cls(path)
         if carried:
