@@ -41,7 +41,6 @@ from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.recorder import Recorder
 from pipeline.engine.selection import BLANK_ERROR, RowSelector
 from pipeline.errors import ExitCode, InputError, JobError, UserError
-from pipeline.io.output import output_schema, write_output, write_table
 from pipeline.providers.base import Reply, ReplyKind
 from pipeline.providers.batch_base import (
     BatchAdapter,
@@ -565,16 +564,6 @@ class BatchRun:
                 return
             raise
 
-    def write_output(self) -> tuple[int, int, pa.Table | None]:
-        schema = output_schema(self.plan.source.schema, self.plan.structured)
-        if self.plan.output_path is None:
-            table, errors = write_table(schema, self.output_batches(), self.journal, self.plan.structured)
-            return table.num_rows, errors, table
-        rows, errors = write_output(
-            self.plan.output_path, schema, self.output_batches(), self.journal, self.plan.structured
-        )
-        return rows, errors, None
-
 
 async def run_batch(plan: Plan, journal: Journal, options: RunOptions, controls: Controls) -> RunResult:
     """Batch mode inside ``run_plan`` (which holds the lock and the open journal)."""
@@ -588,13 +577,9 @@ async def run_batch(plan: Plan, journal: Journal, options: RunOptions, controls:
         run.stop(f"{len(pending)} batches pending at the provider ({rows:,} rows); rerun to collect them")
     rows_out, errors, table = 0, 0, None
     if options.write_output:
-        try:
-            rows_out, errors, table = run.write_output()
-        except OSError as exc:
-            run.stop(
-                f"cannot write the output {plan.output_path}: {exc}; every answer is in the journal: "
-                "fix the cause and rerun (nothing is paid again)"
-            )
+        from pipeline.engine.runner import write_plan_output
+
+        rows_out, errors, table = write_plan_output(plan, journal, run.output_batches(), run.stop)
     return _result(run, pending, rows_out, errors, table)
 
 

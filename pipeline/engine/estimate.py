@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config.job import AUTO
 from pipeline.engine.adaptive import START_RPM
 from pipeline.engine.limiter import estimated_duration_s
-from pipeline.engine.plan import KeyScheme, Plan
+from pipeline.engine.plan import Plan
 from pipeline.engine.reports import Estimate
 from pipeline.engine.selection import RowSelector
 from pipeline.store.journal import Journal
@@ -36,8 +36,6 @@ def dry_run(plan: Plan) -> Estimate:
     max_tokens = plan.job.model.max_tokens
     journal = _open_readonly(plan.journal_path)
     try:
-        if journal is not None and plan.key_scheme != KeyScheme.ID:
-            plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
         selector = RowSelector(journal.seen if journal is not None else None)
         sample = journal.completion_token_sample() if journal is not None else []
         waiting = _batch_store(journal)

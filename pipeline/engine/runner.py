@@ -62,6 +62,10 @@ class Controls:
         self.hurry_event.set()
 
 
+# Input batches with their row keys and, where the journal may be stale, prompt hashes.
+OutputBatches = Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]]
+
+
 @dataclass(slots=True)
 class Item:
     key: str
@@ -359,9 +363,9 @@ class Run:
         # This row's reservation is still held, so it covers the new attempt.
         return self.budget.within_limit()
 
-    def output_batches(self) -> Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]]:
+    def output_batches(self) -> OutputBatches:
         """Input batches with keys (and prompt hashes where the journal may be stale), up to a bad record."""
-        batches: Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]]
+        batches: OutputBatches
         if self.produced_all and not self.stopper.stopped:
             # Every row was looked at in this run and journaled under its current
             # prompt, so the journal is current: no need to render prompts again.
@@ -379,15 +383,28 @@ class Run:
                 return  # the run stopped on this record: write what came before it
             raise
 
-    def write_output(self) -> tuple[int, int, pa.Table | None]:
-        schema = output_schema(self.plan.source.schema, self.plan.structured)
-        if self.plan.output_path is None:
-            table, errors = write_table(schema, self.output_batches(), self.journal, self.plan.structured)
+
+def write_plan_output(
+    plan: Plan, journal: Journal, batches: OutputBatches, stop: Callable[[str], None]
+) -> tuple[int, int, pa.Table | None]:
+    """The plan's output (its file, or a table in memory); rows, rows with an error, the table.
+
+    Shared by realtime and batch mode. A file that cannot be written is a stop,
+    not a traceback: every answer is already in the journal.
+    """
+    schema = output_schema(plan.source.schema, plan.structured)
+    try:
+        if plan.output_path is None:
+            table, errors = write_table(schema, batches, journal, plan.structured)
             return table.num_rows, errors, table
-        rows, errors = write_output(
-            self.plan.output_path, schema, self.output_batches(), self.journal, self.plan.structured
+        rows, errors = write_output(plan.output_path, schema, batches, journal, plan.structured)
+    except OSError as exc:
+        stop(
+            f"cannot write the output {plan.output_path}: {exc}; every answer is in the journal: "
+            "fix the cause and rerun (nothing is paid again)"
         )
-        return rows, errors, None
+        return 0, 0, None
+    return rows, errors, None
 
 
 async def run_plan(
@@ -405,7 +422,7 @@ async def run_plan(
     try:
         journal = Journal.open(plan.journal_path, plan.identity(), fresh=options.fresh)
         try:
-            if plan.key_scheme != KeyScheme.ID:
+            if plan.key_scheme != KeyScheme.ID:  # --fresh may have replaced the journal prepare() read
                 plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
             journal.set_meta("total_rows", str(plan.total_rows))
             if plan.job.model.mode == "batch":
@@ -416,13 +433,7 @@ async def run_plan(
                 await run.execute(base_url)
             rows, errors, table = 0, 0, None
             if options.write_output and not options.sample:
-                try:
-                    rows, errors, table = run.write_output()
-                except OSError as exc:
-                    run.stop(
-                        f"cannot write the output {plan.output_path}: {exc}; every answer is in the journal: "
-                        "fix the cause and rerun (nothing is paid again)"
-                    )
+                rows, errors, table = write_plan_output(plan, journal, run.output_batches(), run.stop)
             return _result(run, rows, errors, table)
         finally:
             journal.close()

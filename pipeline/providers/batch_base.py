@@ -149,6 +149,14 @@ async def request_json(session: aiohttp.ClientSession, method: str, url: str, **
         raise BatchApiError(Reply(ReplyKind.RETRY, None, f"{method} {url}: the answer is not JSON")) from None
 
 
+async def get_batch(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """``GET`` one batch object; anything but a JSON object is a transient :class:`BatchApiError`."""
+    data = await request_json(session, "GET", url)
+    if not isinstance(data, dict):
+        raise BatchApiError(Reply(ReplyKind.RETRY, None, f"GET {url}: not a batch object"))
+    return data
+
+
 async def request_bytes(session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> bytes:
     """One call to a batch route; the raw body of a 2xx answer, or a :class:`BatchApiError`."""
     try:

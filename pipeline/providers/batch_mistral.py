@@ -20,10 +20,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from pipeline.providers.base import Reply, ReplyKind
 from pipeline.providers.batch_base import (
     CHAT_ENDPOINT,
-    BatchApiError,
     BatchRequest,
     BatchState,
     BatchStatus,
@@ -32,6 +30,7 @@ from pipeline.providers.batch_base import (
     body_without_model,
     count,
     download_results,
+    get_batch,
     request_json,
     upload_jsonl,
 )
@@ -72,9 +71,7 @@ class MistralBatches:
         return batch_id_from(await request_json(session, "POST", self.url, json=job), f"POST {self.url}")
 
     async def poll(self, session: aiohttp.ClientSession, batch_id: str) -> BatchState:
-        data = await request_json(session, "GET", f"{self.url}/{batch_id}")
-        if not isinstance(data, dict):
-            raise BatchApiError(Reply(ReplyKind.RETRY, None, f"GET {self.url}/{batch_id}: not a batch job"))
+        data = await get_batch(session, f"{self.url}/{batch_id}")
         raw_status = str(data.get("status"))
         errors = data.get("errors") or []
         message = "; ".join(str(e.get("message")) for e in errors if isinstance(e, dict) and e.get("message"))

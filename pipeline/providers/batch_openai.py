@@ -20,11 +20,9 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from pipeline.providers.base import Reply, ReplyKind
 from pipeline.providers.batch_base import (
     CHAT_ENDPOINT,
     COMPLETION_WINDOW,
-    BatchApiError,
     BatchRequest,
     BatchState,
     BatchStatus,
@@ -32,6 +30,7 @@ from pipeline.providers.batch_base import (
     batch_id_from,
     count,
     download_results,
+    get_batch,
     request_json,
     upload_jsonl,
 )
@@ -73,9 +72,7 @@ class OpenAIBatches:
         return batch_id_from(await request_json(session, "POST", self.url, json=batch), f"POST {self.url}")
 
     async def poll(self, session: aiohttp.ClientSession, batch_id: str) -> BatchState:
-        data = await request_json(session, "GET", f"{self.url}/{batch_id}")
-        if not isinstance(data, dict):
-            raise BatchApiError(Reply(ReplyKind.RETRY, None, f"GET {self.url}/{batch_id}: not a batch object"))
+        data = await get_batch(session, f"{self.url}/{batch_id}")
         raw_status = str(data.get("status"))
         counts = data.get("request_counts") or {}
         errors = (data.get("errors") or {}).get("data") if isinstance(data.get("errors"), dict) else None

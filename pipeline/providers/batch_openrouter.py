@@ -21,11 +21,9 @@ from typing import Any
 
 import aiohttp
 
-from pipeline.providers.base import Reply, ReplyKind
 from pipeline.providers.batch_base import (
     CHAT_ENDPOINT,
     COMPLETION_WINDOW,
-    BatchApiError,
     BatchRequest,
     BatchResult,
     BatchState,
@@ -33,6 +31,7 @@ from pipeline.providers.batch_base import (
     ResultsPage,
     batch_id_from,
     count,
+    get_batch,
     request_json,
     result_reply,
 )
@@ -85,9 +84,7 @@ class OpenRouterBatches:
         return batch_id_from(data, f"POST {self.url}")
 
     async def poll(self, session: aiohttp.ClientSession, batch_id: str) -> BatchState:
-        data = await request_json(session, "GET", f"{self.url}/{batch_id}")
-        if not isinstance(data, dict):
-            raise BatchApiError(Reply(ReplyKind.RETRY, None, f"GET {self.url}/{batch_id}: not a batch object"))
+        data = await get_batch(session, f"{self.url}/{batch_id}")
         raw_status = str(data.get("status"))
         counts = data.get("request_counts") or {}
         error = data.get("error")
