@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import JobError
 from pipeline.io import fs
+from pipeline.io.arrow_values import arrays_from_values
 from pipeline.io.fs import DataPath
 from pipeline.store.journal import RESULT_FIELDS, Journal
 
@@ -58,6 +59,7 @@ def output_schema(input_schema: pa.Schema, structured: Any | None) -> pa.Schema:
 
 # Where each output column sits in a journal row tuple (derived from JournalRow, never hard-coded).
 _POSITIONS = [RESULT_FIELDS.index(name) for name, _ in RESULT_COLUMNS]
+_RESULT_TYPES = [kind for _, kind in RESULT_COLUMNS]
 _HASH, _PARSED = RESULT_FIELDS.index("prompt_hash"), RESULT_FIELDS.index("parsed")
 # A row never journaled, or journaled for a prompt that has since changed.
 _MISSING: tuple[Any, ...] = tuple(NOT_RUN if name == "error" else None for name in RESULT_FIELDS)
@@ -78,7 +80,7 @@ def result_arrays(
             row = _MISSING
         rows.append(row)
     columns = list(zip(*rows, strict=True)) if rows else [()] * len(RESULT_FIELDS)
-    arrays = [pa.array(columns[j], type=kind) for j, (_, kind) in zip(_POSITIONS, RESULT_COLUMNS, strict=True)]
+    arrays = arrays_from_values([columns[j] for j in _POSITIONS], _RESULT_TYPES)
     if structured is not None:
         arrays += structured.to_arrays([json.loads(p) if p else None for p in columns[_PARSED]])
     return arrays
