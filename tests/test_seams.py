@@ -191,6 +191,26 @@ def test_journal_round_trips_rows_and_carries_spend_through_fresh(tmp_path: Path
     assert len(list(tmp_path.glob("j.sqlite.*.old"))) == 1
 
 
+@pytest.mark.parametrize(
+    ("asked", "expected"),
+    [
+        (["b", "a"], [("b", "cb", 2), ("a", "ca", 1)]),
+        (["a", "zz", "b"], [("a", "ca", 1), (None, None, None), ("b", "cb", 2)]),
+        (["zz"], [(None, None, None)]),
+        ([], []),
+    ],
+    ids=["batch order, not journal order", "a key never journaled gives nulls in place", "only unknown", "empty"],
+)
+def test_journal_columns_in_order(tmp_path: Path, asked: list[str], expected: list[tuple[object, ...]]) -> None:
+    journal = Journal.open(tmp_path / "j.sqlite", {"id": 1})
+    rows = [JournalRow(k, "h", RowStatus.OK, completion=f"c{k}", attempts=n) for n, k in ((1, "a"), (2, "b"))]
+    journal.write_now(rows)
+    assert journal.columns_in_order(asked, ("key", "completion", "attempts")) == expected
+    with pytest.raises(ValueError, match="not journal columns"):
+        journal.columns_in_order(asked, ("key; DROP TABLE results",))
+    journal.close()
+
+
 def test_damaged_journal_names_its_path(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite"
     path.write_bytes(b"this is not sqlite" * 100)

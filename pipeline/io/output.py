@@ -29,7 +29,7 @@ from pipeline.errors import JobError
 from pipeline.io import fs
 from pipeline.io.arrow_values import arrays_from_values
 from pipeline.io.fs import DataPath
-from pipeline.store.journal import RESULT_FIELDS, Journal
+from pipeline.store.journal import Journal
 
 # The documented result columns and their Arrow types. Types are fixed, so a
 # column keeps its type even when every value is null.
@@ -57,12 +57,13 @@ def output_schema(input_schema: pa.Schema, structured: Any | None) -> pa.Schema:
     return pa.schema(fields)
 
 
-# Where each output column sits in a journal row tuple (derived from JournalRow, never hard-coded).
-_POSITIONS = [RESULT_FIELDS.index(name) for name, _ in RESULT_COLUMNS]
+# What the output reads from the journal: the result columns, then what decides whether a row counts.
+_READ = (*(name for name, _ in RESULT_COLUMNS), "key", "prompt_hash", "parsed")
+_RESULTS = len(RESULT_COLUMNS)
+_KEY, _HASH, _PARSED = _RESULTS, _RESULTS + 1, _RESULTS + 2
 _RESULT_TYPES = [kind for _, kind in RESULT_COLUMNS]
-_HASH, _PARSED = RESULT_FIELDS.index("prompt_hash"), RESULT_FIELDS.index("parsed")
 # A row never journaled, or journaled for a prompt that has since changed.
-_MISSING: tuple[Any, ...] = tuple(NOT_RUN if name == "error" else None for name in RESULT_FIELDS)
+_MISSING: tuple[Any, ...] = tuple(NOT_RUN if name == "error" else None for name in _READ)
 
 
 def result_arrays(
@@ -72,15 +73,16 @@ def result_arrays(
 
     With ``hashes``, a journaled row whose prompt hash differs counts as not run.
     """
-    found = journal.result_tuples(keys)
-    rows = []
-    for i, key in enumerate(keys):
-        row = found.get(key)
-        if row is None or (hashes is not None and row[_HASH] != hashes[i]):
-            row = _MISSING
-        rows.append(row)
-    columns = list(zip(*rows, strict=True)) if rows else [()] * len(RESULT_FIELDS)
-    arrays = arrays_from_values([columns[j] for j in _POSITIONS], _RESULT_TYPES)
+    rows = journal.columns_in_order(keys, _READ)
+    if hashes is None:
+        rows = [_MISSING if row[_KEY] is None else row for row in rows]
+    else:
+        rows = [
+            _MISSING if row[_KEY] is None or row[_HASH] != expected else row
+            for row, expected in zip(rows, hashes, strict=True)
+        ]
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(_READ)
+    arrays = arrays_from_values(columns[:_RESULTS], _RESULT_TYPES)
     if structured is not None:
         arrays += structured.to_arrays([json.loads(p) if p else None for p in columns[_PARSED]])
     return arrays

@@ -232,6 +232,12 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def _json_or_none(body: bytes) -> Any:
     try:
+        # Decoding first skips json's encoding detection on every answer (servers
+        # send UTF-8); a BOM or UTF-16 still gets json's own handling of bytes.
+        return json.loads(body.decode())
+    except ValueError:  # UnicodeDecodeError included
+        pass
+    try:
         return json.loads(body)
     except ValueError:
         return None
