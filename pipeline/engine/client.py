@@ -31,15 +31,13 @@ class Stopper:
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.reason: str | None = None
+        self.stopped = False  # read several times per request: a plain attribute, set with the event
 
     def stop(self, reason: str) -> None:
-        if not self.event.is_set():
+        if not self.stopped:
             self.reason = reason
+            self.stopped = True
             self.event.set()
-
-    @property
-    def stopped(self) -> bool:
-        return self.event.is_set()
 
     async def sleep(self, seconds: float) -> bool:
         """Sleep unless a stop comes first; True if the full time passed."""
@@ -99,12 +97,14 @@ class ChatClient:
         """
         cost = 0.0
         attempt = 0
-        reply = Reply(ReplyKind.RETRY, error="stopped before sending (not_run)")
+        latency = 0.0
+        reply: Reply | None = None
         while attempt < self.max_attempts and not self.stopper.stopped:
             # The slot (auto rate limits) bounds requests in flight, the wait for the rate included.
             # Waiting for it is not raced with a stop: a slot frees within one request's latency.
             async with self.limiter.slot():
-                if not await self._acquire(tokens):
+                # Without caps there is nothing to wait for: no coroutine on every request.
+                if not self.limiter.unlimited and not await self._acquire(tokens):
                     break
                 attempt += 1
                 started = time.perf_counter()
@@ -121,8 +121,8 @@ class ChatClient:
                     self.on_pause(delay)
             if not await self.stopper.sleep(delay):
                 return Attempted(reply, attempt, latency, cost)
-        if attempt == 0:
-            return None
+        if reply is None:
+            return None  # stopped before the first attempt went out
         return Attempted(reply, attempt, 0.0, cost)
 
     async def _acquire(self, tokens: int) -> bool:
@@ -133,8 +133,6 @@ class ChatClient:
         """
         if self.stopper.stopped:
             return False
-        if self.limiter.unlimited:
-            return True  # no caps: two coroutine round trips saved on every request
         if self.limiter.ready(tokens):
             await self.limiter.acquire(tokens)
             return not self.stopper.stopped
