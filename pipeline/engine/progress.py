@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
-from tqdm.auto import tqdm as auto_tqdm
 
 from pipeline.store.journal import RowStatus
 
@@ -48,7 +47,10 @@ class Tracker:
         self.note = ""  # shown after the counters, e.g. batch mode's "3 batches pending"
         # The limiter's learned rate (requests_per_minute = "auto"), shown in the bar.
         self.learned: Callable[[], LearnedRate | None] | None = None
-        bar = auto_tqdm if notebook else tqdm
+        if notebook:
+            from tqdm.auto import tqdm as bar  # notebook-aware; imported only when asked for
+        else:
+            bar = tqdm
         self.bar = bar(
             total=total,
             desc=desc,
