@@ -44,7 +44,7 @@ def _by_pa_array(columns: Sequence[Sequence[Any]], types: Sequence[pa.DataType])
 def _by_json(columns: Sequence[Sequence[Any]], types: Sequence[pa.DataType]) -> list[pa.Array]:
     names = [f"c{i}" for i in range(len(columns))]
     # allow_nan=False: NaN and infinities raise here, and fall back to pa.array.
-    text = json.dumps(dict(zip(names, map(list, columns), strict=True)), ensure_ascii=False, allow_nan=False)
+    text = json.dumps(dict(zip(names, columns, strict=True)), ensure_ascii=False, allow_nan=False)
     data = text.encode()
     schema = pa.schema([pa.field(name, pa.list_(kind)) for name, kind in zip(names, types, strict=True)])
     table = pajson.read_json(
