@@ -169,6 +169,31 @@ def test_recorder_charges(usage: dict[str, Any] | None, billed: float, usd: floa
         assert charge.usd == pytest.approx(0.1, rel=1e-3) and charge.prompt_tokens == 1_000_000
 
 
+CHAT_TEXTS = [
+    "plain",
+    "",
+    'quotes " and \\ backslashes',
+    "new\nlines\tand\rreturns",
+    "controls \x00 \x1f \x7f",
+    "unicode é 日本 😀 \u2028 \u2029",
+    'looks like json: {"role": "user"}',
+]
+
+
+@pytest.mark.parametrize("user", CHAT_TEXTS)
+@pytest.mark.parametrize("system", [None, "You are terse.", 'sys "quoted" 😀\n'])
+def test_chat_body_is_byte_for_byte_the_generic_body(system: str | None, user: str) -> None:
+    from pipeline.config.job import ModelSpec
+    from pipeline.providers.base import Dialect
+
+    dialect = Dialect(ModelSpec(params={"seed": 7}), "m/x", {})
+    messages = [{"role": "user", "content": user}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    assert dialect.chat_body(system, user) == dialect.body(messages)
+    assert json.loads(dialect.chat_body(system, user))["messages"] == messages
+
+
 def test_budget_reserves_worst_case() -> None:
     budget = Budget(1.0, spent=0.4)
     assert budget.reserve(0.5)

@@ -357,7 +357,9 @@ class BatchRun:
                 )
                 self._journal_skipped([(keys[i], hashes[i])], error)
                 continue
-            request = BatchRequest(custom_id_for(keys[i]), self.dialect.body(rendered.messages(i)))
+            request = BatchRequest(
+                custom_id_for(keys[i]), self.dialect.chat_body(rendered.system(i), rendered.users[i])
+            )
             items.append(Queued(keys[i], hashes[i], request, t))
         return items
 

@@ -93,6 +93,9 @@ class RenderedBatch:
     systems: list[str] | None
     blank: list[bool]
 
+    def system(self, i: int) -> str | None:
+        return self.systems[i] if self.systems is not None else None
+
     def messages(self, i: int) -> list[dict[str, str]]:
         user = {"role": "user", "content": self.users[i]}
         if self.systems is None:

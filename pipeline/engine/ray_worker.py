@@ -291,7 +291,8 @@ class RowWorker:
     async def _send_one(self, client: ChatClient, row: Dispatch) -> None:
         body = b""
         try:
-            body = self.spec.dialect.body(self.units[row.unit].messages(row.index))
+            unit = self.units[row.unit]
+            body = self.spec.dialect.chat_body(unit.system(row.index), unit.users[row.index])
             attempted = await client.complete(body, row.tokens)
         except asyncio.CancelledError:
             raise

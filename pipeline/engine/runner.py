@@ -235,7 +235,7 @@ class Run:
         return [Item(keys[i], hashes[i], self.dialect_body(rendered, i), t) for i, t in zip(todo, tokens, strict=True)]
 
     def dialect_body(self, rendered: RenderedBatch, i: int) -> bytes:
-        return self.dialect.body(rendered.messages(i))
+        return self.dialect.chat_body(rendered.system(i), rendered.users[i])
 
     async def _count_tokens(self, rendered: RenderedBatch, todo: list[int]) -> list[int]:
         """Prompt tokens, counted only where a limit needs them (off the event loop)."""

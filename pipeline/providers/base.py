@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
+from json.encoder import encode_basestring as _encode_string  # what json.dumps(ensure_ascii=False) uses
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
@@ -134,6 +135,19 @@ class Dialect:
 
     def body(self, messages: list[dict[str, str]]) -> bytes:
         return self._prefix + json.dumps(messages, ensure_ascii=False).encode() + self._suffix
+
+    def chat_body(self, system: str | None, user: str) -> bytes:
+        """``body`` of a system (or no system) and a user message, byte for byte.
+
+        Built around the C string encoder that ``json.dumps(ensure_ascii=False)``
+        uses, instead of a JSON encoder per row: a few microseconds a request.
+        """
+        user_part = '{"role": "user", "content": ' + _encode_string(user) + "}]"
+        if system is None:
+            messages = "[" + user_part
+        else:
+            messages = '[{"role": "system", "content": ' + _encode_string(system) + "}, " + user_part
+        return self._prefix + messages.encode() + self._suffix
 
     def identity(self) -> dict[str, Any]:
         return {key: value for key, value in self._base.items() if key != "model"}
