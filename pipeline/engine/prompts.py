@@ -44,10 +44,13 @@ class Template:
         """Render ``n`` rows; ``values`` maps each column to its texts."""
         if not self.columns:
             return [self.text.replace("{{", "{").replace("}}", "}")] * n
-        out: list[str] = []
-        cols = [(lit, values[field] if field else None) for lit, field in self.parts]
-        for i in range(n):
-            out.append("".join(lit + (col[i] if col is not None else "") for lit, col in cols))
+        # Column by column: one concatenation per row and part, not a generator per row.
+        out = [""] * n
+        for literal, field in self.parts:
+            if field is None:
+                out = [text + literal for text in out]
+            else:
+                out = [text + literal + value for text, value in zip(out, values[field], strict=True)]
         return out
 
 
