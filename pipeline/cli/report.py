@@ -100,7 +100,7 @@ def _stop_lines(s: RunSummary, job_arg: str) -> list[str]:
         return [f"  stopped: {s.stop_reason}", f"  resume with: pipeline run {job_arg}"]
     if s.exit_code == ExitCode.ROWS_FAILED:
         return [
-            f"  {_rows_with_error(s):,} rows have an error (see the error column); "
+            f"  {_rows_have_an_error(s)} (see the error column); "
             f"rerun to retry transient failures "
             f"(add --retry-failed for the others): pipeline run {job_arg}"
         ]
@@ -113,9 +113,14 @@ def _print_problems(plan: Plan, s: RunSummary) -> None:
         print(f"pipeline: {plan.job.name} stopped: {s.stop_reason}; rerun to resume", file=sys.stderr)
     elif s.exit_code == ExitCode.ROWS_FAILED:
         print(
-            f"pipeline: {plan.job.name}: {_rows_with_error(s)} rows have an error (see the error column of {s.output})",
+            f"pipeline: {plan.job.name}: {_rows_have_an_error(s)} (see the error column of {s.output})",
             file=sys.stderr,
         )
+
+
+def _rows_have_an_error(s: RunSummary) -> str:
+    n = _rows_with_error(s)
+    return "1 row has an error" if n == 1 else f"{n:,} rows have an error"
 
 
 def _rows_with_error(s: RunSummary) -> int:
