@@ -99,12 +99,6 @@ class RenderedBatch:
     def system(self, i: int) -> str | None:
         return self.systems[i] if self.systems is not None else None
 
-    def messages(self, i: int) -> list[dict[str, str]]:
-        user = {"role": "user", "content": self.users[i]}
-        if self.systems is None:
-            return [user]
-        return [{"role": "system", "content": self.systems[i]}, user]
-
     def prompt_hash(self, i: int) -> str:
         """Identifies what was asked of a row, to notice when its prompt changes."""
         system = self.systems[i] if self.systems is not None else ""

@@ -45,6 +45,19 @@ class BatchStatus(StrEnum):
         return self != BatchStatus.PENDING
 
 
+# The status words of OpenAI's batch API, which OpenRouter's batches use too (PROVIDERS.md).
+OPENAI_STATUSES = {
+    "validating": BatchStatus.PENDING,
+    "in_progress": BatchStatus.PENDING,
+    "finalizing": BatchStatus.PENDING,
+    "cancelling": BatchStatus.PENDING,
+    "completed": BatchStatus.COMPLETED,
+    "expired": BatchStatus.EXPIRED,
+    "failed": BatchStatus.FAILED,
+    "cancelled": BatchStatus.CANCELLED,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class BatchRequest:
     """One row's chat request: the body the realtime client would POST, under the row's custom_id."""

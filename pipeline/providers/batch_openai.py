@@ -23,6 +23,7 @@ import aiohttp
 from pipeline.providers.batch_base import (
     CHAT_ENDPOINT,
     COMPLETION_WINDOW,
+    OPENAI_STATUSES,
     BatchRequest,
     BatchState,
     BatchStatus,
@@ -37,17 +38,6 @@ from pipeline.providers.batch_base import (
 
 MAX_REQUESTS = 50_000
 MAX_BYTES = 200 * 1000 * 1000
-
-_STATUS = {
-    "validating": BatchStatus.PENDING,
-    "in_progress": BatchStatus.PENDING,
-    "finalizing": BatchStatus.PENDING,
-    "cancelling": BatchStatus.PENDING,
-    "completed": BatchStatus.COMPLETED,
-    "expired": BatchStatus.EXPIRED,
-    "failed": BatchStatus.FAILED,
-    "cancelled": BatchStatus.CANCELLED,
-}
 
 
 class OpenAIBatches:
@@ -80,7 +70,7 @@ class OpenAIBatches:
         files = tuple(str(data[k]) for k in ("output_file_id", "error_file_id") if data.get(k))
         return BatchState(
             id=batch_id,
-            status=_STATUS.get(raw_status, BatchStatus.PENDING),
+            status=OPENAI_STATUSES.get(raw_status, BatchStatus.PENDING),
             provider_status=raw_status,
             total=count(counts.get("total")),
             completed=count(counts.get("completed")),

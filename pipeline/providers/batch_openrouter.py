@@ -24,6 +24,7 @@ import aiohttp
 from pipeline.providers.batch_base import (
     CHAT_ENDPOINT,
     COMPLETION_WINDOW,
+    OPENAI_STATUSES,
     BatchRequest,
     BatchResult,
     BatchState,
@@ -40,16 +41,6 @@ MAX_REQUESTS = 5_000
 MAX_BYTES = 200 * 1000 * 1000
 PAGE_LIMIT = 1000  # results per page: the most the API returns
 
-_STATUS = {
-    "validating": BatchStatus.PENDING,
-    "in_progress": BatchStatus.PENDING,
-    "finalizing": BatchStatus.PENDING,
-    "cancelling": BatchStatus.PENDING,
-    "completed": BatchStatus.COMPLETED,
-    "expired": BatchStatus.EXPIRED,
-    "failed": BatchStatus.FAILED,
-    "cancelled": BatchStatus.CANCELLED,
-}
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -91,7 +82,7 @@ class OpenRouterBatches:
         results = data.get("results")
         return BatchState(
             id=batch_id,
-            status=_STATUS.get(raw_status, BatchStatus.PENDING),  # an unknown word: keep polling
+            status=OPENAI_STATUSES.get(raw_status, BatchStatus.PENDING),  # an unknown word: keep polling
             provider_status=raw_status,
             total=count(counts.get("total")),
             completed=count(counts.get("completed")),
