@@ -80,6 +80,25 @@ def test_budget_counts_journals_set_aside_by_fresh(
 # ------------------------------------------------------------ 2. the budget fails closed
 
 
+def test_counted_completion_never_exceeds_max_tokens(
+    workdir: Path, server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Our tokenizer may count a reply longer than the model's own max_tokens allowed it to be.
+
+    The provider stops generating at max_tokens, so that is the most a reply can
+    be billed for, and what the budget reserved for it: the estimate must not
+    count more, or the recorded spend passes budget_usd.
+    """
+    server.config.include_usage = False
+    write_parquet(workdir / INPUT, reviews(2000))
+    # The fake server's replies are about 20 Tekken tokens; max_tokens 8 is below that.
+    write_job(workdir, server.base_url, model={"max_tokens": 8}, limits={"budget_usd": 0.0005, "concurrency": 16})
+    code, summary = run_json(capsys=capsys)
+    assert code == 3 and "budget reached" in summary["stop_reason"]
+    assert summary["completion_tokens"] <= 8 * summary["requests"]
+    assert 0 < summary["job_spent_usd"] <= 0.0005
+
+
 def test_reply_without_usage_is_charged_from_counted_tokens(
     workdir: Path, server: FakeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

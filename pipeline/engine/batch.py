@@ -251,7 +251,9 @@ class BatchRun:
         if self.budget.limit is not None:
             # Batches of earlier runs still hold their worst case until collected.
             self.budget.reserved = sum(b.worst_usd for b in self.store.pending())
-        self.recorder = Recorder(plan.info, plan.structured, lambda: plan.counter, self.spec.batch_discount)
+        self.recorder = Recorder(
+            plan.info, plan.structured, lambda: plan.counter, self.spec.batch_discount, plan.job.model.max_tokens
+        )
         self.selector = RowSelector(journal.seen, retry_failed=options.retry_failed)
         self.dialect = plan.dialect()
         self.adapter = make_adapter(plan)

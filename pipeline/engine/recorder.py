@@ -46,11 +46,16 @@ class Recorder:
         structured: StructuredSpec | None,
         counter: Callable[[], TokenCounter],
         batch_discount: float = 1.0,
+        max_tokens: int | None = None,
     ) -> None:
         self.info = info
         self.structured = structured
         self.counter = counter  # called only when a reply lacks usage: loading a tokenizer takes seconds
         self.discount = batch_discount
+        # The provider stops a reply at max_tokens, so no reply is billed for more; our
+        # tokenizer may count its text longer (another model's tokenizer), and the budget
+        # reserved max_tokens for it: a counted completion is capped there.
+        self.max_tokens = max_tokens
 
     def charge(self, reply: Reply, billed: float, prompt_tokens: int, body: bytes | None = None) -> Charge:
         """The cost of a reply: what the server billed, else tokens x price (counted when missing).
@@ -66,11 +71,15 @@ class Recorder:
             return Charge(billed)
         server_counted = reply.prompt_tokens is not None and reply.completion_tokens is not None
         p = reply.prompt_tokens if reply.prompt_tokens is not None else self._prompt_tokens(prompt_tokens, body)
-        c = reply.completion_tokens if reply.completion_tokens is not None else count_text(reply.content or "")
+        c = reply.completion_tokens if reply.completion_tokens is not None else self._completion_tokens(reply.content)
         priced = self.info.cost(p, c)
         if server_counted:
             return Charge(billed + (priced or 0.0) * self.discount)
         return Charge(billed + (priced or 0.0) * self.discount, True, p, c)
+
+    def _completion_tokens(self, text: str | None) -> int:
+        counted = count_text(text or "")
+        return counted if self.max_tokens is None else min(counted, self.max_tokens)
 
     def _prompt_tokens(self, counted: int, body: bytes | None) -> int:
         if counted or body is None:

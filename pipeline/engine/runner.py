@@ -148,7 +148,7 @@ class Run:
             else set(options.rows),
         )
         self.dialect = plan.dialect()
-        self.recorder = Recorder(plan.info, plan.structured, lambda: plan.counter)
+        self.recorder = Recorder(plan.info, plan.structured, lambda: plan.counter, max_tokens=plan.job.model.max_tokens)
         self.produced_all = False
         self.input_error: str | None = None  # a bad record found while reading the input
         self.successes = 0  # replies that came back OK: the job as a whole works
