@@ -29,7 +29,7 @@ from pipeline.errors import (
     UserError,
 )
 from pipeline.evaluation.api import aevaluate, evaluate
-from pipeline.evaluation.evaluate import Evaluation, VariantEvaluation
+from pipeline.evaluation.results import Evaluation, VariantEvaluation
 from pipeline.evaluation.metrics import LabelScore, Scores
 
 __all__ = [

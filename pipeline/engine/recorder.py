@@ -23,7 +23,7 @@ from pipeline.providers.base import Reply, ReplyKind
 from pipeline.store.journal import JournalRow, RowStatus
 
 if TYPE_CHECKING:
-    from pipeline.config.structured import StructuredSpec
+    from pipeline.structured import StructuredSpec
     from pipeline.engine.pricing import ModelInfo
     from pipeline.engine.tokens import TokenCounter
 
