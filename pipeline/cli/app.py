@@ -12,7 +12,6 @@ import contextlib
 import gc
 import json
 import os
-import signal
 import sqlite3
 import sys
 from typing import TYPE_CHECKING
@@ -24,8 +23,8 @@ from pipeline.io.fs import DataPath, parse_data_path
 from pipeline.secrets import Redactor, looks_like_key
 
 if TYPE_CHECKING:
-    from pipeline.engine.plan import Plan
     from pipeline.engine.drivers.ray.driver import RaySettings
+    from pipeline.engine.plan import Plan
     from pipeline.engine.session import RunOptions, RunResult
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = (

@@ -51,5 +51,3 @@ async def run_plan(
             journal.close()
     finally:
         lock.release()
-
-

@@ -45,7 +45,6 @@ class Controls:
 OutputBatches = Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]]
 
 
-
 @dataclass
 class RunOptions:
     quiet: bool = False
@@ -146,5 +145,3 @@ def build_result(
         **extra,
     )
     return RunResult(code, summary, spent, table)
-
-

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +27,14 @@ import pyarrow as pa
 from pipeline.config.job import Job
 from pipeline.engine.plan import Plan, prepare
 from pipeline.errors import ExitCode, InputError, JobError
-from pipeline.evaluation.metrics import ERROR, NULL, LabelScore, Scores, canonical, pareto_front, score_counts
+from pipeline.evaluation.metrics import ERROR, NULL, canonical, pareto_front, score_counts
 from pipeline.evaluation.results import EvalOptions, Evaluation, Mistake, VariantEvaluation
 from pipeline.io.fs import is_uri
 from pipeline.store.journal import Journal, JournalRow, RowStatus
 
 if TYPE_CHECKING:
-    from pipeline.structured import StructuredSpec
     from pipeline.engine.session import Controls
+    from pipeline.structured import StructuredSpec
 
 # Wrong answers kept for the report, per variant.
 MAX_MISTAKES = 20

@@ -21,6 +21,7 @@ from pipeline.reporting.html import cards, esc, img, money, page, table
 from pipeline.store.journal import Journal, RowStatus
 from pipeline.store.stats import JournalSummary, journal_summary
 
+
 @dataclass(frozen=True)
 class JournalReport:
     """Where ``pipeline report`` wrote its page, and the figures on it."""

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from pipeline.cli.app import main
 from pipeline.cli.report import pinnable
 from pipeline.config.job import LimitsSpec, describe_validation_error
+from pipeline.engine.client import ChatClient, Stopper
 from pipeline.engine.limits import adaptive
 from pipeline.engine.limits.adaptive import (
     AdaptiveLimiter,
@@ -40,7 +41,6 @@ from pipeline.engine.limits.adaptive import (
     RateController,
     make_limiter,
 )
-from pipeline.engine.client import ChatClient, Stopper
 from pipeline.engine.limits.limiter import RateLimiter
 from pipeline.engine.tokens import counter_for
 from pipeline.providers import get_provider

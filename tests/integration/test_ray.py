@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, reviews, spawn, write_job, write_parquet
-from tests.fakes.server import FakeServer, expected_reply, max_per_window
 from tests.fakes.s3store import BUCKET, s3, s3_endpoint
+from tests.fakes.server import FakeServer, expected_reply, max_per_window
 
 pytest.importorskip("ray")
 

@@ -14,8 +14,8 @@ from pipeline.config.job import load_job
 from pipeline.errors import JobError
 from pipeline.io import fs
 from tests.conftest import reviews, run_cli, write_job
-from tests.fakes.server import FakeServer, expected_reply
 from tests.fakes.s3store import BUCKET, s3, s3_endpoint
+from tests.fakes.server import FakeServer, expected_reply
 
 __all__ = ["s3", "s3_endpoint"]  # fixtures
 

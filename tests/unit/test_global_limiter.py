@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.engine.limits.global_limiter import Grant, Schedule, effective_per_minute
 from pipeline.engine.drivers.ray.worker import GRANT_BATCH, LimiterActor, RemoteLimiter, RowWorker, WorkerSpec
+from pipeline.engine.limits.global_limiter import Grant, Schedule, effective_per_minute
 from tests.fakes.server import max_per_window
 
 

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
+from pipeline.engine.budget import Budget
 from pipeline.engine.client import backoff_delay
 from pipeline.engine.plan import content_keys
 from pipeline.engine.pricing import ModelInfo
 from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.recorder import Recorder
-from pipeline.engine.budget import Budget
 from pipeline.engine.selection import RowSelector
 from pipeline.errors import JournalError
 from pipeline.providers import get_provider, guess_provider

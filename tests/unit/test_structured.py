@@ -14,10 +14,10 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from pipeline.structured import spec as structured
-from pipeline.structured import StructuredSpec
 from pipeline.errors import JobError
 from pipeline.providers import request_fields
+from pipeline.structured import StructuredSpec
+from pipeline.structured import spec as structured
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = ["positive", "negative", "neutral"]

@@ -25,7 +25,6 @@ do not count against the providers' rate limits.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -35,11 +34,13 @@ from typing import TYPE_CHECKING
 import aiohttp
 import pyarrow as pa
 
+from pipeline.engine.budget import Budget
 from pipeline.engine.client import backoff_delay, request_headers
 from pipeline.engine.progress import Tracker
 from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.recorder import Recorder
 from pipeline.engine.selection import BLANK_ERROR, RowSelector
+from pipeline.engine.session import build_result, write_plan_output
 from pipeline.errors import ExitCode, InputError, JobError, UserError
 from pipeline.providers.base import Reply, ReplyKind
 from pipeline.providers.batches import (
@@ -52,8 +53,6 @@ from pipeline.providers.batches import (
 )
 from pipeline.store.batches import BatchRow, BatchStore, KnownBatch, SubmittedRow
 from pipeline.store.journal import Journal, JournalRow, RowStatus
-from pipeline.engine.budget import Budget
-from pipeline.engine.session import build_result, write_plan_output
 
 if TYPE_CHECKING:
     from pipeline.engine.plan import Plan
@@ -98,7 +97,6 @@ class Queued:
     prompt_hash: str
     request: BatchRequest
     tokens: int  # prompt tokens when counted (budget), else 0
-
 
 
 def pending_error(batch_id: str, submitted: float) -> str:

@@ -14,29 +14,26 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 import pyarrow as pa
 
+from pipeline.engine.budget import Budget
+from pipeline.engine.client import Attempted, ChatClient, request_headers
 from pipeline.engine.limits.adaptive import make_limiter, read_stated_limit
-from pipeline.engine.client import Attempted, ChatClient, Stopper, request_headers
 from pipeline.engine.limits.limiter import RateLimiter
-from pipeline.engine.plan import KeyScheme, Plan
+from pipeline.engine.plan import Plan
 from pipeline.engine.progress import Tracker
 from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.recorder import Recorder
-from pipeline.engine.reports import RunSummary
 from pipeline.engine.selection import BLANK_ERROR, RowSelector, pick_sample
+from pipeline.engine.session import Controls, OutputBatches, RunOptions, RunResult, build_result, write_plan_output
 from pipeline.engine.workqueue import WorkQueue
 from pipeline.errors import ExitCode, InputError
-from pipeline.io.output import output_schema, write_output, write_table
 from pipeline.providers.base import ReplyKind
-from pipeline.store.journal import Journal, JournalRow, RowStatus, RunLock
-from pipeline.engine.budget import Budget
-from pipeline.engine.session import Controls, OutputBatches, RunOptions, RunResult, build_result, write_plan_output
+from pipeline.store.journal import Journal, JournalRow, RowStatus
 
 # Connecting should take well under this; a server that cannot be reached is
 # then found in seconds, not after the whole request timeout.

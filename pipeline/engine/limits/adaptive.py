@@ -31,7 +31,6 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from enum import StrEnum
 from types import TracebackType
 
 import aiohttp

@@ -34,7 +34,6 @@ class LimitSource(StrEnum):
     STATED = "stated"  # the server said its limit
 
 
-
 @dataclass(frozen=True, slots=True)
 class LearnedRate:
     """What auto mode learned, for the progress bar and the summary (None: not auto, or not known)."""
@@ -43,7 +42,6 @@ class LearnedRate:
     source: LimitSource | None
     tokens_per_minute: int | None  # a token limit the server stated
     current_requests_per_minute: float | None  # the rate of the moment (the progress bar)
-
 
 
 # Shared by every request when nothing gates requests in flight.

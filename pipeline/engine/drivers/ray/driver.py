@@ -43,9 +43,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config.job import AUTO
-from pipeline.engine.limits.limiter import fixed_rate
-from pipeline.engine.plan import KeyScheme, Plan, content_keys
-from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.drivers.ray.worker import (
     Dispatch,
     LimiterActor,
@@ -56,8 +53,11 @@ from pipeline.engine.drivers.ray.worker import (
     WorkerSpec,
 )
 from pipeline.engine.drivers.realtime import Run, run_realtime
-from pipeline.engine.session import Controls, RunOptions, RunResult
+from pipeline.engine.limits.limiter import fixed_rate
+from pipeline.engine.plan import KeyScheme, Plan, content_keys
+from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.selection import BLANK_ERROR
+from pipeline.engine.session import Controls, RunOptions, RunResult
 from pipeline.errors import CredentialsError, ExitCode, InputError, UserError
 from pipeline.io import fs
 from pipeline.providers.base import ReplyKind
