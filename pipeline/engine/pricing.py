@@ -29,15 +29,13 @@ from typing import Any, TypeGuard
 
 import aiohttp
 
-from pipeline.config.job import DEFAULT_BASE_URL
 from pipeline.errors import PipelineError
-from pipeline.providers.openrouter import OpenRouter
-from pipeline.providers.provider import Provider
 
 __all__ = ["ModelInfo", "cache_path", "known_models", "model_info", "refresh_prices"]
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 CACHE_FILE = "prices.json"
 _PER_MILLION = 1_000_000
 
@@ -265,25 +263,17 @@ async def refresh_prices(
     *,
     timeout_s: float = 30,
     cache_dir: Path | None = None,
-    provider: Provider | None = None,
 ) -> tuple[Path, int]:
     """Download every model's prices from ``GET {base_url}/models`` into the cache.
 
-    ``provider`` reads the listing (:meth:`Provider.catalogue`); OpenRouter's by
-    default. Returns the cache file and the number of models written. Network and
+    Returns the cache file and the number of models written. Network and
     HTTP failures raise :class:`PipelineError`; the old cache is then left
     untouched.
     """
     base = base_url.rstrip("/")
     url = f"{base}/models"
     body = await _fetch_json(url, timeout_s)
-    listed = (provider or OpenRouter()).catalogue(body, url)
-    if listed is None:
-        raise PipelineError(f"could not refresh prices from {url}: this provider publishes no prices")
-    entries = {
-        model: _Entry(price.input_per_million, price.output_per_million, price.context_length)
-        for model, price in listed.models.items()
-    }
+    entries = _parse_models(body, url)
     payload = {
         "source": base,
         "refreshed_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -321,6 +311,56 @@ async def _fetch_json(url: str, timeout_s: float) -> Any:
         raise PipelineError(f"could not refresh prices from {url}: {reason}") from exc
     except ValueError as exc:  # the body is not JSON
         raise PipelineError(f"could not refresh prices from {url}: invalid JSON: {exc}") from exc
+
+
+def _parse_models(body: Any, url: str) -> dict[str, _Entry]:
+    """OpenRouter's ``{"data": [{"id", "context_length", "pricing": {...}}]}`` as entries.
+
+    Prices there are USD per token, as strings. Entries whose prices cannot be
+    parsed or are negative are skipped: OpenRouter lists variable-price
+    routers (such as ``openrouter/auto``) with ``"-1"``.
+    """
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        raise PipelineError(f"could not refresh prices from {url}: no 'data' list in the response")
+    entries: dict[str, _Entry] = {}
+    for item in data:
+        parsed = _parse_model(item)
+        if parsed is not None:
+            entries[parsed[0]] = parsed[1]
+    if not entries:
+        # Writing an empty cache would silently hide the built-in table's
+        # figures behind a "refreshed" label; refuse instead.
+        raise PipelineError(f"could not refresh prices from {url}: no model with usable prices")
+    return entries
+
+
+def _parse_model(item: Any) -> tuple[str, _Entry] | None:
+    """One ``data[]`` item as ``(id, entry)``, or None when it is unusable."""
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+        return None
+    pricing = item.get("pricing")
+    if not isinstance(pricing, dict):
+        return None
+    prompt = _per_million(pricing.get("prompt"))
+    completion = _per_million(pricing.get("completion"))
+    if prompt is None or completion is None:
+        return None
+    return item["id"], _Entry(prompt, completion, _context_length(item.get("context_length")))
+
+
+def _per_million(per_token: Any) -> float | None:
+    """ "0.0000001" (USD per token) -> 0.1 (USD per million), None if unusable."""
+    if isinstance(per_token, bool) or not isinstance(per_token, str | int | float):
+        return None
+    try:
+        value = float(per_token)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    # Round away float noise such as 0.1 * 1e6 / 1e6 -> 0.09999999999999999.
+    return round(value * _PER_MILLION, 9)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -2,7 +2,7 @@
 
 A provider's own rules (how its URL looks, how it wants structured output,
 parameters it names differently, whether it needs a key, a server to start,
-its batch API, its price list) live in ``providers/<name>/``, as a subclass
+its batch API) live in ``providers/<name>/``, as a subclass
 registered in ``providers/__init__.py``. See docs/architecture.md, "Adding a
 provider".
 """
@@ -20,7 +20,6 @@ from pipeline.providers.ratelimits import RateLimitInfo
 if TYPE_CHECKING:
     from pipeline.config.job import ModelSpec
     from pipeline.providers.batches import BatchAdapter
-    from pipeline.providers.catalogue import PriceList
 
 
 class Provider:
@@ -66,11 +65,4 @@ class Provider:
 
     def batches(self, spec: ModelSpec, model_name: str) -> BatchAdapter | None:
         """This provider's batch API for ``[model] mode = "batch"``, or None when it has none."""
-        return None
-
-    def catalogue(self, body: Any, url: str) -> PriceList | None:
-        """The models and prices in a ``GET {base_url}/models`` body, or None when this provider lists none.
-
-        A body that should list prices but does not is a :class:`~pipeline.errors.PipelineError`.
-        """
         return None

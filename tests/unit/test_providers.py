@@ -15,10 +15,9 @@ import pytest
 
 import pipeline.providers as providers
 from pipeline.config.job import ModelSpec
-from pipeline.errors import JobError, PipelineError
-from pipeline.providers import NAMES, REGISTRY, batch_providers, get_provider, guess_provider
+from pipeline.errors import JobError
+from pipeline.providers import NAMES, REGISTRY, batch_providers, guess_provider
 from pipeline.providers.batches import BatchAdapter, BatchRequest
-from pipeline.providers.catalogue import ModelPrice, PriceList
 from pipeline.providers.provider import Provider
 
 ALL = [pytest.param(p, id=name) for name, p in REGISTRY.items()]
@@ -73,32 +72,6 @@ def test_a_batch_api_is_a_complete_adapter_or_none(provider: Provider) -> None:
 
 def test_the_providers_with_a_batch_api() -> None:
     assert batch_providers() == ["openrouter", "mistral", "openai"]
-
-
-@pytest.mark.parametrize("provider", ALL)
-def test_a_catalogue_reads_a_listing_or_declines(provider: Provider) -> None:
-    body = {
-        "data": [{"id": "m/x", "context_length": 8192, "pricing": {"prompt": "0.000001", "completion": "0.000002"}}]
-    }
-    listed = provider.catalogue(body, "https://example.test/v1/models")
-    if listed is None:
-        return
-    assert listed == PriceList({"m/x": ModelPrice(1.0, 2.0, 8192)})
-    with pytest.raises(PipelineError, match="no 'data' list"):
-        provider.catalogue({"models": []}, "https://example.test/v1/models")
-
-
-def test_openrouter_publishes_prices_and_skips_unusable_ones() -> None:
-    openrouter = get_provider("openrouter")
-    body = {
-        "data": [
-            {"id": "openrouter/auto", "pricing": {"prompt": "-1", "completion": "-1"}},
-            {"id": "m/x", "pricing": {"prompt": "0.0000001", "completion": "0"}, "context_length": True},
-        ]
-    }
-    assert openrouter.catalogue(body, "u") == PriceList({"m/x": ModelPrice(0.1, 0.0, None)})
-    with pytest.raises(PipelineError, match="no model with usable prices"):
-        openrouter.catalogue({"data": [body["data"][0]]}, "u")
 
 
 @pytest.mark.parametrize("provider", ALL)

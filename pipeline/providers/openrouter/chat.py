@@ -7,13 +7,11 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from pipeline.providers.openrouter.batches import OpenRouterBatches
-from pipeline.providers.openrouter.models import price_list
 from pipeline.providers.provider import Provider
 from pipeline.providers.ratelimits import RateLimitInfo, fetch_key_limit
 
 if TYPE_CHECKING:
     from pipeline.config.job import ModelSpec
-    from pipeline.providers.catalogue import PriceList
 
 
 class OpenRouter(Provider):
@@ -33,6 +31,3 @@ class OpenRouter(Provider):
 
     def batches(self, spec: ModelSpec, model_name: str) -> OpenRouterBatches:
         return OpenRouterBatches(spec.batch_url or f"{spec.base_url}/batches", model_name)
-
-    def catalogue(self, body: Any, url: str) -> PriceList:
-        return price_list(body, url)
