@@ -12,9 +12,9 @@ The public surface is re-exported here; everything else is implementation::
     scores.accuracy, scores.cost_usd_full_run_expected, scores.report
 """
 
-from pipeline.api import Result, arun, estimate, load, run
+from pipeline.api import Result, arun, estimate, load, run, status
 from pipeline.config.job import Job, load_job
-from pipeline.engine.reports import Estimate, RunSummary
+from pipeline.engine.reports import Estimate, JobStatus, RunSummary
 from pipeline.errors import (
     CredentialsError,
     ExitCode,
@@ -41,6 +41,7 @@ __all__ = [
     "InputError",
     "Job",
     "JobError",
+    "JobStatus",
     "JournalError",
     "LabelScore",
     "LocalServerError",
@@ -59,5 +60,6 @@ __all__ = [
     "load",
     "load_job",
     "run",
+    "status",
 ]
 __version__ = "0.1.0"

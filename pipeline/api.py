@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from pipeline.config.job import Job, describe_validation_error, load_job
 from pipeline.engine.plan import Plan, prepare
-from pipeline.engine.reports import Estimate, RunSummary
+from pipeline.engine.reports import Estimate, JobStatus, RunSummary
 from pipeline.errors import ExitCode, JobError
 from pipeline.io import fs
 
@@ -204,6 +204,21 @@ def estimate(
     from pipeline.engine.estimate import dry_run
 
     return dry_run(plan(data, job, output=output, journal=journal, need_key=False))
+
+
+def status(job: JobLike, *, journal: str | Path | None = None) -> JobStatus:
+    """What the job's journal says, without running it (``pipeline status``): rows done, failed, pending,
+    tokens, what the job has spent, provider batches pending, and whether a run holds the journal now.
+
+    ``journal``: the journal file (default: beside ``[output] path``). Needs no key, no data and no network.
+    """
+    from pipeline.engine.status import job_status
+
+    loaded = load(job)
+    path = Path(journal) if journal is not None else loaded.output.journal_path
+    if path is None:
+        raise JobError("status: the job has no [output] path: pass journal= (the journal file)")
+    return job_status(loaded, path)
 
 
 def _run_sync(call: Any) -> Any:

@@ -179,9 +179,11 @@ def _output(args: argparse.Namespace) -> DataPath | None:
 
 
 def _status(job: Job, as_json: bool) -> int:
-    from pipeline.cli.status import format_status, job_status
+    from pipeline.cli.status import format_status
+    from pipeline.engine.status import job_status
 
-    status = job_status(job)
+    assert job.output.journal_path is not None, "the CLI requires [output] path"
+    status = job_status(job, job.output.journal_path)
     print(json.dumps(status.to_dict()) if as_json else format_status(status))
     return EXIT_OK
 

@@ -33,6 +33,7 @@ from pipeline.providers.dialect import Dialect
 from pipeline.providers.provider import Provider
 from pipeline.secrets import key_from_environment
 from pipeline.store.journal import read_meta
+from pipeline.store.meta import Meta
 
 if TYPE_CHECKING:
     from pipeline.structured import StructuredSpec
@@ -233,7 +234,7 @@ def stored_key_scheme(journal_path: Path) -> KeyScheme:
     if not journal_path.exists():
         return KeyScheme.CONTENT
     try:
-        stored = read_meta(journal_path, "key_scheme")
+        stored = read_meta(journal_path, Meta.KEY_SCHEME)
     except JournalError:
         return KeyScheme.CONTENT  # opening it for the run says what is wrong (or --fresh sets it aside)
     return KeyScheme(stored) if stored else KeyScheme.CONTENT

@@ -14,6 +14,7 @@ from pipeline.engine.plan import KeyScheme, Plan
 from pipeline.engine.session import Controls, RunOptions, RunResult
 from pipeline.store.batches import refuse_if_batches_pending
 from pipeline.store.journal import Journal, RunLock
+from pipeline.store.meta import Meta
 
 if TYPE_CHECKING:
     from pipeline.engine.drivers.ray.driver import RaySettings
@@ -37,8 +38,8 @@ async def run_plan(
         journal = Journal.open(plan.journal_path, plan.identity(), fresh=options.fresh)
         try:
             if plan.key_scheme != KeyScheme.ID:  # --fresh may have replaced the journal prepare() read
-                plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
-            journal.set_meta("total_rows", str(plan.total_rows))
+                plan.key_scheme = KeyScheme(journal.get_meta(Meta.KEY_SCHEME) or KeyScheme.CONTENT)
+            journal.set_meta(Meta.TOTAL_ROWS, str(plan.total_rows))
             if plan.job.model.mode == "batch":
                 return await run_batch(plan, journal, options, controls or Controls())
             refuse_if_batches_pending(journal)

@@ -193,6 +193,7 @@ def test_public_api_is_pinned() -> None:
         "InputError",
         "Job",
         "JobError",
+        "JobStatus",
         "JournalError",
         "LabelScore",
         "LocalServerError",
@@ -211,5 +212,6 @@ def test_public_api_is_pinned() -> None:
         "load",
         "load_job",
         "run",
+        "status",
     ]
     assert all(hasattr(pipeline, name) for name in pipeline.__all__)
