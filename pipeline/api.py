@@ -2,11 +2,16 @@
 
 ``run`` and ``arun`` send what is not done yet and return a :class:`Result`;
 ``estimate`` is the dry run; ``status`` reads the journal; ``evaluate`` and
-``aevaluate`` score answers against a gold column. Library calls print nothing unless asked for a
-progress bar, install no signal handlers and leave no process-wide state
-behind. ``run`` works in a plain script, from a thread, and inside a running
-event loop (a notebook cell): there it runs the job on a helper thread with
-its own loop and waits for it.
+``aevaluate`` score answers against a gold column. ``run`` works in a plain
+script, from a thread, and inside a running event loop (a notebook cell):
+there it runs the job on a helper thread with its own loop and waits for it.
+
+Library calls print nothing unless asked for a progress bar, install no
+signal handlers and leave no process-wide state behind, except with
+``engine="ray"``: a Ray instance the call starts is shut down when it ends,
+but the ``ray`` logger stays at ERROR and ``RAY_USAGE_STATS_ENABLED=0`` and
+``RAY_IGNORE_UNHANDLED_ERRORS=1`` stay set (where the environment had not set
+them) for the rest of the process.
 
 Resume works as on the command line: every call journals its answers, so
 calling again on the same or overlapping data pays nothing twice for a row

@@ -1,4 +1,8 @@
-"""The command line: ``pipeline run | status | eval | report | prices``. ``asyncio.run`` lives only here.
+"""The command line: ``pipeline run | status | eval | report | prices``.
+
+``asyncio.run`` is called only by the front ends: here and in the Python
+API's synchronous functions (:mod:`pipeline.api`); the engine never starts a
+loop.
 
 Exit codes: 0 every row succeeded; 1 finished, some rows failed; 2 usage,
 job or input error (nothing sent); 3 stopped early, resumable.
