@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import reviews, spawn, write_job, write_parquet
-from tests.fakeserver import FakeServer
+from tests.fakes.server import FakeServer
 
 TIMEOUT_S = 120
 
