@@ -167,6 +167,18 @@ def test_two_node_cluster_holds_the_cap_and_survives_a_driver_kill(workdir: Path
     started = time.monotonic()
     assert cluster.nodes() == 2
 
+    # Without the cluster's token: one line, exit 2, nothing sent (not a traceback).
+    server = FakeServer()
+    with server.running():
+        write_parquet(workdir / "data" / "in.parquet", reviews(5))
+        write_job(workdir, server.base_url or "", system=None, user="{text}", limits={"requests_per_minute": 600})
+        no_token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-cluster-token"}
+        proc = spawn(workdir, "run", "job", "--engine", "ray", "--address", cluster.address, "--json", env=no_token)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err
+        assert f"--address {cluster.address}: could not join the Ray cluster" in json.loads(out)["error"]
+        assert server.stats()["requests"] == 0
+
     # The cap: a server that answers 429 beyond 50 requests a second; the job's cap is 2,940 a minute.
     rows = 900
     server = FakeServer(rps=50, latency_s=0.05, record_client_pids=True, record_bodies=False)
