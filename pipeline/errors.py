@@ -11,8 +11,11 @@
     │   ├── LockedError            another run of the job is active
     │   ├── JournalError           the journal cannot be read
     │   └── IdentityError          the journal belongs to different settings
-    ├── LocalServerError           exit 2: the local llama.cpp server did not start
-    └── StopRun                    exit 3: stopped early, resumable
+    └── LocalServerError           exit 2: the local llama.cpp server did not start
+
+A run that stops early (a signal, the budget, a refused key, ...) raises
+nothing: it returns exit code 3 with a typed reason (``StopReason`` in
+``engine/settlement.py``; its message is ``RunSummary.stop_reason``).
 
 Provider failures are not exceptions: the HTTP boundary turns every response
 into a classified ``Reply`` value (see ``providers/base.py``), recorded per row.
@@ -89,9 +92,9 @@ class LocalServerError(PipelineError):
 
 
 class StopRun(PipelineError):
-    """Sending stopped early (key rejected, out of credits, budget reached, signal).
+    """Deprecated, never raised: a stopped run returns exit code 3 and its ``stop_reason``.
 
-    The run is resumable: rerunning the same command continues it.
+    Kept importable (``pipeline.StopRun`` warns) for one release; not in ``pipeline.__all__``.
     """
 
     exit_code = ExitCode.STOPPED

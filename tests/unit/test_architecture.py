@@ -217,7 +217,6 @@ def test_public_api_is_pinned() -> None:
         "Result",
         "RunSummary",
         "Scores",
-        "StopRun",
         "UserError",
         "VariantEvaluation",
         "aevaluate",
