@@ -11,7 +11,8 @@
     │   ├── LockedError            another run of the job is active
     │   ├── JournalError           the journal cannot be read
     │   └── IdentityError          the journal belongs to different settings
-    └── LocalServerError           exit 2: the local llama.cpp server did not start
+    ├── LocalServerError           exit 2: the local llama.cpp server did not start
+    └── UnavailableError           exit 3: a service outside the job (the price list) failed; try again
 
 A run that stops early (a signal, the budget, a refused key, ...) raises
 nothing: it returns exit code 3 with a typed reason (``StopReason`` in
@@ -95,6 +96,16 @@ class StopRun(PipelineError):
     """Deprecated, never raised: a stopped run returns exit code 3 and its ``stop_reason``.
 
     Kept importable (``pipeline.StopRun`` warns) for one release; not in ``pipeline.__all__``.
+    """
+
+    exit_code = ExitCode.STOPPED
+
+
+class UnavailableError(PipelineError):
+    """Something outside any job could not be fetched or saved (``pipeline prices --refresh`` offline).
+
+    Exit 3, like a stop: nothing was changed, and the same command can simply be
+    run again later. (Exit 1 would claim that rows failed.)
     """
 
     exit_code = ExitCode.STOPPED
