@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 import pyarrow as pa
 
+from pipeline.engine.canary import CanaryGate, CanarySettings, CanaryStatus, CanaryVerdict, judge_settled
 from pipeline.engine.client import backoff_delay, request_headers
 from pipeline.engine.progress import Tracker
 from pipeline.engine.prompts import RenderedBatch
@@ -50,6 +51,7 @@ from pipeline.providers.batch_base import (
     BatchState,
     custom_id_for,
 )
+from pipeline.secrets import Redactor
 from pipeline.store.journal import Journal, JournalRow, RowStatus
 
 if TYPE_CHECKING:
@@ -57,6 +59,8 @@ if TYPE_CHECKING:
     from pipeline.engine.runner import Controls, RunOptions, RunResult
 
 CONNECT_TIMEOUT_S = 10.0
+# Journal meta key: the batch holding the canary, from its submission until it is judged.
+CANARY_BATCH = "canary_batch"
 READ_TIMEOUT_S = 120.0  # a provider may take a while to accept a 200 MB batch
 ENVELOPE_BYTES = 4096  # room for the submission's own fields around the requests
 
@@ -162,9 +166,15 @@ class BatchStore:
         return {cid: BatchRow(key, h, bool(done)) for cid, key, h, done in rows}
 
     def record_submission(
-        self, batch_id: str, provider: str, chunk: list[Queued], worst: float, markers: list[JournalRow]
+        self,
+        batch_id: str,
+        provider: str,
+        chunk: list[Queued],
+        worst: float,
+        markers: list[JournalRow],
+        canary: bool = False,
     ) -> None:
-        """The commit that makes a batch known: its id, its rows, and their pending markers."""
+        """The commit that makes a batch known: its id, its rows, their pending markers (and that it is the canary)."""
         now = time.time()
 
         def also(conn: sqlite3.Connection) -> None:
@@ -177,6 +187,8 @@ class BatchStore:
                 "INSERT INTO batch_rows (batch_id, custom_id, key, prompt_hash) VALUES (?, ?, ?, ?)",
                 [(batch_id, q.request.custom_id, q.key, q.prompt_hash) for q in chunk],
             )
+            if canary:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (CANARY_BATCH, batch_id))
 
         self.journal.write_now(markers, 0.0, also)
 
@@ -205,6 +217,10 @@ class BatchStore:
             )
 
         self.journal.write_now(unanswered, 0.0, also)
+
+    def forget_canary(self) -> None:
+        """The canary batch was judged."""
+        self.conn.execute("DELETE FROM meta WHERE key = ?", (CANARY_BATCH,))
 
     def set_status(self, batch_id: str, status: str) -> None:
         self.conn.execute("UPDATE batches SET status = ?, updated = ? WHERE id = ?", (status, time.time(), batch_id))
@@ -258,12 +274,22 @@ class BatchRun:
         self.dialect = plan.dialect()
         self.adapter = make_adapter(plan)
         self.exit_code = ExitCode.STOPPED
+        self.canary = CanaryGate(
+            CanarySettings.from_limits(self.job.limits, options.canary),
+            self.spec.max_tokens,
+            Redactor(plan.api_key).redact,
+        )
+        # The canary batch waiting to be judged (submitted by this run or an earlier one).
+        self.canary_batch = journal.get_meta(CANARY_BATCH)
+        if self.canary_batch is not None:
+            self.canary.deciding = False  # that canary decides for this run
+        self.canary_verdict: CanaryVerdict | None = None
         self.batches_submitted = 0
         self.sent: dict[str, int] = {}  # batches each row was submitted in by this run
         self.transient: dict[str, str] = {}  # rows whose last result was transient: key -> error
         self.collected: set[str] = set()  # rows this run journaled a final result for
         self._scan = True  # rows may need submitting: read the input (again)
-        self._first_scan = True
+        self._counted_upto = 0  # input rows whose resumed rows the bar has counted
         self._poll_failures: dict[str, int] = {}
         self._budget_blocked = False  # a batch waits for pending batches to release their reservations
 
@@ -286,7 +312,8 @@ class BatchRun:
         async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
             while True:
                 await self._collect_finished(session)
-                if self._scan and not self.stopper.stopped:
+                self._judge_canary()
+                if self._scan and not self.stopper.stopped and self.canary_batch is None:
                     self._scan = False
                     await self._submit_new(session)
                 pending = self.store.pending()
@@ -294,50 +321,119 @@ class BatchRun:
                 if not pending or self.stopper.stopped or not self.options.wait:
                     break
                 await self.stopper.sleep(self.spec.batch_poll_s)
+        if self.canary_batch is not None and not self.stopper.stopped:
+            self.stop(
+                f"the canary batch {self.canary_batch} is pending at the provider: rerun to judge its answers "
+                "and submit the other rows (they are not submitted before it passes)"
+            )
         for error in self.transient.values():
             self.tracker.row_done(RowStatus.TRANSIENT, error)  # not answered, and not submitted again
         self.tracker.close()
 
     def _show(self, pending: list[KnownBatch]) -> None:
         rows = sum(b.rows for b in pending)
-        self.tracker.set_note(f"{len(pending)} batches pending ({rows:,} rows)" if pending else "")
+        canary = "canary " if self.canary_batch is not None else ""
+        self.tracker.set_note(f"{len(pending)} {canary}batches pending ({rows:,} rows)" if pending else "")
+
+    # -- the canary ---------------------------------------------------------------------
+
+    def _judge_canary(self) -> None:
+        """Once the canary batch is collected: judge its rows; the rest is submitted only if it passes."""
+        batch_id = self.canary_batch
+        if batch_id is None or self.stopper.stopped:
+            return
+        if any(b.id == batch_id for b in self.store.pending()):
+            self.canary_verdict = self._pending_canary()
+            return
+        keys = list({r.key for r in self.store.rows_of(batch_id).values()})
+        rows = list(self.journal.results(keys).values())
+        from pipeline.engine.estimate import expected_output_tokens, expected_row_cost
+
+        output_tokens = expected_output_tokens(self.spec.max_tokens, [])
+        verdict = judge_settled(
+            rows,
+            [r.prompt_tokens for r in rows if r.prompt_tokens],
+            self.canary.settings,
+            self.spec.max_tokens,
+            lambda prompt: expected_row_cost(self.plan, prompt, output_tokens),
+            self.canary.redact,
+        )
+        self.canary_verdict = verdict
+        self.canary_batch = None
+        # Judged: a later run sends its own canary (of rows not answered yet).
+        self.store.forget_canary()
+        if verdict.failed:
+            self.stop(verdict.message or "canary failed")
+        else:
+            self._scan = True
+
+    def _pending_canary(self) -> CanaryVerdict:
+        rows = next((b.rows for b in self.store.pending() if b.id == self.canary_batch), 0)
+        return CanaryVerdict(CanaryStatus.PENDING, rows=rows, answered=0, max_tokens=self.spec.max_tokens)
 
     # -- submitting ---------------------------------------------------------------------
 
     async def _submit_new(self, session: aiohttp.ClientSession) -> None:
-        """Read the input and submit every row that needs a request and is in no pending batch."""
+        """Read the input and submit every row that needs a request and is in no pending batch.
+
+        With a canary, the first rows go alone in a small batch and nothing else is
+        submitted: the rest follows once that batch is collected and judged.
+        """
         chunk: list[Queued] = []
         size = 0
         offset = 0
+        held: list[Queued] = []  # rows read before the canary's size is decided
         limit = self.adapter.max_bytes - ENVELOPE_BYTES
         most = min(self.adapter.max_requests, self.spec.batch_max_requests or self.adapter.max_requests)
+
+        async def add(items: list[Queued]) -> bool:
+            nonlocal chunk, size
+            for item in items:
+                item_size = self.adapter.request_size(item.request)
+                if chunk and (len(chunk) >= most or size + item_size > limit):
+                    if not await self._submit(session, chunk):
+                        return False
+                    chunk, size = [], 0
+                chunk.append(item)
+                size += item_size
+            return True
+
         try:
             for batch, keys, rendered in self.plan.batches():
-                for item in await self._batch_items(keys, rendered, offset):
-                    item_size = self.adapter.request_size(item.request)
-                    if chunk and (len(chunk) >= most or size + item_size > limit):
-                        if not await self._submit(session, chunk):
-                            return
-                        chunk, size = [], 0
-                    chunk.append(item)
-                    size += item_size
+                items = await self._batch_items(keys, rendered, offset)
                 offset += batch.num_rows
-                if self.stopper.stopped:
+                if self.canary.deciding:
+                    held += items
+                    canary = self.canary.size(len(held), final=False)
+                    if canary is None:
+                        continue
+                    if canary:
+                        await self._submit_canary(session, held[:canary])
+                        return
+                    items, held = held, []
+                if not await add(items) or self.stopper.stopped:
+                    return
+            if held:
+                canary = self.canary.size(len(held), final=True)
+                if canary:
+                    await self._submit_canary(session, held[:canary])
+                    return
+                if not await add(held):
                     return
             if chunk:
                 await self._submit(session, chunk)
         except InputError as exc:
             self.stop(f"{exc}; fix the input and rerun (nothing done is paid again)", ExitCode.USAGE)
-        finally:
-            self._first_scan = False
 
     async def _batch_items(self, keys: list[str], rendered: RenderedBatch, offset: int) -> list[Queued]:
         selection = self.selector.select(keys, rendered, offset)
-        if self._first_scan:
-            # Done before this run; rows this run collected already count in the bar.
+        if offset >= self._counted_upto:
+            # Done before this run (counted once per input row, however often the input is
+            # read); rows this run collected already count in the bar.
             looked_at = set(selection.todo) | set(selection.blank)
             fresh = sum(1 for i, key in enumerate(keys) if i not in looked_at and key in self.collected)
             self.tracker.resumed(selection.done - fresh)
+            self._counted_upto = offset + len(keys)
         hashes = selection.hashes
         if selection.blank:
             self._journal_skipped([(keys[i], hashes[i]) for i in selection.blank], BLANK_ERROR)
@@ -382,13 +478,17 @@ class BatchRun:
         self.journal.write_now([JournalRow(key, h, RowStatus.SKIPPED, error=error, updated=now) for key, h in rows])
         self.tracker.skipped(len(rows))
 
+    async def _submit_canary(self, session: aiohttp.ClientSession, chunk: list[Queued]) -> None:
+        if not await self._submit(session, chunk, canary=True) and self.canary_batch is None:
+            self.canary.deciding = True  # not submitted (the budget waits for pending batches): decide again
+
     def _worst(self, chunk: list[Queued]) -> float:
         """The most a batch can cost: every prompt plus a full ``max_tokens`` reply, at the batch price."""
         if self.budget.limit is None:
             return 0.0
         return sum(self.plan.worst_cost(q.tokens) or 0.0 for q in chunk) * self.spec.batch_discount
 
-    async def _submit(self, session: aiohttp.ClientSession, chunk: list[Queued]) -> bool:
+    async def _submit(self, session: aiohttp.ClientSession, chunk: list[Queued], canary: bool = False) -> bool:
         """Submit one batch and journal it; False when the run must submit no more."""
         worst = self._worst(chunk)
         if not self.budget.reserve(worst):
@@ -428,7 +528,7 @@ class BatchRun:
         for row in markers:
             row.updated = now
         try:
-            self.store.record_submission(batch_id, self.adapter.name, chunk, worst, markers)
+            self.store.record_submission(batch_id, self.adapter.name, chunk, worst, markers, canary)
         except sqlite3.Error as exc:
             self.stop(f"cannot write the journal {self.journal.path} ({exc}); batch {batch_id} was submitted")
             return False
@@ -436,6 +536,11 @@ class BatchRun:
             self.sent[q.key] = self.sent.get(q.key, 0) + 1
             self.transient.pop(q.key, None)
         self.batches_submitted += 1
+        if canary:
+            self.canary_batch = batch_id
+            self.canary_verdict = CanaryVerdict(
+                CanaryStatus.PENDING, rows=len(chunk), answered=0, max_tokens=self.spec.max_tokens
+            )
         self.tracker.requests(len(chunk), 0.0, None, None)
         return not self.stopper.stopped  # a stop (Ctrl-C) during the upload: submit nothing more
 
@@ -606,4 +711,5 @@ def _result(
         batches_submitted=run.batches_submitted,
         batches_pending=len(pending),
         rows_pending=sum(b.rows for b in pending),
+        canary=run.canary_verdict,
     )

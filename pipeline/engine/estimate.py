@@ -200,3 +200,16 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def expected_output_tokens(max_tokens: int, sample: list[int]) -> float:
+    """The dry run's expected completion tokens per row: the mean of answered rows, else half of max_tokens."""
+    return min(statistics.fmean(sample), max_tokens) if sample else max_tokens / 2
+
+
+def expected_row_cost(plan: Plan, prompt_tokens: float, output_tokens: float) -> float | None:
+    """The dry run's expected cost of one row (the canary's yardstick), at the job's prices; None without prices."""
+    cost = plan.info.cost(round(prompt_tokens), round(output_tokens))
+    if cost is not None and plan.job.model.mode == "batch":
+        cost *= plan.job.model.batch_discount
+    return cost

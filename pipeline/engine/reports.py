@@ -13,6 +13,7 @@ from pipeline.errors import ExitCode
 
 if TYPE_CHECKING:
     from pipeline.engine.adaptive import LimitSource
+    from pipeline.engine.canary import CanaryVerdict
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class RunSummary:
     """Which engine sent the requests: ``default`` (this process) or ``ray``."""
     workers: int | None = None
     """With ``--engine ray``: the number of Ray worker actors."""
+    canary: CanaryVerdict | None = None
+    """The canary's verdict, completion-token figures and suggested max_tokens (None: no canary this run)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,7 +23,9 @@ import pyarrow as pa
 
 from pipeline.engine.adaptive import make_limiter, read_stated_limit
 from pipeline.engine.batch import refuse_if_batches_pending, run_batch
+from pipeline.engine.canary import CanaryGate, CanarySettings
 from pipeline.engine.client import Attempted, ChatClient, Stopper, request_headers
+from pipeline.engine.estimate import expected_output_tokens, expected_row_cost
 from pipeline.engine.limiter import RateLimiter
 from pipeline.engine.plan import KeyScheme, Plan
 from pipeline.engine.progress import Tracker
@@ -35,6 +37,7 @@ from pipeline.engine.workqueue import WorkQueue
 from pipeline.errors import ExitCode, InputError
 from pipeline.io.output import output_schema, write_output, write_table
 from pipeline.providers.base import ReplyKind
+from pipeline.secrets import Redactor
 from pipeline.store.journal import Journal, JournalRow, RowStatus, RunLock
 
 # Connecting should take well under this; a server that cannot be reached is
@@ -86,6 +89,7 @@ class RunOptions:
     # Exactly these row offsets (an evaluation's rows); overrides ``sample``.
     rows: frozenset[int] | None = None
     wait: bool = True  # batch mode: poll until every batch is collected (False: --no-wait)
+    canary: bool = True  # send and judge a first slice before the rest (False: --no-canary, pipeline eval)
 
 
 @dataclass
@@ -154,6 +158,11 @@ class Run:
         self.successes = 0  # replies that came back OK: the job as a whole works
         self.exit_code = ExitCode.STOPPED  # the code of a stop, when one happens
         self.limiter: RateLimiter | None = None
+        self.canary = CanaryGate(
+            CanarySettings.from_limits(self.job.limits, options.canary),
+            self.job.model.max_tokens,
+            Redactor(plan.api_key).redact,
+        )
 
     def stop(self, reason: str, code: ExitCode = ExitCode.STOPPED) -> None:
         if not self.stopper.stopped:
@@ -203,16 +212,19 @@ class Run:
 
     async def _produce(self) -> None:
         offset = 0
-        step = max(64, self.job.limits.concurrency)
+        held: list[Item] = []  # rows read before the canary's size is decided
         try:
             for batch, keys, rendered in self.plan.batches():
                 items = await self._batch_items(keys, rendered, offset)
                 offset += batch.num_rows
-                for start in range(0, len(items), step):
-                    if self.stopper.stopped:
-                        return
-                    await self.queue.put_many(items[start : start + step])
-                if self.stopper.stopped:
+                if self.canary.deciding:
+                    held += items
+                    items, held = await self._canary_first(held, final=False)
+                if not await self._put(items):
+                    return
+            if held:
+                items, held = await self._canary_first(held, final=True)
+                if not await self._put(items):
                     return
         except InputError as exc:
             # A bad record deep in the input: the rows before it are sent as usual,
@@ -222,6 +234,40 @@ class Run:
             return
         self.produced_all = True
         self.queue.close()
+
+    async def _put(self, items: list[Item]) -> bool:
+        """Queue rows for the workers, a slice at a time; False when the run stopped."""
+        step = max(64, self.job.limits.concurrency)
+        for start in range(0, len(items), step):
+            if self.stopper.stopped:
+                return False
+            await self.queue.put_many(items[start : start + step])
+        return not self.stopper.stopped
+
+    async def _canary_first(self, held: list[Item], final: bool) -> tuple[list[Item], list[Item]]:
+        """Once the canary's size is known: send it alone, judge it, and return the rows after it.
+
+        Returns (rows to queue, rows still held). A failed canary stops the run (exit 3);
+        its rows are journaled like any others.
+        """
+        size = self.canary.size(len(held), final)
+        if size is None:
+            return [], held
+        if not size:
+            return held, []
+        canary, rest = held[:size], held[size:]
+        sample = await asyncio.to_thread(self.journal.completion_token_sample)  # the dry run's basis, before the canary
+        output_tokens = expected_output_tokens(self.job.model.max_tokens, sample)
+        self.canary.start([item.key for item in canary])
+        self.tracker.set_note(f"canary: {size} rows first")
+        if not await self._put(canary) or not await self.canary.wait(self.stopper.event):
+            return [], []
+        self.tracker.set_note("")
+        verdict = self.canary.verdict(lambda prompt: expected_row_cost(self.plan, prompt, output_tokens))
+        if verdict.failed:
+            self.stop(verdict.message or "canary failed")
+            return [], []
+        return rest, []
 
     async def _batch_items(self, keys: list[str], rendered: RenderedBatch, offset: int) -> list[Item]:
         """Decide, row by row, what still needs a request; journal skipped rows."""
@@ -325,6 +371,7 @@ class Run:
             tries, prior_cost, prior_attempts = tries + 1, prior_cost + charge.usd, prior_attempts + attempted.attempts
         self.budget.settle(worst, 0.0)
         self.tracker.row_done(row.status, row.error)
+        self.canary.observe(row, item.tokens)
         if attempted.reply.kind == ReplyKind.AUTH:
             self.stopper.stop(
                 f"the provider refused the key ({attempted.reply.error}); fix the key or credits and rerun"
@@ -457,6 +504,7 @@ def _result(run: Run, rows: int, rows_with_error: int, table: pa.Table | None = 
         learned_tokens_per_minute=learned.tokens_per_minute if learned else None,
         engine=run.engine,
         workers=run.workers,
+        canary=run.canary.result,
     )
 
 
