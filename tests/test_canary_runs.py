@@ -204,3 +204,15 @@ def test_no_wait_submits_the_canary_batch_and_the_next_run_judges_it(
         time.sleep(0.1)
         code, summary, _ = run(capsys)
         assert code == 0 and server.duplicates() == 0
+
+
+def test_the_sample_estimate_reports_the_same_token_figures(
+    workdir: Path, server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job(workdir, server, rows=200, prompt_extra=LABELS)
+    assert main(["run", "job", "--sample", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "answered rows used p50 2, p95 2, longest 2 (max_tokens = 32 would fit them)" in out
+    assert main(["run", "job", "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["output_tokens_longest"], report["max_tokens_suggested"]) == (2, 32)

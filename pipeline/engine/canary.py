@@ -277,7 +277,7 @@ def failure_message(verdict: CanaryVerdict, found: _Found, redact: Callable[[str
         )
         fix = "check [model] name and its prices, shorten the prompt or lower max_tokens"
     tail = f"; e.g. {example}" if example else ""
-    return f"canary failed: {what}{tail}; {fix}, then rerun (--no-canary skips this check)"
+    return f"canary failed: {what}{tail}; {fix}, then rerun with --fresh (or --no-canary to send anyway)"
 
 
 def _factor(verdict: CanaryVerdict) -> str:
