@@ -20,34 +20,36 @@ job, so a healthy canary costs nothing extra.
 
 This module holds the pure part (thresholds, the verdict and its message, the
 completion-token figures and the suggested ``max_tokens``, shared with the
-``--sample`` estimate) and :class:`CanaryGate`, the observer a driver feeds
-with settled rows and waits on. It does no I/O.
+``--sample`` estimate); :class:`CanaryGate`, the observer the realtime driver
+feeds with settled rows and waits on; and :class:`BatchCanary`, batch mode's
+canary batch, judged from the journal once collected (through the store it is
+given: no I/O of its own).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+from pipeline.engine.expectations import TokenFigures, expected_output_tokens, expected_row_cost
+from pipeline.secrets import Redactor
 from pipeline.store.journal import JournalRow, RowStatus
 
 if TYPE_CHECKING:
     from pipeline.config.job import LimitsSpec
+    from pipeline.engine.plan import Plan
+    from pipeline.store.batches import BatchStore, KnownBatch
+    from pipeline.store.journal import Journal
+
+T = TypeVar("T")
 
 # Without [limits] canary_rows, runs of at least DEFAULT_MIN_ROWS rows to send get a
 # canary of DEFAULT_ROWS: on a smaller run the canary would be a large part of it.
 DEFAULT_ROWS = 20
 DEFAULT_MIN_ROWS = 100
-# The suggested max_tokens leaves room for twice the longest canary reply and at
-# least HEADROOM_TOKENS more: a short structured reply ({"label": "positive"}, about
-# 8 tokens) may come padded with spaces or newlines, and a cut reply is a lost row.
-# It is offered only when it at least halves max_tokens.
-HEADROOM_TOKENS = 24
-SUGGESTION_FLOOR = 32
 EXAMPLE_CHARS = 60
 # The provider's word for a reply stopped by max_tokens (Mistral's "model_length"
 # means the context window ran out, which a larger max_tokens would not fix).
@@ -108,47 +110,6 @@ class CanarySettings:
         elif to_send > self.rows:
             return self.rows
         return 0 if final else None
-
-
-@dataclass(frozen=True, slots=True)
-class TokenFigures:
-    """Completion tokens of answered rows: p50, p95 and max (nearest rank), and a suggested max_tokens."""
-
-    count: int
-    p50: int | None
-    p95: int | None
-    max: int | None
-    max_tokens: int
-    suggested_max_tokens: int | None
-    """Set when max_tokens is far above what replies use (a smaller one lowers the worst case budgets reserve)."""
-
-    @classmethod
-    def of(cls, tokens: Sequence[int], max_tokens: int, truncated: int = 0) -> TokenFigures:
-        ordered = sorted(tokens)
-        if not ordered:
-            return cls(0, None, None, None, max_tokens, None)
-        top = ordered[-1]
-        return cls(
-            len(ordered),
-            _nearest_rank(ordered, 0.50),
-            _nearest_rank(ordered, 0.95),
-            top,
-            max_tokens,
-            suggest_max_tokens(top, max_tokens) if not truncated else None,
-        )
-
-
-def _nearest_rank(ordered: Sequence[int], q: float) -> int:
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def suggest_max_tokens(longest: int, max_tokens: int) -> int | None:
-    """A max_tokens with room for the longest reply seen, when the current one is at least twice that."""
-    if longest <= 0:
-        return None
-    room = max(2 * longest, longest + HEADROOM_TOKENS, SUGGESTION_FLOOR)
-    suggested = -(-room // 8) * 8  # a multiple of 8
-    return suggested if 2 * suggested <= max_tokens else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,8 +266,9 @@ def clip(text: str, redact: Callable[[str], str], limit: int = EXAMPLE_CHARS) ->
 class CanaryGate:
     """The observer between a driver's settlement and its admission of the rest.
 
-    The driver hands it the canary's keys (:meth:`start`), reports every row it
-    settles (:meth:`observe`, a set lookup for rows after the canary), and waits
+    The driver holds the rows it reads until :meth:`split` knows the canary's
+    size, hands the canary's keys to :meth:`start`, reports every row it
+    settles (:meth:`observe`: a set lookup for rows after the canary) and waits
     (:meth:`wait`) before admitting more rows; :meth:`verdict` judges what came back.
     """
 
@@ -315,10 +277,13 @@ class CanaryGate:
         settings: CanarySettings,
         max_tokens: int,
         redact: Callable[[str], str] = lambda text: text,
+        expected_cost: Callable[[float, float], float | None] | None = None,
     ) -> None:
         self.settings = settings
         self.max_tokens = max_tokens
         self.redact = redact
+        self.expected_cost = expected_cost  # (prompt tokens, completion tokens) -> the dry run's cost of a row
+        self.output_tokens = max_tokens / 2  # the dry run's expected completion tokens per row
         self.deciding = settings.enabled  # the size is not decided yet
         self.keys: set[str] = set()
         self.expected = 0
@@ -327,6 +292,15 @@ class CanaryGate:
         self.settled = asyncio.Event()
         self.result: CanaryVerdict | None = None
 
+    @classmethod
+    def for_plan(cls, plan: Plan, enabled: bool) -> CanaryGate:
+        return cls(
+            CanarySettings.from_limits(plan.job.limits, enabled),
+            plan.job.model.max_tokens,
+            Redactor(plan.api_key).redact,
+            lambda prompt, completion: expected_row_cost(plan, prompt, completion),
+        )
+
     def size(self, to_send: int, final: bool) -> int | None:
         """As :meth:`CanarySettings.size`; once decided, the gate stops asking."""
         size = self.settings.size(to_send, final)
@@ -334,9 +308,16 @@ class CanaryGate:
             self.deciding = False
         return size
 
-    def start(self, keys: Sequence[str]) -> None:
+    def split(self, held: list[T], final: bool) -> tuple[list[T], list[T]] | None:
+        """The canary's rows and the rows after it, once its size is known; None: hold on, more rows may come."""
+        size = self.size(len(held), final)
+        return None if size is None else (held[:size], held[size:])
+
+    def start(self, keys: Sequence[str], sample: Sequence[int] = ()) -> None:
+        """The canary's rows; ``sample``: completion tokens of rows answered before it (the dry run's basis)."""
         self.keys = set(keys)
         self.expected = len(keys)
+        self.output_tokens = expected_output_tokens(self.max_tokens, sample)
         if not keys:
             self.settled.set()
 
@@ -363,24 +344,56 @@ class CanaryGate:
                 stop.cancel()
         return self.settled.is_set() and not stopped.is_set()
 
-    def verdict(self, expected_cost: Callable[[float], float | None] | None = None) -> CanaryVerdict:
-        """Judge the settled rows; ``expected_cost`` gives the expected cost of a row of that many prompt tokens."""
-        self.result = judge_settled(
-            self.rows, self.prompt_tokens, self.settings, self.max_tokens, expected_cost, self.redact
-        )
+    def verdict(self) -> CanaryVerdict:
+        """Judge the rows observed."""
+        self.result = self.judge(self.rows, self.prompt_tokens)
         return self.result
 
+    def judge(self, rows: Sequence[JournalRow], prompt_tokens: Sequence[int]) -> CanaryVerdict:
+        """:func:`judge`, against the dry run's expected cost of a row of the canary's mean prompt length."""
+        expected = None
+        if self.expected_cost is not None and prompt_tokens:
+            expected = self.expected_cost(sum(prompt_tokens) / len(prompt_tokens), self.output_tokens)
+        return judge(rows, self.settings, self.max_tokens, expected, self.redact)
 
-def judge_settled(
-    rows: Sequence[JournalRow],
-    prompt_tokens: Sequence[int],
-    settings: CanarySettings,
-    max_tokens: int,
-    expected_cost: Callable[[float], float | None] | None = None,
-    redact: Callable[[str], str] = lambda text: text,
-) -> CanaryVerdict:
-    """:func:`judge`, with the expected cost per row taken at the canary's mean prompt length."""
-    expected = None
-    if expected_cost is not None and prompt_tokens:
-        expected = expected_cost(sum(prompt_tokens) / len(prompt_tokens))
-    return judge(rows, settings, max_tokens, expected, redact)
+
+class BatchCanary:
+    """Batch mode's canary: a first small batch; the rest is submitted once it is collected and passes.
+
+    The batch's id is journaled with its submission (``BatchStore.record_submission``),
+    so a run that ends while it is pending (``--no-wait``) leaves it to the next run to judge.
+    """
+
+    def __init__(self, gate: CanaryGate, store: BatchStore, journal: Journal) -> None:
+        self.gate = gate
+        self.store = store
+        self.journal = journal
+        self.batch_id = store.canary_batch()  # submitted by this run or an earlier one
+        if self.batch_id is not None:
+            gate.deciding = False  # that canary decides for this run
+        self.verdict: CanaryVerdict | None = None
+
+    @classmethod
+    def for_run(cls, plan: Plan, enabled: bool, store: BatchStore, journal: Journal) -> BatchCanary:
+        return cls(CanaryGate.for_plan(plan, enabled), store, journal)
+
+    def submitted(self, batch_id: str, rows: int) -> None:
+        self.batch_id = batch_id
+        self.verdict = CanaryVerdict(CanaryStatus.PENDING, rows=rows, answered=0, max_tokens=self.gate.max_tokens)
+
+    def judge(self, pending: list[KnownBatch]) -> CanaryVerdict | None:
+        """The verdict once the canary batch is collected (then forgotten); None until then, or without one."""
+        if self.batch_id is None:
+            return None
+        waiting = next((b for b in pending if b.id == self.batch_id), None)
+        if waiting is not None:
+            self.verdict = CanaryVerdict(
+                CanaryStatus.PENDING, rows=waiting.rows, answered=0, max_tokens=self.gate.max_tokens
+            )
+            return None
+        keys = list({r.key for r in self.store.rows_of(self.batch_id).values()})
+        rows = list(self.journal.results(keys).values())
+        self.verdict = self.gate.judge(rows, [r.prompt_tokens for r in rows if r.prompt_tokens])
+        self.batch_id = None
+        self.store.forget_canary()  # judged: a later run sends its own canary (of rows not answered yet)
+        return self.verdict

@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config.job import AUTO
-from pipeline.engine.adaptive import START_RPM
-from pipeline.engine.canary import TokenFigures
-from pipeline.engine.limiter import estimated_duration_s
+from pipeline.engine.expectations import TokenFigures
+from pipeline.engine.limits.adaptive import START_RPM
+from pipeline.engine.limits.limiter import estimated_duration_s
 from pipeline.engine.plan import Plan
 from pipeline.engine.reports import Estimate
 from pipeline.engine.selection import RowSelector
 from pipeline.store.journal import Journal
 
 if TYPE_CHECKING:
-    from pipeline.engine.batch import BatchStore
+    from pipeline.store.batches import BatchStore
 
 
 def dry_run(plan: Plan) -> Estimate:
@@ -91,7 +91,7 @@ def _discounted(value: float | None, discount: float) -> float | None:
 def _batch_store(journal: Journal | None) -> BatchStore | None:
     if journal is None:
         return None
-    from pipeline.engine.batch import BatchStore
+    from pipeline.store.batches import BatchStore
 
     store = BatchStore(journal)
     return store if store.has_tables() else None
@@ -214,16 +214,3 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def expected_output_tokens(max_tokens: int, sample: list[int]) -> float:
-    """The dry run's expected completion tokens per row: the mean of answered rows, else half of max_tokens."""
-    return min(statistics.fmean(sample), max_tokens) if sample else max_tokens / 2
-
-
-def expected_row_cost(plan: Plan, prompt_tokens: float, output_tokens: float) -> float | None:
-    """The dry run's expected cost of one row (the canary's yardstick), at the job's prices; None without prices."""
-    cost = plan.info.cost(round(prompt_tokens), round(output_tokens))
-    if cost is not None and plan.job.model.mode == "batch":
-        cost *= plan.job.model.batch_discount
-    return cost
