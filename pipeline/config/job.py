@@ -168,8 +168,6 @@ class LimitsSpec(_Section):
     canary_truncated_share: StrictFloat = Field(default=0.5, gt=0, le=1)
     canary_failed_share: StrictFloat = Field(default=0.5, gt=0, le=1)  # empty replies or permanent errors
     canary_cost_factor: StrictFloat = Field(default=3.0, gt=1)  # x the dry run's expected cost per row
-    # Batch mode: the canary is a first small batch ("batch"), or realtime requests ("realtime").
-    canary: Literal["batch", "realtime"] = "batch"
 
 
 class OutputSpec(_Section):

@@ -41,6 +41,7 @@ from pipeline.store.journal import JournalRow, RowStatus
 if TYPE_CHECKING:
     from pipeline.config.job import LimitsSpec
     from pipeline.engine.plan import Plan
+    from pipeline.engine.settlement import Settled
     from pipeline.store.batches import BatchStore, KnownBatch
     from pipeline.store.journal import Journal
 
@@ -81,7 +82,6 @@ class CanarySettings:
     truncated_share: float = 0.5
     failed_share: float = 0.5
     cost_factor: float = 3.0
-    realtime: bool = False  # batch mode: send the canary as realtime requests
     enabled: bool = True
 
     @classmethod
@@ -92,7 +92,6 @@ class CanarySettings:
             truncated_share=limits.canary_truncated_share,
             failed_share=limits.canary_failed_share,
             cost_factor=limits.canary_cost_factor,
-            realtime=limits.canary == "realtime",
             enabled=enabled,
         )
 
@@ -268,7 +267,7 @@ class CanaryGate:
 
     The driver holds the rows it reads until :meth:`split` knows the canary's
     size, hands the canary's keys to :meth:`start`, reports every row it
-    settles (:meth:`observe`: a set lookup for rows after the canary) and waits
+    settles (:meth:`observe`, settlement's observer) and waits
     (:meth:`wait`) before admitting more rows; :meth:`verdict` judges what came back.
     """
 
@@ -286,9 +285,8 @@ class CanaryGate:
         self.output_tokens = max_tokens / 2  # the dry run's expected completion tokens per row
         self.deciding = settings.enabled  # the size is not decided yet
         self.keys: set[str] = set()
-        self.expected = 0
-        self.rows: list[JournalRow] = []
-        self.prompt_tokens: list[int] = []
+        self.expected = 0  # canary rows to wait for
+        self.rows: dict[str, JournalRow] = {}  # each canary row's latest state
         self.settled = asyncio.Event()
         self.result: CanaryVerdict | None = None
 
@@ -313,22 +311,30 @@ class CanaryGate:
         size = self.size(len(held), final)
         return None if size is None else (held[:size], held[size:])
 
-    def start(self, keys: Sequence[str], sample: Sequence[int] = ()) -> None:
-        """The canary's rows; ``sample``: completion tokens of rows answered before it (the dry run's basis)."""
+    def start(self, keys: Sequence[str], sample: Sequence[int] = (), expected: int | None = None) -> None:
+        """The canary's rows; ``sample``: completion tokens of rows answered before it (the dry run's basis).
+
+        ``expected``: the canary's size when its keys are added one by one as they go out (:meth:`add`).
+        """
         self.keys = set(keys)
-        self.expected = len(keys)
+        self.expected = len(self.keys) if expected is None else expected
         self.output_tokens = expected_output_tokens(self.max_tokens, sample)
-        if not keys:
+        if not self.expected:
             self.settled.set()
 
-    def observe(self, row: JournalRow, prompt_tokens: int | None = None) -> None:
-        """A row's final state (after any retries of an invalid reply); rows outside the canary are ignored."""
-        if self.settled.is_set() or row.key not in self.keys:
+    def add(self, key: str) -> None:
+        self.keys.add(key)
+
+    def observe(self, settled: Settled) -> None:
+        """Settlement's observer: every committed reply; rows outside the canary are a set lookup.
+
+        The canary is settled once each of its rows has an answer. A row asked
+        again (``retry_invalid``) is judged by its latest answer in by then.
+        """
+        row = settled.row
+        if self.result is not None or row.key not in self.keys:
             return
-        self.rows.append(row)
-        tokens = prompt_tokens or row.prompt_tokens
-        if tokens:
-            self.prompt_tokens.append(tokens)
+        self.rows[row.key] = row
         if len(self.rows) >= self.expected:
             self.settled.set()
 
@@ -346,14 +352,15 @@ class CanaryGate:
 
     def verdict(self) -> CanaryVerdict:
         """Judge the rows observed."""
-        self.result = self.judge(self.rows, self.prompt_tokens)
+        self.result = self.judge(list(self.rows.values()))
         return self.result
 
-    def judge(self, rows: Sequence[JournalRow], prompt_tokens: Sequence[int]) -> CanaryVerdict:
+    def judge(self, rows: Sequence[JournalRow]) -> CanaryVerdict:
         """:func:`judge`, against the dry run's expected cost of a row of the canary's mean prompt length."""
+        prompts = [r.prompt_tokens for r in rows if r.prompt_tokens]
         expected = None
-        if self.expected_cost is not None and prompt_tokens:
-            expected = self.expected_cost(sum(prompt_tokens) / len(prompt_tokens), self.output_tokens)
+        if self.expected_cost is not None and prompts:
+            expected = self.expected_cost(sum(prompts) / len(prompts), self.output_tokens)
         return judge(rows, self.settings, self.max_tokens, expected, self.redact)
 
 
@@ -373,10 +380,6 @@ class BatchCanary:
             gate.deciding = False  # that canary decides for this run
         self.verdict: CanaryVerdict | None = None
 
-    @classmethod
-    def for_run(cls, plan: Plan, enabled: bool, store: BatchStore, journal: Journal) -> BatchCanary:
-        return cls(CanaryGate.for_plan(plan, enabled), store, journal)
-
     def submitted(self, batch_id: str, rows: int) -> None:
         self.batch_id = batch_id
         self.verdict = CanaryVerdict(CanaryStatus.PENDING, rows=rows, answered=0, max_tokens=self.gate.max_tokens)
@@ -393,7 +396,7 @@ class BatchCanary:
             return None
         keys = list({r.key for r in self.store.rows_of(self.batch_id).values()})
         rows = list(self.journal.results(keys).values())
-        self.verdict = self.gate.judge(rows, [r.prompt_tokens for r in rows if r.prompt_tokens])
+        self.verdict = self.gate.judge(rows)
         self.batch_id = None
         self.store.forget_canary()  # judged: a later run sends its own canary (of rows not answered yet)
         return self.verdict

@@ -16,6 +16,9 @@ from pipeline.engine.canary import (
     judge,
 )
 from pipeline.engine.expectations import TokenFigures, expected_output_tokens, suggest_max_tokens
+from pipeline.engine.recorder import Charge
+from pipeline.engine.settlement import Settled
+from pipeline.providers.base import Reply, ReplyKind
 from pipeline.secrets import Redactor
 from pipeline.store.journal import JournalRow, RowStatus
 
@@ -41,6 +44,11 @@ def row(
         cost_usd=cost,
         error=error,
     )
+
+
+def settled(journal_row: JournalRow) -> Settled:
+    """What settlement hands its observers for a committed reply."""
+    return Settled(journal_row, Charge(journal_row.cost_usd or 0.0), Reply(ReplyKind.OK), 1)
 
 
 def rows(n: int, **kwargs: object) -> list[JournalRow]:
@@ -171,11 +179,9 @@ def test_disabled_for_one_run() -> None:
 
 
 def test_settings_from_the_job_file() -> None:
-    job = Job.model_validate(
-        {"prompt": {"user": "{x}"}, "limits": {"canary_rows": 10, "canary_invalid_share": 0.3, "canary": "realtime"}}
-    )
+    job = Job.model_validate({"prompt": {"user": "{x}"}, "limits": {"canary_rows": 10, "canary_invalid_share": 0.3}})
     settings = CanarySettings.from_limits(job.limits)
-    assert (settings.rows, settings.invalid_share, settings.realtime) == (10, 0.3, True)
+    assert (settings.rows, settings.invalid_share) == (10, 0.3)
     assert CanarySettings.from_limits(Job.model_validate({"prompt": {"user": "{x}"}}).limits) == CanarySettings()
 
 
@@ -185,17 +191,17 @@ def test_gate_waits_for_every_canary_row_or_a_stop() -> None:
         stopped = asyncio.Event()
         gate.start(["a", "b"])
         waiter = asyncio.create_task(gate.wait(stopped))
-        gate.observe(row(key="x"))  # not a canary row
-        gate.observe(row(key="a"))
+        gate.observe(settled(row(key="x")))  # not a canary row
+        gate.observe(settled(row(key="a")))
         await asyncio.sleep(0)
         first = waiter.done()
-        gate.observe(row(key="b"))
-        settled = await waiter
+        gate.observe(settled(row(key="b")))
+        done = await waiter
         other = CanaryGate(CanarySettings(), 64)
         other.start(["a"])
         waiting = asyncio.create_task(other.wait(stopped))
         stopped.set()
-        return first or not settled, await waiting
+        return first or not done, await waiting
 
     early, after_stop = asyncio.run(scenario())
     assert not early
@@ -212,10 +218,22 @@ def test_gate_verdict_uses_the_expected_cost_of_its_prompts() -> None:
     gate = CanaryGate(CanarySettings(), 64, expected_cost=expected)
     gate.start([str(i) for i in range(4)], sample=[10, 20])
     for i in range(4):
-        gate.observe(row(key=str(i), cost=1e-5), prompt_tokens=100 + i)
+        answered = row(key=str(i), cost=1e-5)
+        answered.prompt_tokens = 100 + i
+        gate.observe(settled(answered))
     verdict = gate.verdict()
     assert seen == [(101.5, 15.0)]  # the canary's mean prompt; the mean of rows answered before it
     assert verdict.failure == CanaryFailure.COST
+
+
+def test_a_row_asked_again_is_judged_by_its_latest_answer() -> None:
+    gate = CanaryGate(CanarySettings(), 64)
+    gate.start(["a", "b"])
+    gate.observe(settled(row(key="a", status=RowStatus.INVALID, completion="nope")))
+    gate.observe(settled(row(key="a")))  # retry_invalid: the second answer fits
+    assert not gate.settled.is_set()  # "b" has no answer yet
+    gate.observe(settled(row(key="b")))
+    assert gate.settled.is_set() and gate.verdict().status == CanaryStatus.PASSED
 
 
 def test_split_holds_rows_until_the_size_is_known() -> None:
