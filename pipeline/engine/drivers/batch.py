@@ -62,25 +62,15 @@ ENVELOPE_BYTES = 4096  # room for the submission's own fields around the request
 
 def make_adapter(plan: Plan) -> BatchAdapter:
     """The batch API of the job's provider; a JobError for a provider without one."""
-    from pipeline.providers import provider_for
+    from pipeline.providers import batch_providers
 
-    spec = plan.job.model
-    name = provider_for(spec).name
-    if name == "openrouter":
-        from pipeline.providers.openrouter.batches import OpenRouterBatches
-
-        return OpenRouterBatches(spec.batch_url or f"{spec.base_url}/batches", plan.model_name)
-    if name == "mistral":
-        from pipeline.providers.mistral.batches import MistralBatches
-
-        return MistralBatches(spec.base_url, spec.batch_url, plan.model_name)
-    if name == "openai":
-        from pipeline.providers.openai.batches import OpenAIBatches
-
-        return OpenAIBatches(spec.base_url, spec.batch_url)
-    raise JobError(
-        f'[model] mode = "batch" needs a provider with a batch API (openrouter, openai or mistral), not {name}'
-    )
+    adapter = plan.provider.batches(plan.job.model, plan.model_name)
+    if adapter is None:
+        raise JobError(
+            f'[model] mode = "batch" needs a provider with a batch API ({", ".join(batch_providers())}), '
+            f"not {plan.provider.name}"
+        )
+    return adapter
 
 
 # ----------------------------------------------------------------------------- the journal's batch tables
