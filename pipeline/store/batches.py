@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.store.journal import Journal, JournalRow
-
-# Meta key: the batch holding a run's canary, from its submission until it is judged.
-CANARY_BATCH = "canary_batch"
+from pipeline.store.meta import Meta
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +113,7 @@ class BatchStore:
                 [(batch_id, r.custom_id, r.key, r.prompt_hash) for r in chunk],
             )
             if canary:
-                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (CANARY_BATCH, batch_id))
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (Meta.CANARY_BATCH, batch_id))
 
         self.journal.write_now(markers, 0.0, also)
 
@@ -147,11 +145,11 @@ class BatchStore:
 
     def canary_batch(self) -> str | None:
         """The canary batch waiting to be judged, if any."""
-        return self.journal.get_meta(CANARY_BATCH)
+        return self.journal.get_meta(Meta.CANARY_BATCH)
 
     def forget_canary(self) -> None:
         """The canary batch was judged."""
-        self.conn.execute("DELETE FROM meta WHERE key = ?", (CANARY_BATCH,))
+        self.conn.execute("DELETE FROM meta WHERE key = ?", (Meta.CANARY_BATCH,))
 
     def set_status(self, batch_id: str, status: str) -> None:
         self.conn.execute("UPDATE batches SET status = ?, updated = ? WHERE id = ?", (status, time.time(), batch_id))

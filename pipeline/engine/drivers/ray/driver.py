@@ -60,6 +60,7 @@ from pipeline.engine.settlement import Settled, StopReason
 from pipeline.errors import CredentialsError, InputError, UserError
 from pipeline.io import fs
 from pipeline.store.journal import Journal
+from pipeline.store.stats import status_counts
 
 DEFAULT_WORKERS = 2
 UNIT_ROWS = 1024  # rows per unit at most: small enough to spread a file over the workers
@@ -499,7 +500,7 @@ class RayRun:
         options = self.session.options
         if options.rows is not None or options.sample:
             return len(options.rows) if options.rows is not None else options.sample or 0
-        done = self.session.journal.summary()["by_status"]
+        done = status_counts(self.session.journal.conn).by_status
         finished = ("ok", "skipped") if options.retry_failed else ("ok", "skipped", "failed", "invalid")
         return self.plan.total_rows - sum(done.get(status, 0) for status in finished)
 
