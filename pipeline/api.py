@@ -166,7 +166,7 @@ async def arun(
         canary=canary,
     )
     if engine == "ray":
-        from pipeline.engine.drivers.ray.driver import DEFAULT_WORKERS, RaySettings
+        from pipeline.engine.drivers.ray.cluster import DEFAULT_WORKERS, RaySettings
 
         result = await run_plan(prepared, options, ray=RaySettings(workers or DEFAULT_WORKERS, address))
     else:

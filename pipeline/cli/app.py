@@ -27,7 +27,7 @@ from pipeline.io.fs import DataPath, parse_data_path
 from pipeline.secrets import Redactor, looks_like_key
 
 if TYPE_CHECKING:
-    from pipeline.engine.drivers.ray.driver import RaySettings
+    from pipeline.engine.drivers.ray.cluster import RaySettings
     from pipeline.engine.plan import Plan
     from pipeline.engine.session import RunOptions, RunResult
 
@@ -252,7 +252,7 @@ def _run(job: Job, args: argparse.Namespace) -> int:
         canary=not args.no_canary,
     )
     if args.engine == "ray":
-        from pipeline.engine.drivers.ray.driver import DEFAULT_WORKERS, RaySettings
+        from pipeline.engine.drivers.ray.cluster import DEFAULT_WORKERS, RaySettings
 
         settings = RaySettings(args.workers or DEFAULT_WORKERS, args.address)
         # Ray prints some messages (a worker died, ...) on stdout; stdout is for the summary.

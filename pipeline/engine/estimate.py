@@ -9,9 +9,11 @@ assumed, and the report says so.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,7 @@ from pipeline.engine.limits.limiter import estimated_duration_s
 from pipeline.engine.plan import Plan
 from pipeline.engine.reports import Estimate
 from pipeline.engine.selection import RowSelector
-from pipeline.store.journal import Journal
+from pipeline.store.journal import Journal, read_only
 
 if TYPE_CHECKING:
     from pipeline.store.batches import BatchStore
@@ -37,8 +39,7 @@ def dry_run(plan: Plan) -> Estimate:
     """
     started = time.perf_counter()
     rows = empty = too_long = input_tokens = done = to_send = 0
-    journal = _open_readonly(plan.journal_path)
-    try:
+    with _journal_if_any(plan.journal_path) as journal:
         waiting = _batch_store(journal)
         admission = Admission(
             plan,
@@ -56,9 +57,6 @@ def dry_run(plan: Plan) -> Estimate:
             too_long += admitted.too_long
             to_send += len(admitted.todo)
             input_tokens += sum(admitted.tokens)
-    finally:
-        if journal is not None:
-            journal.close()
     elapsed = time.perf_counter() - started
     report = _figures(plan, rows, to_send, input_tokens, sample)
     report["rows_done"] = done
@@ -95,10 +93,14 @@ def _batch_store(journal: Journal | None) -> BatchStore | None:
     return store if store.has_tables() else None
 
 
-def _open_readonly(journal_path: Path) -> Journal | None:
+@contextlib.contextmanager
+def _journal_if_any(journal_path: Path) -> Iterator[Journal | None]:
+    """The job's journal, read-only, when a run has made one."""
     if not journal_path.exists():
-        return None
-    return Journal(journal_path, readonly=True)
+        yield None
+        return
+    with read_only(journal_path) as journal:
+        yield journal
 
 
 def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: list[int]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pipeline.engine.session import Controls, RunOptions, RunResult, opened
 from pipeline.store.batches import refuse_if_batches_pending
 
 if TYPE_CHECKING:
-    from pipeline.engine.drivers.ray.driver import RaySettings
+    from pipeline.engine.drivers.ray.cluster import RaySettings
 
 
 async def run_plan(

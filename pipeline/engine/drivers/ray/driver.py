@@ -10,13 +10,13 @@ caps hold for all workers together, and a 429 seen by one pauses all.
 Flow of one unit (a slice of a Parquet row group):
 
 1. a worker loads it and returns each row's key, prompt hash and blank flag;
-2. the driver decides, with the journal, which rows still need a request
-   (exactly as the default engine does), journals skipped rows, and has the
-   worker count prompt tokens where a limit needs them;
+2. the driver's admission (the same as the realtime driver's) decides, with
+   the journal, which rows still need a request and journals skipped rows;
+   the worker counts prompt tokens where a limit needs them, by admission's rule;
 3. the driver dispatches rows while fewer than ``concurrency`` are in flight
    across all workers, reserving each row's worst cost against the budget;
-4. workers report finished rows in batches (``poll``); the driver journals
-   them with the same recorder as the default engine and dispatches more.
+4. workers report finished rows in batches (``poll``); the driver settles
+   them through the shared settlement, in one journal commit, and dispatches more.
 
 A row counts as in flight from dispatch until its result is committed to the
 journal, so a crash of the driver re-pays at most ``concurrency`` requests. A
@@ -30,19 +30,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
-import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config.job import AUTO
 from pipeline.engine.admission import Admitted, Ticket
+from pipeline.engine.drivers.ray.cluster import (
+    RaySettings,
+    cause,
+    is_ray_error,
+    ray_available,
+    ray_session,
+    worker_gone,
+)
+from pipeline.engine.drivers.ray.units import Reported, plan_units
 from pipeline.engine.drivers.ray.worker import (
     Dispatch,
     LimiterActor,
@@ -54,25 +60,13 @@ from pipeline.engine.drivers.ray.worker import (
 )
 from pipeline.engine.limits.limiter import fixed_rate
 from pipeline.engine.plan import KeyScheme, Plan, content_keys
-from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.session import Controls, RunOptions, RunResult, Session
 from pipeline.engine.settlement import Settled, StopReason
 from pipeline.errors import CredentialsError, InputError, UserError
-from pipeline.io import fs
 from pipeline.store.journal import Journal
 from pipeline.store.stats import status_counts
 
-DEFAULT_WORKERS = 2
-UNIT_ROWS = 1024  # rows per unit at most: small enough to spread a file over the workers
 POLL_WAIT_S = 0.2  # a worker's poll returns at once with results, or after this long without
-LOCAL_CPUS = 1  # the actors ask for no CPU (they wait on the network); Ray needs a number
-LOCAL_OBJECT_STORE = 128 * 1024**2  # bytes: only CSV/JSON Lines batches pass through it
-
-
-@dataclass(frozen=True)
-class RaySettings:
-    workers: int = DEFAULT_WORKERS
-    address: str | None = None  # None: start a local Ray instance
 
 
 @dataclass
@@ -97,14 +91,6 @@ class _Worker:
 
     def pending(self) -> int:
         return sum(len(u.pending) for u in self.units)
-
-
-def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def check_ray(plan: Plan) -> None:
@@ -149,21 +135,6 @@ def fixed_caps(plan: Plan) -> tuple[int, int]:
                 "(the provider's limit for your account; pipeline run without --engine ray shows the learned rate)"
             )
     return fixed_rate(limits.requests_per_minute), fixed_rate(limits.tokens_per_minute)
-
-
-class _Reported(RenderedBatch):
-    """A unit's rows as its worker reported them: prompt hashes and blank flags.
-
-    The prompts stay on the worker; the driver's row selection and content
-    keys need only these two, so they are given this stand-in for a batch.
-    """
-
-    def __init__(self, hashes: list[str], blank: list[bool]) -> None:
-        super().__init__([""] * len(hashes), None, blank)
-        self.hashes = hashes
-
-    def prompt_hash(self, i: int) -> str:
-        return self.hashes[i]
 
 
 class RayRun:
@@ -213,7 +184,7 @@ class RayRun:
             self._spec = self._worker_spec()
             self.pool = [self._new_worker(n) for n in range(self.settings.workers)]
             await self._check_workers()
-            self._units = self._plan_units()
+            self._units = plan_units(self.plan.source, self._spec.schema.names)
             await self._drive()
         self.tracker.close()
 
@@ -252,7 +223,7 @@ class RayRun:
         try:
             await asyncio.gather(*(w.handle.pid.remote() for w in self.pool))
         except ray.exceptions.RayError as exc:
-            raise CredentialsError(f"--engine ray: a worker could not start: {_cause(exc)}") from None
+            raise CredentialsError(f"--engine ray: a worker could not start: {cause(exc)}") from None
 
     def _start_tasks(self, worker: _Worker, tg: asyncio.TaskGroup) -> None:
         for coro in (self._feed(worker), self._poll(worker)):
@@ -268,33 +239,6 @@ class RayRun:
         self._start_tasks(worker, tg)
 
     # -- units ---------------------------------------------------------------------------
-
-    def _plan_units(self) -> Iterator[Unit]:
-        """Slices of the input: Parquet row groups from metadata; text formats read here."""
-        source = self.plan.source
-        offset = 0
-        number = 0
-        if source.format == "parquet":
-            for file in fs.parquet_files(fs.absolute(source.path)):
-                meta = pq.ParquetFile(fs.readable(file)).metadata
-                for group in range(meta.num_row_groups):
-                    size = meta.row_group(group).num_rows
-                    for start in range(0, size, UNIT_ROWS):
-                        rows = min(UNIT_ROWS, size - start)
-                        yield Unit(number, offset + start, rows, str(file), group, start)
-                        number += 1
-                    offset += size
-            return
-        import ray
-
-        # CSV and JSON Lines cannot be split without reading them: the driver reads
-        # them in batches and hands each over through Ray's object store.
-        for batch in source.batches(self._spec.schema.names):
-            for start in range(0, batch.num_rows, UNIT_ROWS):
-                part = batch.slice(start, UNIT_ROWS)
-                yield Unit(number, offset + start, part.num_rows, batch=ray.put(part))
-                number += 1
-            offset += batch.num_rows
 
     def _next_unit(self) -> Unit | _UnitState | None:
         if self.retry_units:
@@ -325,13 +269,13 @@ class RayRun:
             try:
                 await self._load(worker, item)
             except Exception as exc:
-                if not _is_ray_error(exc):
+                if not is_ray_error(exc):
                     raise
-                if _worker_gone(exc):
+                if worker_gone(exc):
                     self.retry_units.appendleft(item)
                     self._worker_died(worker)
                 else:  # a bad record, an unreadable file: the run cannot go on
-                    self.stops.stop(StopReason.worker_input(_cause(exc)))
+                    self.stops.stop(StopReason.worker_input(cause(exc)))
                 return
             finally:
                 self.loading -= 1
@@ -364,11 +308,11 @@ class RayRun:
 
     async def _decide(self, unit: Unit, rows: UnitRows) -> Admitted:
         """Keys, and admission's selection of the rows to send (blank rows are journaled)."""
-        reported = _Reported(rows.hashes, rows.blank)
+        reported = Reported(rows.hashes, rows.blank)
         keys = await self._keys(unit, rows, reported)
         return self.admission.select(keys, reported, unit.offset)
 
-    async def _keys(self, unit: Unit, rows: UnitRows, reported: _Reported) -> list[str]:
+    async def _keys(self, unit: Unit, rows: UnitRows, reported: Reported) -> list[str]:
         """The journal keys of a unit's rows, as the default engine makes them."""
         if self.plan.key_scheme == KeyScheme.ID and rows.ids is not None:
             return rows.ids
@@ -509,12 +453,12 @@ class RayRun:
             try:
                 outcomes: list[Outcome] = await worker.handle.poll.remote(POLL_WAIT_S)
             except Exception as exc:
-                if not _is_ray_error(exc):
+                if not is_ray_error(exc):
                     raise
-                if _worker_gone(exc):
+                if worker_gone(exc):
                     self._worker_died(worker)
                 else:
-                    self.stops.stop(StopReason.worker_failed(_cause(exc)))
+                    self.stops.stop(StopReason.worker_failed(cause(exc)))
                 return
             if outcomes:
                 self._record(worker, outcomes)
@@ -591,65 +535,3 @@ class RayRun:
         for other in self.pool:
             other.wake.set()
         self.wake.set()
-
-
-def _is_ray_error(exc: BaseException) -> bool:
-    import ray
-
-    return isinstance(exc, ray.exceptions.RayError)
-
-
-def _worker_gone(exc: BaseException) -> bool:
-    """The actor died (its process was killed, its node lost), as opposed to an error in its code."""
-    import ray
-
-    return isinstance(exc, ray.exceptions.RayActorError)
-
-
-def _cause(exc: BaseException) -> str:
-    """The first line that says what went wrong, without Ray's traceback around it."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error:" in line:
-            return line[:300]
-    return lines[-1][:300] if lines else type(exc).__name__
-
-
-@contextlib.contextmanager
-def ray_session(settings: RaySettings) -> Iterator[None]:
-    """Join a cluster (``address``) or start a local Ray instance, watched by a watchdog."""
-    import ray
-
-    if ray.is_initialized():
-        yield  # the caller's own Ray (the Python API inside a Ray program): theirs to stop
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
-    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # a dead worker is handled, not printed
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    watchdog = None
-    if settings.address is None:
-        from pipeline.engine.drivers.ray import watchdog as ray_watchdog
-
-        watchdog = ray_watchdog.start(os.getpid())
-    try:
-        if settings.address is None:
-            ray.init(
-                num_cpus=LOCAL_CPUS,
-                object_store_memory=LOCAL_OBJECT_STORE,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-                namespace="pipeline",
-                _node_ip_address="127.0.0.1",
-            )
-        else:
-            ray.init(address=settings.address, log_to_driver=False, logging_level=logging.ERROR)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-    finally:
-        if watchdog is not None:
-            from pipeline.engine.drivers.ray import watchdog as ray_watchdog
-
-            ray_watchdog.stop(watchdog)
