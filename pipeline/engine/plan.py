@@ -197,6 +197,10 @@ def prepare(
         free=provider.free,
         input_price=job.model.input_price_per_million,
         output_price=job.model.output_price_per_million,
+        cached_input_price=job.model.cached_input_price_per_million,
+        cache_write_price=job.model.cache_write_price_per_million,
+        provider=provider.name,
+        service_tier=job.model.service_tier,
     )
     if job.limits.budget_usd is not None and (info.input_per_million is None or info.output_per_million is None):
         raise JobError(

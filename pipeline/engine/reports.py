@@ -13,6 +13,7 @@ from pipeline.errors import ExitCode
 
 if TYPE_CHECKING:
     from pipeline.engine.adaptive import LimitSource
+    from pipeline.engine.lanes import LaneCost
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,23 @@ class Estimate:
     realtime_cost_usd_expected: float | None = None
     """Batch mode: what the expected cost would be in realtime mode."""
     realtime_cost_usd_max: float | None = None
+    cached_tokens_expected: int = 0
+    """Input tokens expected to be read from the provider's prompt cache (priced at the cached price above)."""
+    shared_prefix_tokens: int = 0
+    """The longest prefix the rows share, in tokens."""
+    shared_prefixes: int = 0
+    """Shared prefixes worth caching: each is warmed by one request before its other rows go."""
+    cache_rule: str = ""
+    """The provider's caching rule applied (minimum length, granularity)."""
+    cache_saved_usd_expected: float | None = None
+    """What caching is expected to save against the list price."""
+    cached_input_price_per_million: float | None = None
+    cache_write_price_per_million: float | None = None
+    missing_prices: list[str] = field(default_factory=list)
+    """Prices nobody knows, each with the [model] key that sets it."""
+    lanes: list[LaneCost] = field(default_factory=list)
+    """The job priced in each lane the provider offers (realtime, with cache, batch, flex)."""
+    cheapest_lane: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
