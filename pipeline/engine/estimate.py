@@ -225,9 +225,7 @@ def format_report(estimate: Estimate) -> str:
         f"  input tokens: {report['input_tokens']:,}{approx} ({report['tokenizer']})",
         f"  output tokens: max {report['output_tokens_max']:,}, expected {report['output_tokens_expected']:,} "
         f"({report['output_tokens_basis']})",
-        f"  cost: min {money(report['cost_usd_min'])}, expected {money(report['cost_usd_expected'])} "
-        f"(interval {money(report['cost_usd_interval'][0])} to {money(report['cost_usd_interval'][1])}), "
-        f"max {money(report['cost_usd_max'])}",
+        _cost_line(report),
         _prices_line(report),
         _cache_line(report),
     ]
@@ -241,10 +239,21 @@ def format_report(estimate: Estimate) -> str:
         lines.append("  time: within the provider's batch window (usually minutes, at most 24 h); no rate limits")
     else:
         lines.append(_time_line(report))
-    if report["lanes"]:
+    if report["cheapest_lane"] is not None:
         lanes = ", ".join(f"{lane['lane']} {money(lane['cost_usd_expected'])}" for lane in report["lanes"])
         lines.append(f"  lanes (expected cost): {lanes}; cheapest: {report['cheapest_lane'] or 'unknown'}")
     return "\n".join(lines)
+
+
+def _cost_line(report: dict[str, Any]) -> str:
+    if report["cost_usd_min"] is None:
+        return "  cost: unknown: the model's prices are missing (see below)"
+    money = _money
+    return (
+        f"  cost: min {money(report['cost_usd_min'])}, expected {money(report['cost_usd_expected'])} "
+        f"(interval {money(report['cost_usd_interval'][0])} to {money(report['cost_usd_interval'][1])}), "
+        f"max {money(report['cost_usd_max'])}"
+    )
 
 
 def _price(value: float | None) -> str:
