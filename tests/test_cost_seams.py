@@ -191,3 +191,29 @@ def test_in_flight_window_halves_once_per_episode_and_grows_back():
 
     window = asyncio.run(scenario())
     assert window.gate.limit == 32 and window.refusals == 2
+
+
+# ---------------------------------------------------------------------------- the journal keeps the counts
+
+
+def test_journals_of_schema_4_gain_cache_and_attempt_columns(tmp_path):
+    import contextlib
+    import sqlite3
+
+    from pipeline.store.journal import Journal, JournalRow, RowStatus
+    from pipeline.store.migrations import SCHEMA_VERSION
+
+    path = tmp_path / "j.sqlite"
+    Journal(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for column in ("cached_tokens", "cache_write_tokens", "attempt_costs"):
+            conn.execute(f"ALTER TABLE results DROP COLUMN {column}")
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    journal = Journal(path)
+    try:
+        assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
+        row = JournalRow("k", "h", RowStatus.OK, cached_tokens=1024, cache_write_tokens=0, attempt_costs="[0.1]")
+        journal.write_now([row])
+        assert journal.results(["k"])["k"].cached_tokens == 1024
+    finally:
+        journal.close()
