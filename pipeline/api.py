@@ -109,7 +109,8 @@ async def arun(
     address: str | None = None,
 ) -> Result:
     """Run a job in the running event loop; see :func:`run`."""
-    from pipeline.engine.runner import RunOptions, run_plan
+    from pipeline.engine.run import run_plan
+    from pipeline.engine.session import RunOptions
 
     if engine not in ("default", "ray"):
         raise JobError(f"engine: {engine!r} is not one of 'default', 'ray'")
@@ -128,9 +129,9 @@ async def arun(
         wait=wait,
     )
     if engine == "ray":
-        from pipeline.engine.ray_engine import DEFAULT_WORKERS, RaySettings, run_plan_ray
+        from pipeline.engine.drivers.ray.driver import DEFAULT_WORKERS, RaySettings
 
-        result = await run_plan_ray(prepared, options, RaySettings(workers or DEFAULT_WORKERS, address))
+        result = await run_plan(prepared, options, ray=RaySettings(workers or DEFAULT_WORKERS, address))
     else:
         result = await run_plan(prepared, options)
     table = result.table

@@ -34,10 +34,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeGuard
 
-import aiohttp
-
 from pipeline.engine.price_catalog import CatalogPrices, TierPrices, catalog_prices, catalog_version
 from pipeline.errors import PipelineError
+from pipeline.providers.openrouter.models import ListedModel, fetch_models
 
 __all__ = ["ModelInfo", "PriceFigure", "cache_path", "known_models", "model_info", "refresh_prices"]
 
@@ -411,103 +410,35 @@ async def refresh_prices(
     timeout_s: float = 30,
     cache_dir: Path | None = None,
 ) -> tuple[Path, int]:
-    """Download every model's prices from ``GET {base_url}/models`` into the cache.
+    """Download every model's prices from OpenRouter's ``GET {base_url}/models`` into the cache.
 
-    Returns the cache file and the number of models written. Network and
-    HTTP failures raise :class:`PipelineError`; the old cache is then left
-    untouched.
+    Cache read and write prices are kept where the listing has them. Returns
+    the cache file and the number of models written. Network and HTTP
+    failures raise :class:`PipelineError`; the old cache is then left untouched.
     """
     base = base_url.rstrip("/")
-    url = f"{base}/models"
-    body = await _fetch_json(url, timeout_s)
-    entries = _parse_models(body, url)
+    models = await fetch_models(base, timeout_s)
     payload = {
         "source": base,
         "refreshed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "models": {
-            model: {
-                "input_per_million": entry.input_per_million,
-                "output_per_million": entry.output_per_million,
-                "context_length": entry.context_length,
-            }
-            for model, entry in sorted(entries.items())
-        },
+        "models": {model.id: _cache_fields(model) for model in sorted(models, key=lambda m: m.id)},
     }
     path = cache_path(cache_dir)
     await asyncio.to_thread(_write_atomically, path, json.dumps(payload, indent=1))
-    return path, len(entries)
+    return path, len(payload["models"])
 
 
-async def _fetch_json(url: str, timeout_s: float) -> Any:
-    """GET ``url`` and decode its JSON body, turning every failure into a PipelineError."""
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(url, headers={"Accept": "application/json"}) as response,
-        ):
-            if response.status != 200:
-                snippet = (await response.text(errors="replace"))[:200]
-                raise PipelineError(f"could not refresh prices from {url}: HTTP {response.status} {snippet}".rstrip())
-            # content_type=None: accept JSON even if served with another type.
-            return await response.json(content_type=None)
-    except TimeoutError as exc:
-        raise PipelineError(f"could not refresh prices from {url}: no answer within {timeout_s:g} s") from exc
-    except aiohttp.ClientError as exc:
-        reason = str(exc) or type(exc).__name__
-        raise PipelineError(f"could not refresh prices from {url}: {reason}") from exc
-    except ValueError as exc:  # the body is not JSON
-        raise PipelineError(f"could not refresh prices from {url}: invalid JSON: {exc}") from exc
-
-
-def _parse_models(body: Any, url: str) -> dict[str, _Entry]:
-    """OpenRouter's ``{"data": [{"id", "context_length", "pricing": {...}}]}`` as entries.
-
-    Prices there are USD per token, as strings. Entries whose prices cannot be
-    parsed or are negative are skipped: OpenRouter lists variable-price
-    routers (such as ``openrouter/auto``) with ``"-1"``.
-    """
-    data = body.get("data") if isinstance(body, dict) else None
-    if not isinstance(data, list):
-        raise PipelineError(f"could not refresh prices from {url}: no 'data' list in the response")
-    entries: dict[str, _Entry] = {}
-    for item in data:
-        parsed = _parse_model(item)
-        if parsed is not None:
-            entries[parsed[0]] = parsed[1]
-    if not entries:
-        # Writing an empty cache would silently hide the built-in table's
-        # figures behind a "refreshed" label; refuse instead.
-        raise PipelineError(f"could not refresh prices from {url}: no model with usable prices")
-    return entries
-
-
-def _parse_model(item: Any) -> tuple[str, _Entry] | None:
-    """One ``data[]`` item as ``(id, entry)``, or None when it is unusable."""
-    if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-        return None
-    pricing = item.get("pricing")
-    if not isinstance(pricing, dict):
-        return None
-    prompt = _per_million(pricing.get("prompt"))
-    completion = _per_million(pricing.get("completion"))
-    if prompt is None or completion is None:
-        return None
-    return item["id"], _Entry(prompt, completion, _context_length(item.get("context_length")))
-
-
-def _per_million(per_token: Any) -> float | None:
-    """ "0.0000001" (USD per token) -> 0.1 (USD per million), None if unusable."""
-    if isinstance(per_token, bool) or not isinstance(per_token, str | int | float):
-        return None
-    try:
-        value = float(per_token)
-    except ValueError:
-        return None
-    if not math.isfinite(value) or value < 0:
-        return None
-    # Round away float noise such as 0.1 * 1e6 / 1e6 -> 0.09999999999999999.
-    return round(value * _PER_MILLION, 9)
+def _cache_fields(model: ListedModel) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "input_per_million": model.input_per_million,
+        "output_per_million": model.output_per_million,
+        "context_length": model.context_length,
+    }
+    if model.cached_input_per_million is not None:
+        fields["cached_input_per_million"] = model.cached_input_per_million
+    if model.cache_write_per_million is not None:
+        fields["cache_write_per_million"] = model.cache_write_per_million
+    return fields
 
 
 def _write_atomically(path: Path, text: str) -> None:
