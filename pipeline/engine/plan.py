@@ -83,7 +83,7 @@ class Plan:
             spec = spec.model_copy(update={"base_url": base_url})
         provider = self.provider
         fields = provider.structured_fields(copy.deepcopy(self.structured.schema)) if self.structured else {}
-        return Dialect(spec, self.model_name, fields, provider)
+        return Dialect(spec, self.model_name, fields, provider, cache_key=f"pipeline-{self.identity_hash}")
 
     def identity(self) -> dict[str, Any]:
         return self.job.identity(self.structured.identity() if self.structured else None, self.provider.name)

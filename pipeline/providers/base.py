@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 
+from pipeline.providers.credit import CreditLimit, LimitKind, credit_limit
 from pipeline.providers.ratelimits import RateLimitInfo, rate_limit_info
+from pipeline.providers.usage import parse_usage
 
 if TYPE_CHECKING:
     from pipeline.config.job import ModelSpec
@@ -64,6 +66,15 @@ class Reply:
     provider: str | None = None
     generation_id: str | None = None
     limits: RateLimitInfo | None = None  # what the server said about its rate limits, if anything
+    cached_tokens: int | None = None  # prompt tokens read from the provider's prompt cache (part of prompt_tokens)
+    cache_write_tokens: int | None = None  # prompt tokens written to it
+    credit: CreditLimit | None = None  # a credit limit the error stated (in-flight budget, weight, spent budget)
+
+    def stop_reason(self, max_tokens: int | None = None) -> str:
+        """Why an ``auth`` reply stops the run, and what to do: a refused key, or the credit limit it names."""
+        if self.credit is not None:
+            return f"{self.credit.advice(max_tokens)} ({self.error})"
+        return f"the provider refused the key ({self.error}); fix the key or credits and rerun"
 
 
 class Provider:
@@ -74,6 +85,7 @@ class Provider:
     needs_key: ClassVar[bool] = True
     free: ClassVar[bool] = False  # no price to pay (a model on this machine)
     rate_limited: ClassVar[bool] = True  # a limit for requests_per_minute = "auto" to learn
+    prompt_cache_key: ClassVar[bool] = False  # routes requests sharing a prefix to one cache by this key
 
     async def stated_rate_limit(self, session: aiohttp.ClientSession, base_url: str) -> RateLimitInfo | None:
         """A rate limit the provider states outside replies (asked once per run, best effort)."""
@@ -113,12 +125,20 @@ class Dialect:
     """The request bodies of one run: the fixed part serialised once, only the messages vary."""
 
     def __init__(
-        self, spec: ModelSpec, model_name: str, structured_fields: dict[str, Any], provider: Provider | None = None
+        self,
+        spec: ModelSpec,
+        model_name: str,
+        structured_fields: dict[str, Any],
+        provider: Provider | None = None,
+        cache_key: str | None = None,
     ) -> None:
         self.provider = provider or Provider()
         self.profile = self.provider.name
         self.url = f"{spec.base_url}/chat/completions"
         self._base = self._base_body(spec, model_name, structured_fields)
+        if cache_key is not None and self.provider.prompt_cache_key and "prompt_cache_key" not in self._base:
+            # One key for the whole job (never per row): requests sharing a prefix meet the same cache.
+            self._base["prompt_cache_key"] = cache_key
         # The fixed part of every body, serialised once: only the messages vary.
         fixed = json.dumps({**self._base, "messages": None}, ensure_ascii=False).encode()
         self._prefix, self._suffix = fixed.split(b'"messages": null', 1)
@@ -128,6 +148,8 @@ class Dialect:
         body: dict[str, Any] = {"model": model_name, "max_tokens": spec.max_tokens}
         if spec.temperature is not None:
             body["temperature"] = spec.temperature
+        if spec.service_tier is not None:
+            body["service_tier"] = spec.service_tier
         params = self.provider.adapt_params(dict(spec.params))
         _deep_merge(body, structured)
         _deep_merge(body, params)  # the job's own params win
@@ -150,7 +172,7 @@ class Dialect:
         return self._prefix + messages.encode() + self._suffix
 
     def identity(self) -> dict[str, Any]:
-        return {key: value for key, value in self._base.items() if key != "model"}
+        return {key: value for key, value in self._base.items() if key not in ("model", "prompt_cache_key")}
 
 
 def _deep_merge(target: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -176,6 +198,12 @@ def parse_response(status: int, body: bytes, headers: Any) -> Reply:
     message = _error_message(data, body)
     if status == 200:
         return Reply(ReplyKind.RETRY, status, f"HTTP 200 with an unreadable body: {message}", limits=limits)
+    credit = credit_limit(status, data)
+    if credit is not None:
+        # The in-flight budget is back-pressure (retry after Retry-After, fewer at once); a request
+        # too big for it, or a spent budget, stops the run like a refused key, with its own reason.
+        kind = ReplyKind.RETRY if credit.kind is LimitKind.IN_FLIGHT else ReplyKind.AUTH
+        return Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits, credit=credit)
     kind = classify_status(status, message)
     return Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits)
 
@@ -211,21 +239,20 @@ def _parse_success(data: dict[str, Any]) -> Reply:
     if content is None and not message.get("tool_calls"):
         # Nothing came back: a provider hiccup, not an answer (and not an empty string).
         return Reply(ReplyKind.RETRY, 200, "HTTP 200 with no content (message.content is null)")
-    prompt_tokens = usage.get("prompt_tokens")
-    completion_tokens = usage.get("completion_tokens")
-    cost: Any = usage.get("cost")
+    used = parse_usage(usage)
     return Reply(
         ReplyKind.OK,
         200,
         content=content,
         finish_reason=finish,
-        # Checked inline (this runs once per row): ints for tokens, a number for cost.
-        prompt_tokens=prompt_tokens if type(prompt_tokens) is int else None,
-        completion_tokens=completion_tokens if type(completion_tokens) is int else None,
-        cost=float(cost) if type(cost) in (int, float) else None,
+        prompt_tokens=used.prompt_tokens,
+        completion_tokens=used.completion_tokens,
+        cost=used.cost,
         model=data.get("model"),
         provider=data.get("provider"),
         generation_id=data.get("id"),
+        cached_tokens=used.cached_tokens,
+        cache_write_tokens=used.cache_write_tokens,
     )
 
 

@@ -9,6 +9,7 @@ from pipeline.providers.base import Provider
 
 class Mistral(Provider):
     name = "mistral"
+    prompt_cache_key = True
 
     def matches(self, base_url: str) -> bool:
         return "api.mistral.ai" in base_url

@@ -12,3 +12,4 @@ from pipeline.providers.base import Provider
 
 class OpenAI(Provider):
     name = "openai"
+    prompt_cache_key = True
