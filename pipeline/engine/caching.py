@@ -17,15 +17,19 @@ one reads its cacheable part from the cache.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pipeline.engine.tokens import TekkenV3ChatCounter, TokenCounter, count_text
+from pipeline.engine.tokens import TekkenV3ChatCounter, TokenCounter, count_text, encode_text
 
 __all__ = ["CacheRule", "CachedEstimate", "SharedPrefixes", "cache_rule"]
 
 # At most this many distinct system prompts are followed; rows beyond share no known prefix.
 MAX_GROUPS = 10_000
+# Rows compared with the earlier ones one by one (sorted insertion: fast up to here); later rows
+# count their group's common start only.
+MAX_COMPARED = 50_000
 # `<s>[INST]` start the v3 Tekken template before the text.
 _V3_LEAD_TOKENS = 2
 _V3_SYSTEM_JOIN = "\n\n"
@@ -120,48 +124,101 @@ def _stable_head(text: str) -> str:
     return ""
 
 
+@dataclass(slots=True)
+class _Group:
+    """Rows with one system prompt: the start all their user messages share, and each row's own."""
+
+    common: str
+    rows: int = 1
+    seen: list[str] = field(default_factory=list)
+    """Earlier user messages, sorted: a row's longest start shared with any is its longest with a neighbour."""
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    """Each later row's user message and the earlier one it shares the longest start with."""
+
+
 class SharedPrefixes:
-    """Rows grouped by system prompt, with the text their user messages share at the start."""
+    """Rows grouped by system prompt, with the text their user messages share at the start.
+
+    A row's prompt is cached up to the longest start it shares with any
+    earlier request, so each row's own shared start counts (up to
+    ``MAX_COMPARED`` rows; later rows count their group's common start).
+    """
 
     def __init__(self) -> None:
-        self._users: dict[str | None, str] = {}
-        self._rows: dict[str | None, int] = {}
+        self._groups: dict[str | None, _Group] = {}
+        self._compared = 0
 
     def add(self, systems: Sequence[str | None], users: Sequence[str]) -> None:
         for system, user in zip(systems, users, strict=True):
-            shared = self._users.get(system)
-            if shared is None:
-                if len(self._users) >= MAX_GROUPS:
-                    continue
-                self._users[system] = user
-                self._rows[system] = 1
+            group = self._groups.get(system)
+            if group is None:
+                if len(self._groups) < MAX_GROUPS:
+                    self._groups[system] = _Group(user, seen=[user])
                 continue
-            if not user.startswith(shared):
-                self._users[system] = _common_prefix(shared, user)
-            self._rows[system] += 1
+            if not user.startswith(group.common):
+                group.common = _common_prefix(group.common, user)
+            group.rows += 1
+            if self._compared < MAX_COMPARED:
+                self._compared += 1
+                group.pairs.append((user, _closest_earlier(group.seen, user)))
 
     def estimate(self, counter: TokenCounter, rule: CacheRule) -> CachedEstimate:
         """Expected cached tokens when each group's first row warms the cache for the others."""
         cached = groups = longest = 0
-        for system, user_prefix in self._users.items():
-            rows = self._rows[system]
-            tokens = self._prefix_tokens(counter, system, user_prefix)
-            longest = max(longest, tokens)
-            per_row = rule.cacheable(tokens)
-            if rows > 1 and per_row:
+        for system, group in self._groups.items():
+            base = _template_text(counter, system, group.common)
+            base_head = _stable_head(base)
+            base_tokens = _prefix_tokens(counter, system, base_head)
+            longest = max(longest, base_tokens)
+            if group.rows < 2:
+                continue
+            total = 0
+            for user, earlier in group.pairs:
+                # After the stable head, both go on as their own tokens: count the ones they share.
+                mine = encode_text(_template_text(counter, system, user)[len(base_head) :])
+                theirs = encode_text(_template_text(counter, system, earlier)[len(base_head) :])
+                total += rule.cacheable(base_tokens + _shared_count(mine, theirs))
+            total += (group.rows - 1 - len(group.pairs)) * rule.cacheable(base_tokens)
+            if total:
                 groups += 1
-                cached += (rows - 1) * per_row
+                cached += total
         return CachedEstimate(cached, groups, longest, rule.name)
 
-    @staticmethod
-    def _prefix_tokens(counter: TokenCounter, system: str | None, user_prefix: str) -> int:
-        """Tokens at the start of every request of a group (the counter's template around the text)."""
-        if isinstance(counter, TekkenV3ChatCounter):
-            # v3 glues the system prompt to the user message: <s>[INST] system\n\nuser [/INST].
-            text = f"{system}{_V3_SYSTEM_JOIN}{user_prefix}" if system else user_prefix
-            head = _stable_head(text)
-            return _V3_LEAD_TOKENS + count_text(head) if head else 0
-        # Other templates: the whole system message, then the user message's shared start.
-        head = _stable_head(user_prefix)
-        system_tokens = count_text(system) + 4 if system is not None else 0  # 4: ApproximateCounter's overhead
-        return system_tokens + (count_text(head) if head else 0)
+
+def _closest_earlier(seen: list[str], user: str) -> str:
+    """The one of ``seen`` (sorted) sharing the longest start with ``user``, which is then inserted."""
+    at = bisect.bisect_left(seen, user)
+    best, best_length = "", -1
+    for neighbour in seen[max(0, at - 1) : at + 1]:
+        length = len(_common_prefix(neighbour, user))
+        if length > best_length:
+            best, best_length = neighbour, length
+    seen.insert(at, user)
+    return best
+
+
+def _shared_count(a: list[int], b: list[int]) -> int:
+    """How many tokens two token lists share at the start."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _template_text(counter: TokenCounter, system: str | None, user_start: str) -> str:
+    """The request text before the user message's shared start ends, as the counter's template lays it out."""
+    if isinstance(counter, TekkenV3ChatCounter):
+        # v3 glues the system prompt to the user message: <s>[INST] system\n\nuser [/INST].
+        return f"{system}{_V3_SYSTEM_JOIN}{user_start}" if system else user_start
+    return user_start
+
+
+def _prefix_tokens(counter: TokenCounter, system: str | None, head: str) -> int:
+    """Tokens at the start of every request of a group: the template's, the system's, the stable head's."""
+    if isinstance(counter, TekkenV3ChatCounter):
+        return _V3_LEAD_TOKENS + count_text(head) if head else 0
+    # Other templates: the whole system message (ApproximateCounter's 4 per message), then the user's start.
+    system_tokens = count_text(system) + 4 if system is not None else 0
+    return system_tokens + (count_text(head) if head else 0)

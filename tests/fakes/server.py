@@ -560,6 +560,7 @@ class FakeServer:
         self._pid_by_port: dict[int, int] = {}
         self._prefix_cache: PrefixCache | None = None
         self._in_flight: InFlightBudget | None = None
+        self._arrivals: dict[int, tuple[list[Any], int]] = {}  # prompt tokens and cached count at arrival
 
     # -- public helpers -------------------------------------------------------------------
 
@@ -721,12 +722,19 @@ class FakeServer:
         u = last_user_content(messages)
         fmt_type, schema = self._parse_response_format(body.get("response_format"))
         max_tokens = self._parse_max_tokens(body)
-        held = await self._hold_in_flight(messages, max_tokens)
+        if self.config.prompt_caching:
+            # Cached is what FINISHED requests had written when this one arrived.
+            tokens = self._prompt_token_list(messages)
+            self._arrivals[id(body)] = (tokens, self._cache().cached(tokens))
         try:
-            return await self._answer_held(request, trace, body, u, fmt_type, schema, max_tokens)
+            held = await self._hold_in_flight(messages, max_tokens)
+            try:
+                return await self._answer_held(request, trace, body, u, fmt_type, schema, max_tokens)
+            finally:
+                if held and self._in_flight is not None:
+                    self._in_flight.release(held)
         finally:
-            if held and self._in_flight is not None:
-                self._in_flight.release(held)
+            self._arrivals.pop(id(body), None)
 
     async def _hold_in_flight(self, messages: list[JSON], max_tokens: int | None) -> float:
         """Hold this request's worst case against the in-flight budget (0: none), or refuse it with a 402."""
@@ -970,8 +978,7 @@ class FakeServer:
         cache, tokens, cached = None, [], 0
         if cfg.prompt_caching:
             cache = self._cache()
-            tokens = self._prompt_token_list(body["messages"])
-            cached = cache.cached(tokens)
+            tokens, cached = self._arrivals.pop(id(body), None) or (self._prompt_token_list(body["messages"]), 0)
         content, completion, truncated = fit_completion(content, max_tokens, cfg.tokenizer)
         if truncated:
             finish_reason = "length"

@@ -45,7 +45,7 @@ def caching_server():
         cache_read_factor=0.1,
         cache_min_tokens=rule.min_tokens,
         cache_step=rule.step,
-        latency_s=0.02,
+        latency_s=0.3,
     )
     with srv.running():
         yield srv
