@@ -18,7 +18,8 @@ import aiohttp
 
 from pipeline.engine.limits.inflight import InFlightWindow
 from pipeline.engine.limits.limiter import RateLimiter
-from pipeline.providers.base import Dialect, Reply, ReplyKind, parse_response
+from pipeline.providers.base import Reply, ReplyKind, parse_response
+from pipeline.providers.dialect import Dialect
 from pipeline.secrets import Redactor
 
 MAX_IN_FLIGHT = 4096  # [limits] concurrency's own maximum
