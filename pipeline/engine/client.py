@@ -18,6 +18,7 @@ import aiohttp
 
 from pipeline.engine.limits.inflight import InFlightWindow
 from pipeline.engine.limits.limiter import RateLimiter
+from pipeline.engine.warmup import PrefixWarmer, prefix_key
 from pipeline.providers.base import Reply, ReplyKind, parse_response
 from pipeline.providers.dialect import Dialect
 from pipeline.secrets import Redactor
@@ -93,14 +94,28 @@ class ChatClient:
         self.on_pause: Callable[[float], None] | None = None  # told of each server-requested pause
         # Requests in flight under the provider's in-flight budget: cut on its 402s, regrown on answers.
         self.window = InFlightWindow(MAX_IN_FLIGHT)
+        # Requests sharing a start wait for the first of them to finish: it writes the prompt cache.
+        self.warmer = PrefixWarmer()
         # Whatever a server echoes, the key never reaches a Reply (and so the journal or a screen).
         self._redactor = Redactor.for_authorization(session.headers.get("Authorization"))
 
     async def complete(self, body: bytes, tokens: int = 0) -> Attempted | None:
         """Send until success, a permanent error, or attempts run out.
 
-        Returns None when the run is stopping before the first attempt went out.
+        The first request of each shared start goes alone; the others with that
+        start wait for its first attempt to finish, so they read the provider's
+        prompt cache instead of all writing it. Returns None when the run is
+        stopping before the first attempt went out.
         """
+        key = prefix_key(self.dialect.messages_start(body))
+        warming = await self.warmer.enter(key)
+        try:
+            return await self._complete(body, tokens, key if warming else None)
+        finally:
+            if warming:
+                self.warmer.leave(key)  # a no-op when the first attempt already let the others go
+
+    async def _complete(self, body: bytes, tokens: int, warming: bytes | None) -> Attempted | None:
         costs: list[float] = []
         attempt = 0
         latency = 0.0
@@ -118,6 +133,9 @@ class ChatClient:
                 started = time.perf_counter()
                 reply = await self._send_once(body)
                 latency = time.perf_counter() - started
+            if warming is not None:
+                self.warmer.leave(warming)  # the first attempt finished: the prompt cache holds the start
+                warming = None
             self.limiter.observe(reply.status, latency, reply.limits, reply.retry_after)
             costs.append(reply.cost or 0.0)
             if reply.credit is not None and reply.kind == ReplyKind.RETRY:

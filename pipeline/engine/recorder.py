@@ -89,6 +89,13 @@ class Recorder:
         user = next(m["content"] for m in messages if m["role"] == "user")
         return self.counter().count_chat([system], [user])[0]
 
+    def cache_saving(self, cached_tokens: int) -> float:
+        """What reading ``cached_tokens`` from the cache saved against the input price."""
+        info = self.info
+        if info.input_per_million is None:
+            return 0.0
+        return cached_tokens * (info.input_per_million - info.cached_price) / 1_000_000 * self.discount
+
     def status(self, reply: Reply) -> tuple[RowStatus, str | None, dict[str, Any] | None]:
         if reply.kind == ReplyKind.OK:
             if self.structured is None:

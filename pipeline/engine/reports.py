@@ -38,6 +38,10 @@ class RunSummary:
     """This run's tokens at the job's prices, for comparison with what was billed."""
     cost_estimated: bool
     """True when some replies came without usage and their cost was counted from tokens."""
+    cached_tokens: int
+    """Prompt tokens this run read from the provider's prompt cache (billed at the cached price)."""
+    cache_saved_usd: float
+    """What reading them from the cache saved against the input price."""
     job_spent_usd: float
     """Everything the job has spent, across runs and journals set aside by ``--fresh``."""
     price_source: str

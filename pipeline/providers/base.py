@@ -64,12 +64,6 @@ class Reply:
     cache_write_tokens: int | None = None  # prompt tokens written to it
     credit: CreditLimit | None = None  # a credit limit the error stated (in-flight budget, weight, spent budget)
 
-    def stop_reason(self, max_tokens: int | None = None) -> str:
-        """Why an ``auth`` reply stops the run, and what to do: a refused key, or the credit limit it names."""
-        if self.credit is not None:
-            return f"{self.credit.advice(max_tokens)} ({self.error})"
-        return f"the provider refused the key ({self.error}); fix the key or credits and rerun"
-
 
 def parse_response(status: int, body: bytes, headers: Any) -> Reply:
     """Classify one HTTP response (status, raw body, headers)."""

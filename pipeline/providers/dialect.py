@@ -61,6 +61,11 @@ class Dialect:
             messages = '[{"role": "system", "content": ' + _encode_string(system) + "}, " + user_part
         return self._prefix + messages.encode() + self._suffix
 
+    def messages_start(self, body: bytes, size: int = 1024) -> bytes:
+        """The first ``size`` bytes of a body's messages (what a provider's prompt cache matches first)."""
+        start = len(self._prefix)
+        return body[start : start + size]
+
     def identity(self) -> dict[str, Any]:
         return {key: value for key, value in self._base.items() if key not in ("model", "prompt_cache_key")}
 
