@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from pipeline.engine.price_catalog import CatalogPrices, TierPrices, catalog_prices, catalog_version
-from pipeline.errors import PipelineError
+from pipeline.errors import UnavailableError
 from pipeline.providers.openrouter.models import ListedModel, fetch_models
 
 __all__ = ["ModelInfo", "PriceFigure", "cache_path", "known_models", "model_info", "refresh_prices"]
@@ -414,7 +414,7 @@ async def refresh_prices(
 
     Cache read and write prices are kept where the listing has them. Returns
     the cache file and the number of models written. Network and HTTP
-    failures raise :class:`PipelineError`; the old cache is then left untouched.
+    failures raise :class:`UnavailableError` (exit 3); the old cache is then left untouched.
     """
     base = base_url.rstrip("/")
     models = await fetch_models(base, timeout_s)
@@ -456,4 +456,4 @@ def _write_atomically(path: Path, text: str) -> None:
             Path(tmp_name).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        raise PipelineError(f"could not write the price cache {path}: {exc}") from exc
+        raise UnavailableError(f"could not write the price cache {path}: {exc}") from exc

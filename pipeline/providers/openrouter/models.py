@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from pipeline.errors import PipelineError
+from pipeline.errors import UnavailableError
 
 __all__ = ["ListedModel", "fetch_models"]
 
@@ -35,13 +35,13 @@ class ListedModel:
 
 
 async def fetch_models(base_url: str, timeout_s: float = 30) -> list[ListedModel]:
-    """``GET {base_url}/models``, parsed; every failure is a :class:`PipelineError`."""
+    """``GET {base_url}/models``, parsed; every failure is an :class:`UnavailableError` (exit 3)."""
     url = f"{base_url.rstrip('/')}/models"
     return parse_models(await _fetch_json(url, timeout_s), url)
 
 
 async def _fetch_json(url: str, timeout_s: float) -> Any:
-    """GET ``url`` and decode its JSON body, turning every failure into a PipelineError."""
+    """GET ``url`` and decode its JSON body, turning every failure into an UnavailableError."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with (
@@ -50,28 +50,29 @@ async def _fetch_json(url: str, timeout_s: float) -> Any:
         ):
             if response.status != 200:
                 snippet = (await response.text(errors="replace"))[:200]
-                raise PipelineError(f"could not refresh prices from {url}: HTTP {response.status} {snippet}".rstrip())
+                message = f"could not refresh prices from {url}: HTTP {response.status} {snippet}"
+                raise UnavailableError(message.rstrip())
             # content_type=None: accept JSON even if served with another type.
             return await response.json(content_type=None)
     except TimeoutError as exc:
-        raise PipelineError(f"could not refresh prices from {url}: no answer within {timeout_s:g} s") from exc
+        raise UnavailableError(f"could not refresh prices from {url}: no answer within {timeout_s:g} s") from exc
     except aiohttp.ClientError as exc:
         reason = str(exc) or type(exc).__name__
-        raise PipelineError(f"could not refresh prices from {url}: {reason}") from exc
+        raise UnavailableError(f"could not refresh prices from {url}: {reason}") from exc
     except ValueError as exc:  # the body is not JSON
-        raise PipelineError(f"could not refresh prices from {url}: invalid JSON: {exc}") from exc
+        raise UnavailableError(f"could not refresh prices from {url}: invalid JSON: {exc}") from exc
 
 
 def parse_models(body: Any, url: str) -> list[ListedModel]:
     """``{"data": [{"id", "context_length", "pricing": {...}}]}`` as models with usable prices."""
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, list):
-        raise PipelineError(f"could not refresh prices from {url}: no 'data' list in the response")
+        raise UnavailableError(f"could not refresh prices from {url}: no 'data' list in the response")
     models = [model for model in map(_parse_model, data) if model is not None]
     if not models:
         # Writing an empty cache would silently hide the other price sources
         # behind a "refreshed" label; refuse instead.
-        raise PipelineError(f"could not refresh prices from {url}: no model with usable prices")
+        raise UnavailableError(f"could not refresh prices from {url}: no model with usable prices")
     return models
 
 
