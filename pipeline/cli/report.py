@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import replace
 
 from pipeline.engine.canary import CanaryStatus
 from pipeline.engine.limits.limiter import LimitSource
@@ -18,14 +17,10 @@ from pipeline.errors import ExitCode
 
 def print_summary(plan: Plan, result: RunResult, args: argparse.Namespace) -> None:
     summary = result.summary
-    if args.sample:
-        from pipeline.engine.estimate import dry_run, format_report
+    if summary.estimate is not None and not args.json:  # --sample: the engine extrapolated the whole job
+        from pipeline.engine.estimate import format_report
 
-        estimate = dry_run(plan)  # extrapolates from the rows the sample just answered
-        if args.json:
-            summary = replace(summary, estimate=estimate)
-        else:
-            print("estimate for the full job from the sample:\n" + format_report(estimate))
+        print("estimate for the full job from the sample:\n" + format_report(summary.estimate))
     if args.json:
         fields = summary.to_dict()
         if summary.exit_code == ExitCode.STOPPED:
