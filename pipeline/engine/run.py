@@ -38,7 +38,7 @@ async def run_plan(
 
 async def _drive(plan: Plan, options: RunOptions, controls: Controls | None, ray: RaySettings | None) -> RunResult:
     if ray is not None:
-        from pipeline.engine.drivers.ray.driver import check_ray
+        from pipeline.engine.drivers.ray.cluster import check_ray
 
         check_ray(plan)  # before the lock and the journal: a user error sends nothing
     with opened(plan, options) as journal:

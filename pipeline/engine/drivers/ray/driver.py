@@ -33,22 +33,20 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config.job import AUTO
 from pipeline.engine.admission import Admitted, Ticket
 from pipeline.engine.drivers.ray.cluster import (
     RaySettings,
     cause,
+    fixed_caps,
     is_ray_error,
-    ray_available,
     ray_session,
     worker_gone,
 )
-from pipeline.engine.drivers.ray.units import Reported, plan_units
+from pipeline.engine.drivers.ray.units import Reported, UnitState, WorkerState, plan_units
 from pipeline.engine.drivers.ray.worker import (
     Dispatch,
     LimiterActor,
@@ -58,47 +56,13 @@ from pipeline.engine.drivers.ray.worker import (
     UnitRows,
     WorkerSpec,
 )
-from pipeline.engine.limits.limiter import fixed_rate
 from pipeline.engine.plan import KeyScheme, Plan, content_keys
 from pipeline.engine.session import Controls, RunOptions, RunResult, Session
 from pipeline.engine.settlement import Settled, StopReason
-from pipeline.errors import CredentialsError, InputError, UserError
+from pipeline.errors import CredentialsError, InputError
 from pipeline.store.journal import Journal
 
 POLL_WAIT_S = 0.2  # a worker's poll returns at once with results, or after this long without
-
-
-@dataclass
-class _UnitState:
-    unit: Unit
-    keys: list[str]
-    hashes: list[str]
-    rows: dict[int, Ticket]  # rows this run still has to finish
-    pending: deque[int]  # ready to dispatch
-    sent: set[int] = field(default_factory=set)  # dispatched, not reported yet
-    worker: _Worker | None = None
-
-
-@dataclass
-class _Worker:
-    handle: Any
-    number: int
-    in_flight: int = 0
-    alive: bool = True
-    units: list[_UnitState] = field(default_factory=list)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def pending(self) -> int:
-        return sum(len(u.pending) for u in self.units)
-
-
-def check_ray(plan: Plan) -> None:
-    """What the Ray driver refuses, before the lock and the journal (a user error sends nothing)."""
-    if not ray_available():
-        raise UserError("--engine ray needs Ray: pip install 'pipeline[ray]'")
-    if plan.job.model.mode == "batch":
-        raise UserError('--engine ray sends rows in realtime: run it without [model] mode = "batch"')
-    fixed_caps(plan)
 
 
 async def run_ray(
@@ -114,26 +78,6 @@ async def run_ray(
         current = run.produced_all and not session.stops.stopped
         rows, errors, table = session.write_output(session.output_batches(current))
     return session.result(rows, errors, table, engine="ray", workers=settings.workers)
-
-
-def fixed_caps(plan: Plan) -> tuple[int, int]:
-    """The job's caps as numbers, for the limiter actor.
-
-    A rate learned from the server (``"auto"``) is learned inside one process
-    (``engine/limits/adaptive.py``); across workers the cap must be set. A provider
-    without rate limits (a local server) has nothing to learn: no cap.
-    """
-    limits = plan.job.limits
-    for key, value in (
-        ("requests_per_minute", limits.requests_per_minute),
-        ("tokens_per_minute", limits.tokens_per_minute),
-    ):
-        if value == AUTO and plan.provider.rate_limited:
-            raise UserError(
-                f'[limits] {key} = "auto" is learned by one process: with --engine ray set it to a number '
-                "(the provider's limit for your account; pipeline run without --engine ray shows the learned rate)"
-            )
-    return fixed_rate(limits.requests_per_minute), fixed_rate(limits.tokens_per_minute)
 
 
 class RayRun:
@@ -152,9 +96,9 @@ class RayRun:
         self.dialect = self.plan.dialect()
         self.produced_all = False
         self.settings = settings
-        self.pool: list[_Worker] = []
-        self.states: dict[int, _UnitState] = {}
-        self.retry_units: deque[Unit | _UnitState] = deque()
+        self.pool: list[WorkerState] = []
+        self.states: dict[int, UnitState] = {}
+        self.retry_units: deque[Unit | UnitState] = deque()
         self.in_flight = 0
         self.loading = 0
         self.replacements = 0
@@ -209,10 +153,10 @@ class RayRun:
             connections=job.limits.concurrency + 4,
         )
 
-    def _new_worker(self, number: int) -> _Worker:
+    def _new_worker(self, number: int) -> WorkerState:
         handle = self._worker_class.options(name=None).remote(self._spec, self.limiter_actor)
         self.limiter_actor.register.remote(handle)
-        return _Worker(handle, number)
+        return WorkerState(handle, number)
 
     async def _check_workers(self) -> None:
         """Every worker must start (it reads the key from its node's environment) before anything is sent."""
@@ -223,7 +167,7 @@ class RayRun:
         except ray.exceptions.RayError as exc:
             raise CredentialsError(f"--engine ray: a worker could not start: {cause(exc)}") from None
 
-    def _start_tasks(self, worker: _Worker, tg: asyncio.TaskGroup) -> None:
+    def _start_tasks(self, worker: WorkerState, tg: asyncio.TaskGroup) -> None:
         for coro in (self._feed(worker), self._poll(worker)):
             task = tg.create_task(coro)
             self._tasks.add(task)
@@ -238,7 +182,7 @@ class RayRun:
 
     # -- units ---------------------------------------------------------------------------
 
-    def _next_unit(self) -> Unit | _UnitState | None:
+    def _next_unit(self) -> Unit | UnitState | None:
         if self.retry_units:
             return self.retry_units.popleft()
         if self._units is None or self.units_exhausted:
@@ -253,7 +197,7 @@ class RayRun:
             self.units_exhausted = True
         return unit
 
-    async def _feed(self, worker: _Worker) -> None:
+    async def _feed(self, worker: WorkerState) -> None:
         """Keep ``concurrency`` rows ready on this worker (loaded, not sent)."""
         low_water = self.job.limits.concurrency
         while worker.alive and not self.stopper.stopped:
@@ -279,8 +223,8 @@ class RayRun:
                 self.loading -= 1
                 self.wake.set()
 
-    async def _load(self, worker: _Worker, item: Unit | _UnitState) -> None:
-        if isinstance(item, _UnitState):
+    async def _load(self, worker: WorkerState, item: Unit | UnitState) -> None:
+        if isinstance(item, UnitState):
             # A dead worker's unit: render it again here; its rows are decided already.
             await worker.handle.load.remote(item.unit)
             item.worker = worker
@@ -296,7 +240,7 @@ class RayRun:
         admitted = self.admission.fit(admitted, tokens)
         keys, hashes = admitted.keys, admitted.hashes
         tickets = {i: Ticket(keys[i], hashes[i], t) for i, t in zip(admitted.todo, admitted.tokens, strict=True)}
-        state = _UnitState(item, keys, hashes, tickets, deque(admitted.todo))
+        state = UnitState(item, keys, hashes, tickets, deque(admitted.todo))
         if not state.rows:
             worker.handle.release.remote(item.id)
             return
@@ -396,7 +340,7 @@ class RayRun:
                     self.in_flight += len(rows)
                     worker.wake.set()  # it may want its next unit now
 
-    def _take(self, worker: _Worker, room: int) -> list[Dispatch]:
+    def _take(self, worker: WorkerState, room: int) -> list[Dispatch]:
         taken: list[Dispatch] = []
         for state in worker.units:
             while state.pending and len(taken) < room:
@@ -411,7 +355,7 @@ class RayRun:
                 self.canary.sent(row.key)
         return taken
 
-    async def _poll(self, worker: _Worker) -> None:
+    async def _poll(self, worker: WorkerState) -> None:
         while worker.alive:
             try:
                 outcomes: list[Outcome] = await worker.handle.poll.remote(POLL_WAIT_S)
@@ -428,10 +372,10 @@ class RayRun:
 
     # -- results -------------------------------------------------------------------------
 
-    def _record(self, worker: _Worker, outcomes: list[Outcome]) -> None:
+    def _record(self, worker: WorkerState, outcomes: list[Outcome]) -> None:
         """Settle a batch of finished rows: one journal commit, then each row as the realtime driver does."""
         settlement = self.settlement
-        written: list[tuple[_UnitState, int, Settled]] = []
+        written: list[tuple[UnitState, int, Settled]] = []
         for outcome in outcomes:
             state = self.states[outcome.unit]
             ticket = state.rows[outcome.index]
@@ -465,7 +409,7 @@ class RayRun:
                 self._release(state)
         self.wake.set()
 
-    def _release(self, state: _UnitState) -> None:
+    def _release(self, state: UnitState) -> None:
         self.states.pop(state.unit.id, None)
         worker = state.worker
         if worker is not None:
@@ -474,7 +418,7 @@ class RayRun:
                 worker.handle.release.remote(state.unit.id)
             worker.wake.set()
 
-    def _worker_died(self, worker: _Worker) -> None:
+    def _worker_died(self, worker: WorkerState) -> None:
         """Its rows in flight go back to be sent again; its units to another worker."""
         if not worker.alive:
             return
