@@ -9,22 +9,25 @@ assumed, and the report says so.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config.job import AUTO
 from pipeline.engine.admission import Admission
 from pipeline.engine.caching import CachedEstimate, SharedPrefixes, cache_rule
-from pipeline.engine.lanes import TokenFigures, cheapest, price_lanes
+from pipeline.engine.expectations import TokenFigures
+from pipeline.engine.lanes import LaneTokens, cheapest, price_lanes
 from pipeline.engine.limits.adaptive import START_RPM
 from pipeline.engine.limits.limiter import estimated_duration_s
 from pipeline.engine.plan import Plan
 from pipeline.engine.reports import Estimate
 from pipeline.engine.selection import RowSelector
-from pipeline.store.journal import Journal
+from pipeline.store.journal import Journal, read_only
 
 if TYPE_CHECKING:
     from pipeline.store.batches import BatchStore
@@ -38,9 +41,8 @@ def dry_run(plan: Plan) -> Estimate:
     """
     started = time.perf_counter()
     rows = empty = too_long = input_tokens = done = to_send = 0
-    journal = _open_readonly(plan.journal_path)
     prefixes = SharedPrefixes()
-    try:
+    with _journal_if_any(plan.journal_path) as journal:
         waiting = _batch_store(journal)
         admission = Admission(
             plan,
@@ -63,13 +65,10 @@ def dry_run(plan: Plan) -> Estimate:
                 [rendered.systems[i] for i in todo] if rendered.systems is not None else [None] * len(todo),
                 [rendered.users[i] for i in todo],
             )
-    finally:
-        if journal is not None:
-            journal.close()
     elapsed = time.perf_counter() - started
     caching = _caching(plan, prefixes)
     report = _figures(plan, rows, to_send, input_tokens, sample, caching.cached_tokens)
-    report.update(_cache_report(plan, caching, input_tokens))
+    report.update(_cache_report(plan, caching))
     report["rows_done"] = done
     report["skipped"] = {"empty_prompt": empty, "over_context": too_long, "total": empty + too_long}
     report["rows_per_s"] = round(rows / elapsed) if elapsed > 0 else None
@@ -105,10 +104,14 @@ def _batch_store(journal: Journal | None) -> BatchStore | None:
     return store if store.has_tables() else None
 
 
-def _open_readonly(journal_path: Path) -> Journal | None:
+@contextlib.contextmanager
+def _journal_if_any(journal_path: Path) -> Iterator[Journal | None]:
+    """The job's journal, read-only, when a run has made one."""
     if not journal_path.exists():
-        return None
-    return Journal(journal_path, readonly=True)
+        yield None
+        return
+    with read_only(journal_path) as journal:
+        yield journal
 
 
 def _caching(plan: Plan, prefixes: SharedPrefixes) -> CachedEstimate:
@@ -120,7 +123,7 @@ def _caching(plan: Plan, prefixes: SharedPrefixes) -> CachedEstimate:
     return estimate
 
 
-def _cache_report(plan: Plan, caching: CachedEstimate, input_tokens: int) -> dict[str, Any]:
+def _cache_report(plan: Plan, caching: CachedEstimate) -> dict[str, Any]:
     info = plan.info
     saved = None
     if info.input_per_million is not None:
@@ -143,7 +146,7 @@ def _cache_report(plan: Plan, caching: CachedEstimate, input_tokens: int) -> dic
 
 def _lanes(plan: Plan, report: dict[str, Any]) -> None:
     """The job priced in each lane the provider offers, and the cheapest."""
-    tokens = TokenFigures(
+    tokens = LaneTokens(
         report["input_tokens"],
         report["cached_tokens_expected"],
         report["output_tokens_expected"],
@@ -178,7 +181,13 @@ def _figures(
     low = round(max(0.0, mean - half_width) * to_send)
     high = round(min(max_tokens, mean + half_width) * to_send)
     limits = plan.job.limits
+    # The same figures the canary reports: what answered rows used of max_tokens.
+    used = TokenFigures.of(sample, max_tokens)
     return {
+        "output_tokens_p50": used.p50,
+        "output_tokens_p95": used.p95,
+        "output_tokens_longest": used.max,
+        "max_tokens_suggested": used.suggested_max_tokens,
         "rows": rows,
         "rows_to_send": to_send,
         "input_tokens": input_tokens,
@@ -230,6 +239,13 @@ def format_report(estimate: Estimate) -> str:
         _cache_line(report),
     ]
     lines += [f"  missing price: {text}" for text in report["missing_prices"]]
+    if report["output_tokens_longest"] is not None:
+        lines[3] += (
+            f"; answered rows used p50 {report['output_tokens_p50']:,}, p95 {report['output_tokens_p95']:,}, "
+            f"longest {report['output_tokens_longest']:,}"
+        )
+        if report["max_tokens_suggested"] is not None:
+            lines[3] += f" (max_tokens = {report['max_tokens_suggested']:,} would fit them)"
     if report["mode"] == "batch":
         lines[4] += f" at the batch price ({report['batch_discount']:g} of the list price)"
         lines.append(
@@ -241,7 +257,7 @@ def format_report(estimate: Estimate) -> str:
         lines.append(_time_line(report))
     if report["cheapest_lane"] is not None:
         lanes = ", ".join(f"{lane['lane']} {money(lane['cost_usd_expected'])}" for lane in report["lanes"])
-        lines.append(f"  lanes (expected cost): {lanes}; cheapest: {report['cheapest_lane'] or 'unknown'}")
+        lines.append(f"  lanes (expected cost): {lanes}; cheapest: {report['cheapest_lane']}")
     return "\n".join(lines)
 
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 from pipeline.engine.price_catalog import TierPrices
 
-__all__ = ["LaneCost", "TokenFigures", "cheapest", "price_lanes"]
+__all__ = ["LaneCost", "LaneTokens", "cheapest", "price_lanes"]
 
 _PER_MILLION = 1_000_000
 BATCH_PROVIDERS = frozenset({"openrouter", "openai", "mistral"})
 
 
 @dataclass(frozen=True, slots=True)
-class TokenFigures:
+class LaneTokens:
     """The tokens a dry run expects the job to use."""
 
     input_tokens: int
@@ -43,7 +43,7 @@ class LaneCost:
     """Where its prices come from."""
 
 
-def _cost(prices: TierPrices, tokens: TokenFigures, cached: int, output: int) -> float | None:
+def _cost(prices: TierPrices, tokens: LaneTokens, cached: int, output: int) -> float | None:
     if prices.input is None or prices.output is None:
         return None
     cached_price = prices.cache_read if prices.cache_read is not None else prices.input
@@ -51,7 +51,7 @@ def _cost(prices: TierPrices, tokens: TokenFigures, cached: int, output: int) ->
     return round((uncached * prices.input + cached * cached_price + output * prices.output) / _PER_MILLION, 10)
 
 
-def _lane(name: str, prices: TierPrices, tokens: TokenFigures, cached: int, basis: str) -> LaneCost:
+def _lane(name: str, prices: TierPrices, tokens: LaneTokens, cached: int, basis: str) -> LaneCost:
     return LaneCost(
         name,
         _cost(prices, tokens, cached, tokens.output_expected),
@@ -62,7 +62,7 @@ def _lane(name: str, prices: TierPrices, tokens: TokenFigures, cached: int, basi
 
 def price_lanes(
     standard: TierPrices,
-    tokens: TokenFigures,
+    tokens: LaneTokens,
     provider: str,
     *,
     batch: TierPrices | None = None,

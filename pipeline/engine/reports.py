@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import ExitCode
 
 if TYPE_CHECKING:
+    from pipeline.engine.canary import CanaryVerdict
     from pipeline.engine.lanes import LaneCost
     from pipeline.engine.limits.limiter import LimitSource
 
@@ -69,6 +70,8 @@ class RunSummary:
     """Which engine sent the requests: ``default`` (this process) or ``ray``."""
     workers: int | None = None
     """With ``--engine ray``: the number of Ray worker actors."""
+    canary: CanaryVerdict | None = None
+    """The canary's verdict, completion-token figures and suggested max_tokens (None: no canary this run)."""
     cached_tokens: int = 0
     """Prompt tokens this run read from the provider's prompt cache (billed at the cached price)."""
     cache_saved_usd: float = 0.0
@@ -146,6 +149,12 @@ class Estimate:
     realtime_cost_usd_expected: float | None = None
     """Batch mode: what the expected cost would be in realtime mode."""
     realtime_cost_usd_max: float | None = None
+    output_tokens_p50: int | None = None
+    """Completion tokens of rows already answered (e.g. by ``--sample N``): median, 95th percentile, longest."""
+    output_tokens_p95: int | None = None
+    output_tokens_longest: int | None = None
+    max_tokens_suggested: int | None = None
+    """A max_tokens that fits the answered rows, when it would at least halve the job's (as the canary suggests)."""
     cached_tokens_expected: int = 0
     """Input tokens expected to be read from the provider's prompt cache (priced at the cached price above)."""
     shared_prefix_tokens: int = 0
