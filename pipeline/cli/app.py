@@ -75,6 +75,11 @@ def build_parser(*, raise_errors: bool = False) -> argparse.ArgumentParser:
         help="batch mode: submit, collect what has finished, write the output, exit 3 while batches are pending",
     )
     run.add_argument(
+        "--no-canary",
+        action="store_true",
+        help="send every row at once, without judging a first slice of them (the canary) before the rest",
+    )
+    run.add_argument(
         "--engine", choices=("default", "ray"), default="default", help="send from this process, or from Ray workers"
     )
     run.add_argument("--workers", type=_positive, metavar="N", help="--engine ray: worker actors (default 2)")
@@ -239,7 +244,12 @@ def _run(job: Job, args: argparse.Namespace) -> int:
     plan = prepare(job, output=_output(args))
     _tune_gc()
     options = RunOptions(
-        quiet=args.quiet, fresh=args.fresh, retry_failed=args.retry_failed, sample=args.sample, wait=not args.no_wait
+        quiet=args.quiet,
+        fresh=args.fresh,
+        retry_failed=args.retry_failed,
+        sample=args.sample,
+        wait=not args.no_wait,
+        canary=not args.no_canary,
     )
     if args.engine == "ray":
         from pipeline.engine.drivers.ray.cluster import DEFAULT_WORKERS, RaySettings

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config.job import AUTO
 from pipeline.engine.admission import Admission
+from pipeline.engine.expectations import TokenFigures
 from pipeline.engine.limits.adaptive import START_RPM
 from pipeline.engine.limits.limiter import estimated_duration_s
 from pipeline.engine.plan import Plan
@@ -116,7 +117,13 @@ def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: lis
     low = round(max(0.0, mean - half_width) * to_send)
     high = round(min(max_tokens, mean + half_width) * to_send)
     limits = plan.job.limits
+    # The same figures the canary reports: what answered rows used of max_tokens.
+    used = TokenFigures.of(sample, max_tokens)
     return {
+        "output_tokens_p50": used.p50,
+        "output_tokens_p95": used.p95,
+        "output_tokens_longest": used.max,
+        "max_tokens_suggested": used.suggested_max_tokens,
         "rows": rows,
         "rows_to_send": to_send,
         "input_tokens": input_tokens,
@@ -168,6 +175,13 @@ def format_report(estimate: Estimate) -> str:
         f"  prices: {report['model']} at {report['input_price_per_million']} / "
         f"{report['output_price_per_million']} USD per million tokens in/out, from {report['price_source']}",
     ]
+    if report["output_tokens_longest"] is not None:
+        lines[3] += (
+            f"; answered rows used p50 {report['output_tokens_p50']:,}, p95 {report['output_tokens_p95']:,}, "
+            f"longest {report['output_tokens_longest']:,}"
+        )
+        if report["max_tokens_suggested"] is not None:
+            lines[3] += f" (max_tokens = {report['max_tokens_suggested']:,} would fit them)"
     if report["mode"] == "batch":
         lines[4] += f" at the batch price ({report['batch_discount']:g} of the list price)"
         lines.append(

@@ -1,4 +1,4 @@
-"""The Ray instance a run uses: joining a cluster or starting a local one, and reading Ray's errors.
+"""The Ray instance a run uses: what it refuses up front, joining a cluster or starting a local one, Ray's errors.
 
 Ray is imported only inside these functions (``pip install 'pipeline[ray]'``).
 """
@@ -10,6 +10,14 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline.config.job import AUTO
+from pipeline.engine.limits.limiter import fixed_rate
+from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.engine.plan import Plan
 
 DEFAULT_WORKERS = 2
 LOCAL_CPUS = 1  # the actors ask for no CPU (they wait on the network); Ray needs a number
@@ -90,3 +98,32 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
             from pipeline.engine.drivers.ray import watchdog as ray_watchdog
 
             ray_watchdog.stop(watchdog)
+
+
+def check_ray(plan: Plan) -> None:
+    """What the Ray driver refuses, before the lock and the journal (a user error sends nothing)."""
+    if not ray_available():
+        raise UserError("--engine ray needs Ray: pip install 'pipeline[ray]'")
+    if plan.job.model.mode == "batch":
+        raise UserError('--engine ray sends rows in realtime: run it without [model] mode = "batch"')
+    fixed_caps(plan)
+
+
+def fixed_caps(plan: Plan) -> tuple[int, int]:
+    """The job's caps as numbers, for the limiter actor.
+
+    A rate learned from the server (``"auto"``) is learned inside one process
+    (``engine/limits/adaptive.py``); across workers the cap must be set. A provider
+    without rate limits (a local server) has nothing to learn: no cap.
+    """
+    limits = plan.job.limits
+    for key, value in (
+        ("requests_per_minute", limits.requests_per_minute),
+        ("tokens_per_minute", limits.tokens_per_minute),
+    ):
+        if value == AUTO and plan.provider.rate_limited:
+            raise UserError(
+                f'[limits] {key} = "auto" is learned by one process: with --engine ray set it to a number '
+                "(the provider's limit for your account; pipeline run without --engine ray shows the learned rate)"
+            )
+    return fixed_rate(limits.requests_per_minute), fixed_rate(limits.tokens_per_minute)

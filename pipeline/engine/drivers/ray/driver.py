@@ -33,22 +33,20 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config.job import AUTO
 from pipeline.engine.admission import Admitted, Ticket
 from pipeline.engine.drivers.ray.cluster import (
     RaySettings,
     cause,
+    fixed_caps,
     is_ray_error,
-    ray_available,
     ray_session,
     worker_gone,
 )
-from pipeline.engine.drivers.ray.units import Reported, plan_units
+from pipeline.engine.drivers.ray.units import Reported, UnitState, WorkerState, plan_units
 from pipeline.engine.drivers.ray.worker import (
     Dispatch,
     LimiterActor,
@@ -58,47 +56,14 @@ from pipeline.engine.drivers.ray.worker import (
     UnitRows,
     WorkerSpec,
 )
-from pipeline.engine.limits.limiter import fixed_rate
 from pipeline.engine.plan import KeyScheme, Plan, content_keys
 from pipeline.engine.session import Controls, RunOptions, RunResult, Session
 from pipeline.engine.settlement import Settled, StopReason
-from pipeline.errors import CredentialsError, InputError, UserError
+from pipeline.errors import CredentialsError, InputError
 from pipeline.store.journal import Journal
+from pipeline.store.stats import status_counts
 
 POLL_WAIT_S = 0.2  # a worker's poll returns at once with results, or after this long without
-
-
-@dataclass
-class _UnitState:
-    unit: Unit
-    keys: list[str]
-    hashes: list[str]
-    rows: dict[int, Ticket]  # rows this run still has to finish
-    pending: deque[int]  # ready to dispatch
-    sent: set[int] = field(default_factory=set)  # dispatched, not reported yet
-    worker: _Worker | None = None
-
-
-@dataclass
-class _Worker:
-    handle: Any
-    number: int
-    in_flight: int = 0
-    alive: bool = True
-    units: list[_UnitState] = field(default_factory=list)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def pending(self) -> int:
-        return sum(len(u.pending) for u in self.units)
-
-
-def check_ray(plan: Plan) -> None:
-    """What the Ray driver refuses, before the lock and the journal (a user error sends nothing)."""
-    if not ray_available():
-        raise UserError("--engine ray needs Ray: pip install 'pipeline[ray]'")
-    if plan.job.model.mode == "batch":
-        raise UserError('--engine ray sends rows in realtime: run it without [model] mode = "batch"')
-    fixed_caps(plan)
 
 
 async def run_ray(
@@ -116,26 +81,6 @@ async def run_ray(
     return session.result(rows, errors, table, engine="ray", workers=settings.workers)
 
 
-def fixed_caps(plan: Plan) -> tuple[int, int]:
-    """The job's caps as numbers, for the limiter actor.
-
-    A rate learned from the server (``"auto"``) is learned inside one process
-    (``engine/limits/adaptive.py``); across workers the cap must be set. A provider
-    without rate limits (a local server) has nothing to learn: no cap.
-    """
-    limits = plan.job.limits
-    for key, value in (
-        ("requests_per_minute", limits.requests_per_minute),
-        ("tokens_per_minute", limits.tokens_per_minute),
-    ):
-        if value == AUTO and plan.provider.rate_limited:
-            raise UserError(
-                f'[limits] {key} = "auto" is learned by one process: with --engine ray set it to a number '
-                "(the provider's limit for your account; pipeline run without --engine ray shows the learned rate)"
-            )
-    return fixed_rate(limits.requests_per_minute), fixed_rate(limits.tokens_per_minute)
-
-
 class RayRun:
     """A run whose requests go out from Ray worker actors; the journal, admission and settlement stay here."""
 
@@ -148,12 +93,14 @@ class RayRun:
         self.tracker = session.tracker
         self.admission = session.admission
         self.settlement = session.settlement
+        self.canary = session.canary
+        self._canary_left: int | None = None  # canary rows still to dispatch (None: no canary under way)
         self.dialect = self.plan.dialect()
         self.produced_all = False
         self.settings = settings
-        self.pool: list[_Worker] = []
-        self.states: dict[int, _UnitState] = {}
-        self.retry_units: deque[Unit | _UnitState] = deque()
+        self.pool: list[WorkerState] = []
+        self.states: dict[int, UnitState] = {}
+        self.retry_units: deque[Unit | UnitState] = deque()
         self.in_flight = 0
         self.loading = 0
         self.replacements = 0
@@ -208,10 +155,10 @@ class RayRun:
             connections=job.limits.concurrency + 4,
         )
 
-    def _new_worker(self, number: int) -> _Worker:
+    def _new_worker(self, number: int) -> WorkerState:
         handle = self._worker_class.options(name=None).remote(self._spec, self.limiter_actor)
         self.limiter_actor.register.remote(handle)
-        return _Worker(handle, number)
+        return WorkerState(handle, number)
 
     async def _check_workers(self) -> None:
         """Every worker must start (it reads the key from its node's environment) before anything is sent."""
@@ -222,7 +169,7 @@ class RayRun:
         except ray.exceptions.RayError as exc:
             raise CredentialsError(f"--engine ray: a worker could not start: {cause(exc)}") from None
 
-    def _start_tasks(self, worker: _Worker, tg: asyncio.TaskGroup) -> None:
+    def _start_tasks(self, worker: WorkerState, tg: asyncio.TaskGroup) -> None:
         for coro in (self._feed(worker), self._poll(worker)):
             task = tg.create_task(coro)
             self._tasks.add(task)
@@ -237,7 +184,7 @@ class RayRun:
 
     # -- units ---------------------------------------------------------------------------
 
-    def _next_unit(self) -> Unit | _UnitState | None:
+    def _next_unit(self) -> Unit | UnitState | None:
         if self.retry_units:
             return self.retry_units.popleft()
         if self._units is None or self.units_exhausted:
@@ -252,7 +199,7 @@ class RayRun:
             self.units_exhausted = True
         return unit
 
-    async def _feed(self, worker: _Worker) -> None:
+    async def _feed(self, worker: WorkerState) -> None:
         """Keep ``concurrency`` rows ready on this worker (loaded, not sent)."""
         low_water = self.job.limits.concurrency
         while worker.alive and not self.stopper.stopped:
@@ -278,8 +225,8 @@ class RayRun:
                 self.loading -= 1
                 self.wake.set()
 
-    async def _load(self, worker: _Worker, item: Unit | _UnitState) -> None:
-        if isinstance(item, _UnitState):
+    async def _load(self, worker: WorkerState, item: Unit | UnitState) -> None:
+        if isinstance(item, UnitState):
             # A dead worker's unit: render it again here; its rows are decided already.
             await worker.handle.load.remote(item.unit)
             item.worker = worker
@@ -295,7 +242,7 @@ class RayRun:
         admitted = self.admission.fit(admitted, tokens)
         keys, hashes = admitted.keys, admitted.hashes
         tickets = {i: Ticket(keys[i], hashes[i], t) for i, t in zip(admitted.todo, admitted.tokens, strict=True)}
-        state = _UnitState(item, keys, hashes, tickets, deque(admitted.todo))
+        state = UnitState(item, keys, hashes, tickets, deque(admitted.todo))
         if not state.rows:
             worker.handle.release.remote(item.id)
             return
@@ -374,8 +321,8 @@ class RayRun:
             await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
 
     def _dispatch(self) -> None:
-        """Hand ready rows to workers while fewer than ``concurrency`` are in flight."""
-        if self.stopper.stopped:
+        """Hand ready rows to workers while fewer than ``concurrency`` are in flight (the canary's alone first)."""
+        if self.stopper.stopped or self._canary_room() == 0:
             return
         alive = [w for w in self.pool if w.alive]
         if not alive:
@@ -388,6 +335,8 @@ class RayRun:
                     return
                 free = self.job.limits.concurrency - self.in_flight
                 room = min(free, share - worker.in_flight) if even else free
+                if self._canary_left is not None:
+                    room = min(room, self._canary_left)
                 rows = self._take(worker, room)
                 if rows:
                     worker.handle.send.remote(rows)
@@ -395,7 +344,7 @@ class RayRun:
                     self.in_flight += len(rows)
                     worker.wake.set()  # it may want its next unit now
 
-    def _take(self, worker: _Worker, room: int) -> list[Dispatch]:
+    def _take(self, worker: WorkerState, room: int) -> list[Dispatch]:
         taken: list[Dispatch] = []
         for state in worker.units:
             while state.pending and len(taken) < room:
@@ -407,9 +356,43 @@ class RayRun:
                 state.pending.popleft()
                 state.sent.add(index)
                 taken.append(Dispatch(state.unit.id, index, row.tokens))
+                if self._canary_left is not None and row.key not in self.canary.keys:  # not a retry
+                    self.canary.add(row.key)
+                    self._canary_left -= 1
         return taken
 
-    async def _poll(self, worker: _Worker) -> None:
+    def _canary_room(self) -> int | None:
+        """Rows the canary lets out now (None: any number): its own rows first, then none until it is judged.
+
+        Workers load only a few units ahead, so the canary's size is decided on the
+        rows the run may send (the input less rows the journal has done), not on rows loaded.
+        """
+        gate = self.canary
+        if gate.deciding:
+            size = gate.size(self._rows_to_send(), final=True)
+            if size:
+                gate.start([], self.session.journal.completion_token_sample(), expected=size)
+                self._canary_left = size
+        if self._canary_left is None or self._canary_left > 0:
+            return self._canary_left
+        if not gate.settled.is_set():
+            return 0
+        self._canary_left = None
+        verdict = gate.verdict()
+        if verdict.failed:
+            self.stops.stop(StopReason.canary(verdict.message or "canary failed"))
+            return 0
+        return None
+
+    def _rows_to_send(self) -> int:
+        options = self.session.options
+        if options.rows is not None or options.sample:
+            return len(options.rows) if options.rows is not None else options.sample or 0
+        done = status_counts(self.session.journal.conn).by_status
+        finished = ("ok", "skipped") if options.retry_failed else ("ok", "skipped", "failed", "invalid")
+        return self.plan.total_rows - sum(done.get(status, 0) for status in finished)
+
+    async def _poll(self, worker: WorkerState) -> None:
         while worker.alive:
             try:
                 outcomes: list[Outcome] = await worker.handle.poll.remote(POLL_WAIT_S)
@@ -426,10 +409,10 @@ class RayRun:
 
     # -- results -------------------------------------------------------------------------
 
-    def _record(self, worker: _Worker, outcomes: list[Outcome]) -> None:
+    def _record(self, worker: WorkerState, outcomes: list[Outcome]) -> None:
         """Settle a batch of finished rows: one journal commit, then each row as the realtime driver does."""
         settlement = self.settlement
-        written: list[tuple[_UnitState, int, Settled]] = []
+        written: list[tuple[UnitState, int, Settled]] = []
         for outcome in outcomes:
             state = self.states[outcome.unit]
             ticket = state.rows[outcome.index]
@@ -463,7 +446,7 @@ class RayRun:
                 self._release(state)
         self.wake.set()
 
-    def _release(self, state: _UnitState) -> None:
+    def _release(self, state: UnitState) -> None:
         self.states.pop(state.unit.id, None)
         worker = state.worker
         if worker is not None:
@@ -472,7 +455,7 @@ class RayRun:
                 worker.handle.release.remote(state.unit.id)
             worker.wake.set()
 
-    def _worker_died(self, worker: _Worker) -> None:
+    def _worker_died(self, worker: WorkerState) -> None:
         """Its rows in flight go back to be sent again; its units to another worker."""
         if not worker.alive:
             return

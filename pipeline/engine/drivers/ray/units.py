@@ -8,10 +8,15 @@ driver reads them and hands each slice over through Ray's object store.
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.engine.admission import Ticket
 from pipeline.engine.drivers.ray.worker import Unit
 from pipeline.engine.prompts import RenderedBatch
 from pipeline.io import fs
@@ -60,3 +65,31 @@ class Reported(RenderedBatch):
 
     def prompt_hash(self, i: int) -> str:
         return self.hashes[i]
+
+
+@dataclass
+class UnitState:
+    """A unit the driver tracks: its rows' keys, what is still to send, to whom it went."""
+
+    unit: Unit
+    keys: list[str]
+    hashes: list[str]
+    rows: dict[int, Ticket]  # rows this run still has to finish
+    pending: deque[int]  # ready to dispatch
+    sent: set[int] = field(default_factory=set)  # dispatched, not reported yet
+    worker: WorkerState | None = None
+
+
+@dataclass
+class WorkerState:
+    """A worker actor as the driver sees it: its handle, its rows in flight, its units."""
+
+    handle: Any
+    number: int
+    in_flight: int = 0
+    alive: bool = True
+    units: list[UnitState] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def pending(self) -> int:
+        return sum(len(u.pending) for u in self.units)
