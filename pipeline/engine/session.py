@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from pipeline.engine.admission import Admission, Hold
 from pipeline.engine.budget import Budget
-from pipeline.engine.canary import CanaryGate
+from pipeline.engine.canary import CanaryGate, DispatchCanary
 from pipeline.engine.plan import KeyScheme, Plan
 from pipeline.engine.progress import Tracker
 from pipeline.engine.recorder import Recorder
@@ -157,6 +157,18 @@ class Session:
         # The canary watches settled replies; a driver decides when to send it and waits on it.
         self.canary = CanaryGate.for_plan(plan, options.canary)
         self.settlement.observers.append(self.canary.observe)
+
+    def dispatch_canary(self) -> DispatchCanary:
+        """The canary for a driver that hands rows out itself (Ray), on this session's gate."""
+        o = self.options
+        return DispatchCanary(
+            self.canary,
+            self.stops,
+            self.journal,
+            self.plan.total_rows,
+            chosen=len(o.rows) if o.rows is not None else o.sample,
+            retry_failed=o.retry_failed,
+        )
 
     def over_budget(self) -> StopReason:
         """The stop for a request whose worst case the budget cannot hold."""
