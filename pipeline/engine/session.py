@@ -272,7 +272,7 @@ def build_result(
         code = ExitCode.ROWS_FAILED
     else:
         code = ExitCode.OK
-    priced = plan.info.cost(c.prompt_tokens, c.completion_tokens)
+    priced = plan.info.cost(c.prompt_tokens, c.completion_tokens, c.cached_tokens)
     elapsed = tracker.elapsed_s
     summary = RunSummary(
         job=plan.job.name,
@@ -290,6 +290,8 @@ def build_result(
         cost_usd=round(c.cost_usd, 8),
         cost_usd_estimated=None if priced is None else round(priced * price_factor, 8),
         cost_estimated=c.cost_estimated,
+        cached_tokens=c.cached_tokens,
+        cache_saved_usd=round(c.cache_saved_usd, 10),
         job_spent_usd=round(spent, 8),
         price_source=plan.info.source,
         wall_s=round(elapsed, 2),
