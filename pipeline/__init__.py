@@ -10,54 +10,80 @@ The public surface is re-exported here; everything else is implementation::
 
     scores = pipeline.evaluate(df, "jobs/label_reviews.toml", gold="gold", sample=200)
     scores.accuracy, scores.cost_usd_full_run_expected, scores.report
+
+The names are imported on first use (PEP 562): ``import pipeline`` and the
+command line's start-up (``pipeline --help``, a rerun with nothing to do) do
+not pay for pyarrow, aiohttp, pydantic and the evaluation code until needed.
 """
 
-from pipeline.api import Result, arun, estimate, load, run
-from pipeline.config.job import Job, load_job
-from pipeline.engine.reports import Estimate, RunSummary
-from pipeline.errors import (
-    CredentialsError,
-    ExitCode,
-    IdentityError,
-    InputError,
-    JobError,
-    JournalError,
-    LocalServerError,
-    LockedError,
-    PipelineError,
-    StopRun,
-    UserError,
-)
-from pipeline.evaluation.api import aevaluate, evaluate
-from pipeline.evaluation.evaluate import Evaluation, VariantEvaluation
-from pipeline.evaluation.metrics import LabelScore, Scores
+from __future__ import annotations
 
-__all__ = [
-    "CredentialsError",
-    "Estimate",
-    "Evaluation",
-    "ExitCode",
-    "IdentityError",
-    "InputError",
-    "Job",
-    "JobError",
-    "JournalError",
-    "LabelScore",
-    "LocalServerError",
-    "LockedError",
-    "PipelineError",
-    "Result",
-    "RunSummary",
-    "Scores",
-    "StopRun",
-    "UserError",
-    "VariantEvaluation",
-    "aevaluate",
-    "arun",
-    "estimate",
-    "evaluate",
-    "load",
-    "load_job",
-    "run",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.api import Result, arun, estimate, load, run
+    from pipeline.config.job import Job, load_job
+    from pipeline.engine.reports import Estimate, RunSummary
+    from pipeline.errors import (
+        CredentialsError,
+        ExitCode,
+        IdentityError,
+        InputError,
+        JobError,
+        JournalError,
+        LocalServerError,
+        LockedError,
+        PipelineError,
+        StopRun,
+        UserError,
+    )
+    from pipeline.evaluation.api import aevaluate, evaluate
+    from pipeline.evaluation.evaluate import Evaluation, VariantEvaluation
+    from pipeline.evaluation.metrics import LabelScore, Scores
+
+# Each public name and the module that defines it.
+_WHERE = {
+    "Result": "pipeline.api",
+    "arun": "pipeline.api",
+    "estimate": "pipeline.api",
+    "load": "pipeline.api",
+    "run": "pipeline.api",
+    "Job": "pipeline.config.job",
+    "load_job": "pipeline.config.job",
+    "Estimate": "pipeline.engine.reports",
+    "RunSummary": "pipeline.engine.reports",
+    "CredentialsError": "pipeline.errors",
+    "ExitCode": "pipeline.errors",
+    "IdentityError": "pipeline.errors",
+    "InputError": "pipeline.errors",
+    "JobError": "pipeline.errors",
+    "JournalError": "pipeline.errors",
+    "LocalServerError": "pipeline.errors",
+    "LockedError": "pipeline.errors",
+    "PipelineError": "pipeline.errors",
+    "StopRun": "pipeline.errors",
+    "UserError": "pipeline.errors",
+    "aevaluate": "pipeline.evaluation.api",
+    "evaluate": "pipeline.evaluation.api",
+    "Evaluation": "pipeline.evaluation.evaluate",
+    "VariantEvaluation": "pipeline.evaluation.evaluate",
+    "LabelScore": "pipeline.evaluation.metrics",
+    "Scores": "pipeline.evaluation.metrics",
+}
+
+__all__ = sorted(_WHERE)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
