@@ -22,9 +22,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.api import Result, arun, estimate, load, run
+    from pipeline.api import Result, aevaluate, arun, estimate, evaluate, load, run, status
     from pipeline.config.job import Job, load_job
-    from pipeline.engine.reports import Estimate, RunSummary
+    from pipeline.engine.reports import Estimate, JobStatus, RunSummary
     from pipeline.errors import (
         CredentialsError,
         ExitCode,
@@ -38,20 +38,23 @@ if TYPE_CHECKING:
         StopRun,
         UserError,
     )
-    from pipeline.evaluation.api import aevaluate, evaluate
-    from pipeline.evaluation.evaluate import Evaluation, VariantEvaluation
     from pipeline.evaluation.metrics import LabelScore, Scores
+    from pipeline.evaluation.results import Evaluation, VariantEvaluation
 
 # Each public name and the module that defines it.
 _WHERE = {
     "Result": "pipeline.api",
+    "aevaluate": "pipeline.api",
     "arun": "pipeline.api",
     "estimate": "pipeline.api",
+    "evaluate": "pipeline.api",
     "load": "pipeline.api",
     "run": "pipeline.api",
+    "status": "pipeline.api",
     "Job": "pipeline.config.job",
     "load_job": "pipeline.config.job",
     "Estimate": "pipeline.engine.reports",
+    "JobStatus": "pipeline.engine.reports",
     "RunSummary": "pipeline.engine.reports",
     "CredentialsError": "pipeline.errors",
     "ExitCode": "pipeline.errors",
@@ -64,12 +67,10 @@ _WHERE = {
     "PipelineError": "pipeline.errors",
     "StopRun": "pipeline.errors",
     "UserError": "pipeline.errors",
-    "aevaluate": "pipeline.evaluation.api",
-    "evaluate": "pipeline.evaluation.api",
-    "Evaluation": "pipeline.evaluation.evaluate",
-    "VariantEvaluation": "pipeline.evaluation.evaluate",
     "LabelScore": "pipeline.evaluation.metrics",
     "Scores": "pipeline.evaluation.metrics",
+    "Evaluation": "pipeline.evaluation.results",
+    "VariantEvaluation": "pipeline.evaluation.results",
 }
 
 __all__ = sorted(_WHERE)

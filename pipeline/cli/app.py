@@ -11,12 +11,12 @@ import contextlib
 import gc
 import json
 import os
-import signal
 import sqlite3
 import sys
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pipeline.cli.signals import STOP_SIGNALS
 from pipeline.errors import ExitCode, JobError, PipelineError, UserError
 from pipeline.secrets import Redactor, looks_like_key
 
@@ -24,10 +24,10 @@ from pipeline.secrets import Redactor, looks_like_key
 # it: `pipeline --help` and a rerun with nothing to do start in a fraction of a second.
 if TYPE_CHECKING:
     from pipeline.config.job import Job
+    from pipeline.engine.drivers.ray.driver import RaySettings
     from pipeline.io.fs import DataPath
     from pipeline.engine.plan import Plan
-    from pipeline.engine.ray_engine import RaySettings
-    from pipeline.engine.runner import RunOptions, RunResult
+    from pipeline.engine.session import RunOptions, RunResult
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = (
     ExitCode.OK,
@@ -35,8 +35,6 @@ EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = (
     ExitCode.USAGE,
     ExitCode.STOPPED,
 )
-# SIGHUP (the terminal closed, or a scheduler's stop) behaves like SIGTERM: a graceful stop with a summary.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DEFAULT_KEY_ENV = "OPENROUTER_API_KEY"
 
 
@@ -69,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     prices = sub.add_parser("prices", help="show or refresh the price table")
     prices.add_argument("model", nargs="?", help="show one model (without it: list the known models)")
     prices.add_argument("--refresh", action="store_true", help="fetch prices from OpenRouter into the local cache")
-    prices.add_argument("--base-url", default="https://openrouter.ai/api/v1")
+    prices.add_argument("--base-url", help="default: OpenRouter's API")
     return parser
 
 
@@ -187,9 +185,11 @@ def _output(args: argparse.Namespace) -> DataPath | None:
 
 
 def _status(job: Job, as_json: bool) -> int:
-    from pipeline.cli.status import format_status, job_status
+    from pipeline.cli.status import format_status
+    from pipeline.engine.status import job_status
 
-    status = job_status(job)
+    assert job.output.journal_path is not None, "the CLI requires [output] path"
+    status = job_status(job, job.output.journal_path)
     print(json.dumps(status.to_dict()) if as_json else format_status(status))
     return EXIT_OK
 
@@ -206,7 +206,7 @@ def _dry_run(job: Job, as_json: bool) -> int:
 def _run(job: Job, args: argparse.Namespace) -> int:
     from pipeline.cli.report import print_summary
     from pipeline.engine.plan import prepare
-    from pipeline.engine.runner import RunOptions
+    from pipeline.engine.session import RunOptions
 
     _check_mode(job, args)
     plan = prepare(job, output=_output(args))
@@ -215,7 +215,7 @@ def _run(job: Job, args: argparse.Namespace) -> int:
         quiet=args.quiet, fresh=args.fresh, retry_failed=args.retry_failed, sample=args.sample, wait=not args.no_wait
     )
     if args.engine == "ray":
-        from pipeline.engine.ray_engine import DEFAULT_WORKERS, RaySettings
+        from pipeline.engine.drivers.ray.driver import DEFAULT_WORKERS, RaySettings
 
         settings = RaySettings(args.workers or DEFAULT_WORKERS, args.address)
         # Ray prints some messages (a worker died, ...) on stdout; stdout is for the summary.
@@ -229,20 +229,17 @@ def _run(job: Job, args: argparse.Namespace) -> int:
 
 async def _with_signals(plan: Plan, options: RunOptions, ray: RaySettings | None = None) -> RunResult:
     """Run with Ctrl-C, SIGTERM and SIGHUP turned into a graceful stop (twice: at once)."""
-    from pipeline.engine.runner import Controls, run_plan
-
     import asyncio
+
+    from pipeline.engine.run import run_plan
+    from pipeline.engine.session import Controls
 
     controls = Controls()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, controls.stop, f"interrupted by {sig.name}")
     try:
-        if ray is not None:
-            from pipeline.engine.ray_engine import run_plan_ray
-
-            return await run_plan_ray(plan, options, ray, controls)
-        return await run_plan(plan, options, controls)
+        return await run_plan(plan, options, controls, ray)
     finally:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
@@ -292,8 +289,11 @@ def _prices(args: argparse.Namespace) -> int:
     from pipeline.engine.pricing import known_models, model_info, refresh_prices
 
     if args.refresh:
-        path, count = run_async(refresh_prices(args.base_url))
-        print(f"refreshed prices of {count} models from {args.base_url} into {path}")
+        from pipeline.config.job import DEFAULT_BASE_URL
+
+        base_url = args.base_url or DEFAULT_BASE_URL
+        path, count = run_async(refresh_prices(base_url))
+        print(f"refreshed prices of {count} models from {base_url} into {path}")
     if args.model:
         info = model_info(args.model)
         if info.input_per_million is None or info.output_per_million is None:
