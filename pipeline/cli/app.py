@@ -13,8 +13,7 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from pipeline.cli.signals import STOP_SIGNALS
 from pipeline.errors import ExitCode, JobError, PipelineError, UserError
@@ -25,9 +24,9 @@ from pipeline.secrets import Redactor, looks_like_key
 if TYPE_CHECKING:
     from pipeline.config.job import Job
     from pipeline.engine.drivers.ray.driver import RaySettings
-    from pipeline.io.fs import DataPath
     from pipeline.engine.plan import Plan
     from pipeline.engine.session import RunOptions, RunResult
+    from pipeline.io.fs import DataPath
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = (
     ExitCode.OK,
@@ -204,6 +203,7 @@ def _dry_run(job: Job, as_json: bool) -> int:
 
 
 def _run(job: Job, args: argparse.Namespace) -> int:
+    from pipeline.cli.loop import run_async
     from pipeline.cli.report import print_summary
     from pipeline.engine.plan import prepare
     from pipeline.engine.session import RunOptions
@@ -245,32 +245,6 @@ async def _with_signals(plan: Plan, options: RunOptions, ray: RaySettings | None
             loop.remove_signal_handler(sig)
 
 
-T = TypeVar("T")
-# PIPELINE_EVENT_LOOP=asyncio runs on the standard library's loop even where uvloop is installed.
-EVENT_LOOP_ENV = "PIPELINE_EVENT_LOOP"
-
-
-def run_async(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` to completion: the one place the CLI starts an event loop.
-
-    uvloop (a libuv-based loop, the ``fast`` extra; Linux and macOS) when it is
-    installed: it halves the loop's own share of the CPU per request. Else, or
-    with ``PIPELINE_EVENT_LOOP=asyncio``, the standard library's loop.
-    """
-    import asyncio
-
-    factory = None
-    if os.environ.get(EVENT_LOOP_ENV, "").strip().lower() != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
-
-
 def _tune_gc() -> None:
     """Keep the garbage collector off the hot path of a long run.
 
@@ -285,6 +259,7 @@ def _tune_gc() -> None:
 
 
 def _prices(args: argparse.Namespace) -> int:
+    from pipeline.cli.loop import run_async
     from pipeline.cli.prices import format_price_table
     from pipeline.engine.pricing import known_models, model_info, refresh_prices
 

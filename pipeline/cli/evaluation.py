@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 
+from pipeline.cli.loop import run_async
 from pipeline.cli.signals import STOP_SIGNALS
 from pipeline.config.job import Job
 from pipeline.errors import ExitCode
@@ -26,7 +27,7 @@ def eval_command(job: Job, args: argparse.Namespace) -> int:
         min_accuracy=args.min_accuracy,
         fresh=args.fresh,
     )
-    evaluation = asyncio.run(_with_signals(job, options))
+    evaluation = run_async(_with_signals(job, options))
     print(json.dumps(evaluation.to_dict()) if args.json else format_evaluation(evaluation, args.job))
     return int(evaluation.exit_code)
 
