@@ -35,7 +35,6 @@ if TYPE_CHECKING:
         LocalServerError,
         LockedError,
         PipelineError,
-        StopRun,
         UserError,
     )
     from pipeline.evaluation.metrics import LabelScore, Scores
@@ -59,7 +58,6 @@ __all__ = [
     "Result",
     "RunSummary",
     "Scores",
-    "StopRun",
     "UserError",
     "VariantEvaluation",
     "aevaluate",
@@ -89,7 +87,6 @@ _WHERE = {
             "LocalServerError",
             "LockedError",
             "PipelineError",
-            "StopRun",
             "UserError",
         ),
         "pipeline.errors",
@@ -99,6 +96,20 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
+    if name == "StopRun":
+        # StopRun left the public surface: it was never raised (a stop is the result's
+        # exit_code 3 and summary.stop_reason). Still importable, with a warning, for a release.
+        import warnings
+
+        from pipeline.errors import StopRun
+
+        warnings.warn(
+            "pipeline.StopRun is deprecated and never raised: a stopped run returns exit_code 3 "
+            "and says why in summary.stop_reason",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return StopRun
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

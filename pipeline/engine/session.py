@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from pipeline.engine.admission import Admission, Hold
 from pipeline.engine.budget import Budget
+from pipeline.engine.canary import CanaryGate, DispatchCanary
 from pipeline.engine.plan import KeyScheme, Plan
 from pipeline.engine.progress import Tracker
 from pipeline.engine.recorder import Recorder
@@ -68,6 +69,7 @@ class RunOptions:
     # Exactly these row offsets (an evaluation's rows); overrides ``sample``.
     rows: frozenset[int] | None = None
     wait: bool = True  # batch mode: poll until every batch is collected (False: --no-wait)
+    canary: bool = True  # send and judge a first slice before the rest (False: --no-canary, pipeline eval)
 
 
 @dataclass
@@ -152,6 +154,21 @@ class Session:
         self.settlement = Settlement(
             recorder, self.budget, self.tracker, self.stops, journal, retry_invalid=plan.job.prompt.retry_invalid
         )
+        # The canary watches settled replies; a driver decides when to send it and waits on it.
+        self.canary = CanaryGate.for_plan(plan, options.canary)
+        self.settlement.observers.append(self.canary.observe)
+
+    def dispatch_canary(self) -> DispatchCanary:
+        """The canary for a driver that hands rows out itself (Ray), on this session's gate."""
+        o = self.options
+        return DispatchCanary(
+            self.canary,
+            self.stops,
+            self.journal,
+            self.plan.total_rows,
+            chosen=len(o.rows) if o.rows is not None else o.sample,
+            retry_failed=o.retry_failed,
+        )
 
     def over_budget(self) -> StopReason:
         """The stop for a request whose worst case the budget cannot hold."""
@@ -195,7 +212,7 @@ class Session:
             rows_with_error,
             table,
             price_factor=self.price_factor,
-            **extra,
+            **{"canary": self.canary.result, **extra},
         )
 
 
