@@ -125,8 +125,8 @@ class ChatClient:
             # The slot (auto rate limits) bounds requests in flight, the wait for the rate included.
             # Waiting for it is not raced with a stop: a slot frees within one request's latency.
             async with self.limiter.slot(), window.gate:
-                # Without caps there is nothing to wait for: no coroutine on every request.
-                if not self.limiter.unlimited and not await self._acquire(tokens):
+                # Without caps, or with room under them, nothing waits: no coroutine on every request.
+                if not self.limiter.try_admit(tokens) and not await self._acquire(tokens):
                     break
                 attempt += 1
                 epoch = window.epoch
