@@ -101,3 +101,23 @@ def _protocol_members(protocol: type) -> list[str]:
     names = set(getattr(protocol, "__annotations__", {}))
     names |= {name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")}
     return sorted(names)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"choices": [{"message": {"content": "ok \\u00e9"}, "finish_reason": "stop"}], "usage": {"cost": 1e-7}}',
+        b'{"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}], "usage": {"cost": NaN}}',
+        b'\xef\xbb\xbf{"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}',
+    ],
+    ids=["plain", "nan", "bom"],
+)
+def test_reply_bodies_parse_as_json_does_whichever_parser_reads_them(body: bytes) -> None:
+    """The fast parser (orjson) and its fallback (json) read every body alike: what orjson
+    refuses (NaN, a byte-order mark) still parses."""
+    import json
+
+    from pipeline.providers.base import _json_or_none
+
+    expected = json.loads(body.decode("utf-8-sig"))
+    assert repr(_json_or_none(body)) == repr(expected)
