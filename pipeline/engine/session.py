@@ -27,7 +27,7 @@ from pipeline.engine.reports import RunSummary
 from pipeline.engine.selection import RowSelector, pick_sample
 from pipeline.engine.settlement import Settlement, StopReason, Stops
 from pipeline.errors import ExitCode, InputError
-from pipeline.io.output import output_schema, write_output, write_table
+from pipeline.io.output import READ_COLUMNS, output_schema, result_arrays, write_output, write_table
 from pipeline.store.journal import Journal, RunLock
 from pipeline.store.meta import Meta
 
@@ -224,16 +224,29 @@ def write_plan_output(
     A file that cannot be written is a stop, not a traceback: every answer is
     already in the journal.
     """
+    # Rows whose senders were cancelled (a stop's grace period ended) may still wait
+    # for their group commit: commit them first, so the output has every paid answer.
+    journal.flush()
     schema = output_schema(plan.source.schema, plan.structured)
+    joined = joined_batches(schema, batches, journal, plan)
     try:
         if plan.output_path is None:
-            table, errors = write_table(schema, batches, journal, plan.structured)
+            table, errors = write_table(schema, joined)
             return table.num_rows, errors, table
-        rows, errors = write_output(plan.output_path, schema, batches, journal, plan.structured)
+        rows, errors = write_output(plan.output_path, schema, joined, journal.path.parent)
     except OSError as exc:
         stops.stop(StopReason.output_write(plan.output_path, exc))
         return 0, 0, None
     return rows, errors, None
+
+
+def joined_batches(schema: pa.Schema, batches: OutputBatches, journal: Journal, plan: Plan) -> Iterator[pa.RecordBatch]:
+    """The output join: each input batch with its rows' results from the journal, in input order."""
+    structured = plan.structured
+    for batch, keys, hashes in batches:
+        rows = journal.columns_in_order(keys, READ_COLUMNS)
+        arrays = list(batch.columns) + result_arrays(rows, hashes, structured)
+        yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def build_result(
@@ -262,7 +275,7 @@ def build_result(
         code = ExitCode.ROWS_FAILED
     else:
         code = ExitCode.OK
-    priced = plan.info.cost(c.prompt_tokens, c.completion_tokens)
+    priced = plan.info.cost(c.prompt_tokens, c.completion_tokens, c.cached_tokens)
     elapsed = tracker.elapsed_s
     summary = RunSummary(
         job=plan.job.name,
@@ -280,6 +293,8 @@ def build_result(
         cost_usd=round(c.cost_usd, 8),
         cost_usd_estimated=None if priced is None else round(priced * price_factor, 8),
         cost_estimated=c.cost_estimated,
+        cached_tokens=c.cached_tokens,
+        cache_saved_usd=round(c.cache_saved_usd, 10),
         job_spent_usd=round(spent, 8),
         price_source=plan.info.source,
         wall_s=round(elapsed, 2),

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from pipeline.providers.credit import CreditLimit, LimitKind, credit_limit
 from pipeline.providers.ratelimits import RateLimitInfo, rate_limit_info
+from pipeline.providers.usage import parse_usage
 
 if TYPE_CHECKING:
     pass
@@ -58,6 +60,9 @@ class Reply:
     provider: str | None = None
     generation_id: str | None = None
     limits: RateLimitInfo | None = None  # what the server said about its rate limits, if anything
+    cached_tokens: int | None = None  # prompt tokens read from the provider's prompt cache (part of prompt_tokens)
+    cache_write_tokens: int | None = None  # prompt tokens written to it
+    credit: CreditLimit | None = None  # a credit limit the error stated (in-flight budget, weight, spent budget)
 
 
 def parse_response(status: int, body: bytes, headers: Any) -> Reply:
@@ -74,6 +79,12 @@ def parse_response(status: int, body: bytes, headers: Any) -> Reply:
     message = _error_message(data, body)
     if status == 200:
         return Reply(ReplyKind.RETRY, status, f"HTTP 200 with an unreadable body: {message}", limits=limits)
+    credit = credit_limit(status, data)
+    if credit is not None:
+        # The in-flight budget is back-pressure (retry after Retry-After, fewer at once); a request
+        # too big for it, or a spent budget, stops the run like a refused key, with its own reason.
+        kind = ReplyKind.RETRY if credit.kind is LimitKind.IN_FLIGHT else ReplyKind.AUTH
+        return Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits, credit=credit)
     kind = classify_status(status, message)
     return Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits)
 
@@ -109,21 +120,20 @@ def _parse_success(data: dict[str, Any]) -> Reply:
     if content is None and not message.get("tool_calls"):
         # Nothing came back: a provider hiccup, not an answer (and not an empty string).
         return Reply(ReplyKind.RETRY, 200, "HTTP 200 with no content (message.content is null)")
-    prompt_tokens = usage.get("prompt_tokens")
-    completion_tokens = usage.get("completion_tokens")
-    cost: Any = usage.get("cost")
+    used = parse_usage(usage)
     return Reply(
         ReplyKind.OK,
         200,
         content=content,
         finish_reason=finish,
-        # Checked inline (this runs once per row): ints for tokens, a number for cost.
-        prompt_tokens=prompt_tokens if type(prompt_tokens) is int else None,
-        completion_tokens=completion_tokens if type(completion_tokens) is int else None,
-        cost=float(cost) if type(cost) in (int, float) else None,
+        prompt_tokens=used.prompt_tokens,
+        completion_tokens=used.completion_tokens,
+        cost=used.cost,
         model=data.get("model"),
         provider=data.get("provider"),
         generation_id=data.get("id"),
+        cached_tokens=used.cached_tokens,
+        cache_write_tokens=used.cache_write_tokens,
     )
 
 
