@@ -108,7 +108,8 @@ class ChatClient:
         stopping before the first attempt went out.
         """
         key = prefix_key(self.dialect.messages_start(body))
-        warming = await self.warmer.enter(key)
+        # A warm prefix (every row after the first of its start) needs no coroutine.
+        warming = False if self.warmer.is_warm(key) else await self.warmer.enter(key)
         try:
             return await self._complete(body, tokens, key if warming else None)
         finally:
