@@ -88,7 +88,7 @@ class ChatClient:
         self.timeout_s = timeout_s
         self.on_pause: Callable[[float], None] | None = None  # told of each server-requested pause
         # Whatever a server echoes, the key never reaches a Reply (and so the journal or a screen).
-        self._redactor = Redactor.for_authorization(session.headers.get("Authorization"))
+        self._redactor = Redactor.for_headers(session.headers)
 
     async def complete(self, body: bytes, tokens: int = 0) -> Attempted | None:
         """Send until success, a permanent error, or attempts run out.
@@ -150,7 +150,7 @@ class ChatClient:
         try:
             # Headers and timeout are the session's defaults (set once per run).
             async with self.session.post(self.dialect.url, data=body) as resp:
-                raw = self._redactor.redact_bytes(await resp.read())
+                raw = self._redactor.response(await resp.read())
                 reply = parse_response(resp.status, raw, resp.headers)
         except aiohttp.ConnectionTimeoutError:
             # The server never accepted the connection: as unreachable as a refused one.
@@ -159,8 +159,7 @@ class ChatClient:
             return Reply(ReplyKind.RETRY, error=f"timeout after {self.timeout_s:g} s")
         except aiohttp.ClientError as exc:
             reply = Reply(ReplyKind.RETRY, error=f"connection error: {type(exc).__name__}: {_describe(exc)}")
-        if reply.error:
-            reply.error = self._redactor.redact(reply.error)
+        reply.error = self._redactor.message(reply.error)
         return reply
 
 

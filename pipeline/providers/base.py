@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -177,7 +178,10 @@ def parse_response(status: int, body: bytes, headers: Any) -> Reply:
     if status == 200:
         return Reply(ReplyKind.RETRY, status, f"HTTP 200 with an unreadable body: {message}", limits=limits)
     kind = classify_status(status, message)
-    return Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits)
+    reply = Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits)
+    if isinstance(data, dict):
+        _read_usage(reply, data.get("usage"))  # an error the server billed all the same
+    return reply
 
 
 def classify_status(status: int, message: str) -> ReplyKind:
@@ -194,23 +198,27 @@ def _about_key(message: str) -> bool:
 
 
 def _parse_success(data: dict[str, Any]) -> Reply:
+    usage = data.get("usage")
     error = data.get("error")
     if isinstance(error, dict):
         # OpenRouter reports a provider failure after streaming started as a 200.
-        return Reply(ReplyKind.RETRY, 200, f"provider error (HTTP 200): {_clip(str(error.get('message', error)))}")
+        reply = Reply(ReplyKind.RETRY, 200, f"provider error (HTTP 200): {_clip(str(error.get('message', error)))}")
+        return _read_usage(reply, usage)
     try:
         choice = data["choices"][0]
         message = choice.get("message") or {}
         finish = choice.get("finish_reason")
-        usage = data.get("usage") or {}
     except (KeyError, IndexError, TypeError, AttributeError):
-        return Reply(ReplyKind.RETRY, 200, "HTTP 200 without choices")
+        return _unanswered(Reply(ReplyKind.RETRY, 200, "HTTP 200 without choices"), usage)
+    if not isinstance(usage, dict):
+        usage = {}
     if finish == "error":
-        return Reply(ReplyKind.RETRY, 200, "provider error (HTTP 200, finish_reason error)")
+        return _read_usage(Reply(ReplyKind.RETRY, 200, "provider error (HTTP 200, finish_reason error)"), usage)
     content = message.get("content")
     if content is None and not message.get("tool_calls"):
         # Nothing came back: a provider hiccup, not an answer (and not an empty string).
-        return Reply(ReplyKind.RETRY, 200, "HTTP 200 with no content (message.content is null)")
+        reply = Reply(ReplyKind.RETRY, 200, "HTTP 200 with no content (message.content is null)", finish_reason=finish)
+        return _unanswered(reply, usage)
     prompt_tokens = usage.get("prompt_tokens")
     completion_tokens = usage.get("completion_tokens")
     cost: Any = usage.get("cost")
@@ -222,11 +230,56 @@ def _parse_success(data: dict[str, Any]) -> Reply:
         # Checked inline (this runs once per row): ints for tokens, a number for cost.
         prompt_tokens=prompt_tokens if type(prompt_tokens) is int else None,
         completion_tokens=completion_tokens if type(completion_tokens) is int else None,
-        cost=float(cost) if type(cost) in (int, float) else None,
+        cost=float(cost) if type(cost) in (int, float) else _cost(cost),
         model=data.get("model"),
         provider=data.get("provider"),
         generation_id=data.get("id"),
     )
+
+
+def _read_usage(reply: Reply, usage: Any) -> Reply:
+    """Tokens and cost from a ``usage`` object, whatever else the reply carries."""
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        reply.prompt_tokens = prompt if type(prompt) is int else None
+        reply.completion_tokens = completion if type(completion) is int else None
+        reply.cost = _cost(usage.get("cost"))
+    return reply
+
+
+def _unanswered(reply: Reply, usage: Any) -> Reply:
+    """A 200 without an answer: transient when free, final when billed.
+
+    A reasoning model that spends all of ``max_tokens`` thinking answers with no
+    content and a cost: asking again would pay again for the same nothing, so
+    the row ends (``--retry-failed`` asks again on purpose) and its cost counts.
+    """
+    _read_usage(reply, usage)
+    billed = reply.cost is not None and reply.cost > 0
+    if billed or (reply.cost is None and (reply.completion_tokens or 0) > 0):
+        reply.kind = ReplyKind.FATAL
+        spent = f"{reply.completion_tokens} completion tokens" if reply.completion_tokens else "tokens"
+        reply.error = (
+            f"{reply.error}; billed for {spent} without an answer (a reasoning model may have spent "
+            "max_tokens thinking: raise [model] max_tokens); --retry-failed asks again"
+        )
+    return reply
+
+
+def _cost(value: Any) -> float | None:
+    """``usage.cost`` as a number: a JSON number, or a decimal string such as ``"0.002"``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -10,6 +10,10 @@ retry, fatal, auth) exactly like a realtime one.
 HTTP failures of the batch routes themselves (submit, poll, download) raise
 :class:`BatchApiError` carrying a classified ``Reply``: the engine retries the
 transient ones and stops on the others.
+
+Every answer of every batch route passes the same redaction seam as realtime
+replies (``secrets.Redactor.for_headers``) before it is parsed: a key a server
+echoes never reaches a result, an error, a stop line or the journal.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from pipeline.providers.base import Reply, ReplyKind, classify_status, parse_response
+from pipeline.secrets import Redactor
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"
@@ -136,6 +141,28 @@ def custom_id_for(key: str) -> str:
     return "k-" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
+# Error codes and types (OpenAI's words, which Mistral and OpenRouter reuse) that say the
+# request itself is wrong: answering it again would fail again, and may be billed again.
+PERMANENT_ERRORS = frozenset(
+    {
+        "invalid_request_error",
+        "invalid_request",
+        "bad_request",
+        "invalid_prompt",
+        "invalid_model",
+        "model_not_found",
+        "not_found_error",
+        "context_length_exceeded",
+        "string_above_max_length",
+        "invalid_json",
+        "unsupported_parameter",
+        "unsupported_value",
+        "content_policy_violation",
+        "content_filter",
+    }
+)
+
+
 def result_reply(response: Any, error: Any) -> Reply:
     """A batch result line (``response: {status_code, body}``, ``error``) as a realtime Reply."""
     if isinstance(response, dict) and isinstance(response.get("status_code"), int):
@@ -144,10 +171,14 @@ def result_reply(response: Any, error: Any) -> Reply:
         return parse_response(response["status_code"], raw, {})
     if isinstance(error, dict):
         code = error.get("code")
-        message = str(error.get("message") or error.get("type") or code or "no details")
+        kind = error.get("type")
+        message = str(error.get("message") or kind or code or "no details")
         if isinstance(code, int) and not isinstance(code, bool):
             return Reply(classify_status(code, message), code, f"HTTP {code}: {message}")
-        label = f"{code}: " if isinstance(code, str) and code else ""
+        words = {str(w).lower() for w in (code, kind) if isinstance(w, str) and w}
+        label = "".join(f"{w}: " for w in (code, kind) if isinstance(w, str) and w)
+        if words & PERMANENT_ERRORS:
+            return Reply(ReplyKind.FATAL, None, f"batch error: {label}{message}")
         # Expired, cancelled or failed requests were never answered: another batch may answer them.
         return Reply(ReplyKind.RETRY, None, f"batch error: {label}{message}")
     return Reply(ReplyKind.RETRY, None, "batch result without a response or an error")
@@ -172,9 +203,10 @@ async def get_batch(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
 
 async def request_bytes(session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> bytes:
     """One call to a batch route; the raw body of a 2xx answer, or a :class:`BatchApiError`."""
+    redactor = Redactor.for_headers(session.headers)
     try:
         async with session.request(method, url, **kwargs) as resp:
-            raw = await resp.read()
+            raw = redactor.response(await resp.read())
             if 200 <= resp.status < 300:
                 return raw
             reply = parse_response(resp.status, raw, resp.headers)
@@ -182,6 +214,7 @@ async def request_bytes(session: aiohttp.ClientSession, method: str, url: str, *
         reply = Reply(ReplyKind.RETRY, None, f"{method} {url}: timeout")
     except aiohttp.ClientError as exc:
         reply = Reply(ReplyKind.RETRY, None, f"{method} {url}: connection error: {type(exc).__name__}: {exc}")
+    reply.error = redactor.message(reply.error)
     raise BatchApiError(reply)
 
 
