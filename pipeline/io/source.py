@@ -12,6 +12,13 @@ CSV columns are typed losslessly: a column becomes int64, float64, bool or
 timestamp only when every value converts and converts back to exactly its text,
 so ``007``, ``1.50``, ``+3`` or ``1e3`` keep a column text and whatever is in
 the file reaches the prompt unchanged. ``[input] dtypes`` forces a type.
+
+A text column of plain decimal numbers that only fail the round trip by their
+spelling (``3.0``, ``1.50``, ``1e3``) still reaches the prompt as its text, but
+is marked (field metadata ``OUTPUT_TYPE``) to be written to the output as
+float64, the type pandas gives it: ``df.price.mean()`` works on the output.
+Text that becomes a number only by changing it (``007``, ``+3``) stays text,
+and so do the columns named in ``keep_text`` (the id column).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import codecs
 import io
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -55,6 +62,11 @@ _CSV_CANDIDATES: tuple[pa.DataType, ...] = (
     pa.timestamp("ns"),
 )
 T = TypeVar("T")
+# Field metadata: the type the output gives a column that is text for the prompt.
+OUTPUT_TYPE = b"pipeline.output_type"
+# Plain decimal notation pandas reads as a float, without a sign or leading zeros to lose.
+_DECIMAL = r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?$"
+_NOT_INTEGER = r"[.eE]"
 # What readers raise for a file they cannot read (bad bytes in a header are a UnicodeDecodeError).
 _READ_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError, UnicodeDecodeError)
 _BLOCK = 4 << 20
@@ -77,8 +89,17 @@ class Source:
     """Columns converted while reading: CSV types found losslessly, forced dtypes."""
 
     @classmethod
-    def open(cls, path: DataPath, batch_size: int = 8192, dtypes: Mapping[str, str] | None = None) -> Source:
-        """Open and check a dataset; every problem is a one-line InputError."""
+    def open(
+        cls,
+        path: DataPath,
+        batch_size: int = 8192,
+        dtypes: Mapping[str, str] | None = None,
+        keep_text: Collection[str] = (),
+    ) -> Source:
+        """Open and check a dataset; every problem is a one-line InputError.
+
+        ``keep_text``: CSV columns the output keeps as text even when they hold decimals (ids).
+        """
         try:
             found, folder = fs.exists(path), fs.is_dir(path)
         except OSError as exc:  # object storage: credentials, endpoint, permissions
@@ -93,7 +114,7 @@ class Source:
             if fmt == "parquet":
                 return _open_parquet(path, batch_size, forced)
             if fmt == "csv":
-                return _open_csv(path, batch_size, forced)
+                return _open_csv(path, batch_size, forced, frozenset(keep_text))
             return _open_jsonl(path, batch_size, forced)
         except _READ_ERRORS as exc:
             raise InputError(f"{path}: cannot read {fmt}: {_one_line(exc)}") from None
@@ -371,7 +392,9 @@ def _csv_reader(path: DataPath, columns: list[str] | None = None) -> pa.RecordBa
     )
 
 
-def _open_csv(path: DataPath, batch_size: int, forced: dict[str, pa.DataType]) -> Source:
+def _open_csv(
+    path: DataPath, batch_size: int, forced: dict[str, pa.DataType], keep_text: frozenset[str] = frozenset()
+) -> Source:
     """One pass over the whole file: it counts the rows, checks the encoding and types the columns."""
     header = _csv_step(path, 0, lambda: pacsv.open_csv(fs.readable(path), parse_options=_CSV_PARSE).schema.names)
     _check_names(path, header, forced)
@@ -385,8 +408,15 @@ def _open_csv(path: DataPath, batch_size: int, forced: dict[str, pa.DataType]) -
     if rows == 0:
         raise InputError(f"{path}: no data")
     types = {name: typer.result for name, typer in typers.items() if not pa.types.is_string(typer.result)}
-    schema = pa.schema([pa.field(name, typers[name].result) for name in header])
+    schema = pa.schema([_csv_field(name, typers[name], name in keep_text) for name in header])
     return Source(path, "csv", schema, batch_size, rows, None, types)
+
+
+def _csv_field(name: str, typer: _ColumnTyper, keep_text: bool) -> pa.Field:
+    """The column as read (its prompt text), marked float64 for the output when pandas would read it so."""
+    if typer.decimal and not keep_text and pa.types.is_string(typer.result):
+        return pa.field(name, pa.string(), metadata={OUTPUT_TYPE: b"float64"})
+    return pa.field(name, typer.result)
 
 
 def _csv_step(path: DataPath, rows: int, step: Callable[[], T]) -> T:
@@ -414,6 +444,9 @@ class _ColumnTyper:
         self.forced = forced
         self.candidates = [] if forced is not None else list(_CSV_CANDIDATES)
         self.seen_value = False
+        # Every value plain decimal notation, at least one not an integer (``3.0``, ``1.50``).
+        self.all_decimal = forced is None
+        self.fractional = False
 
     def observe(self, path: DataPath, column: pa.Array, first_row: int) -> None:
         if self.forced is not None:
@@ -427,6 +460,14 @@ class _ColumnTyper:
             return
         self.seen_value = True
         self.candidates = [kind for kind in self.candidates if _round_trips(values, kind)]
+        if self.all_decimal:
+            self.all_decimal = bool(pc.all(pc.match_substring_regex(values, _DECIMAL)).as_py())
+            self.fractional = self.fractional or bool(pc.any(pc.match_substring_regex(values, _NOT_INTEGER)).as_py())
+
+    @property
+    def decimal(self) -> bool:
+        """Text the prompt must see as written, which pandas reads as float64."""
+        return self.seen_value and self.all_decimal and self.fractional
 
     @property
     def result(self) -> pa.DataType:
