@@ -2,7 +2,7 @@
 
     python benchmarks/adaptive.py            (from the repository root, with the venv's Python)
 
-For each case the project's fake server (``python -m tests.fakeserver``, a separate process,
+For each case the project's fake server (``python -m tests.fakes.server``, a separate process,
 as in ``benchmarks/run.py``) enforces a token bucket of one second (capacity = cap per
 second, refilled continuously) and answers 429 + ``Retry-After: 1`` beyond it; the 2,400/min
 server also states ``X-RateLimit-Limit`` / ``-Remaining`` / ``-Reset`` on its 429s (as

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--quick]      (from the repository root, with the venv's Python)
 
-Starts ``python -m tests.fakeserver --port 0`` as a separate process, drives it through
+Starts ``python -m tests.fakes.server --port 0`` as a separate process, drives it through
 POST /control and /reset and reads GET /stats, runs the pipeline (and a minimal aiohttp
 loop, ``benchmarks/minimal_loop.py``) as subprocesses, stops the server at the end, and
 writes the table to ``benchmarks/results.md``. Inputs are generated once under
@@ -218,13 +218,13 @@ def parquet_rows(path: Path) -> int | None:
 
 
 class Server:
-    """``python -m tests.fakeserver`` in its own process, driven over HTTP."""
+    """``python -m tests.fakes.server`` in its own process, driven over HTTP."""
 
     def __init__(self, record: bool = False) -> None:
         # Closed in stop(); a context manager cannot span the server's lifetime.
         self._err = tempfile.TemporaryFile()  # noqa: SIM115
         # ``record``: the server logs every request (body and headers), as a real provider's gateway does.
-        argv = [PY, "-m", "tests.fakeserver", "--port", "0", *([] if record else ["--no-record-bodies"])]
+        argv = [PY, "-m", "tests.fakes.server", "--port", "0", *([] if record else ["--no-record-bodies"])]
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL
         )
@@ -566,7 +566,7 @@ def bench_cap(server: Server, log: Any) -> list[Row]:
 
 
 def max_per_window(arrivals: Sequence[float], window_s: float) -> int:
-    """Most arrivals in any window ``[t, t + window_s)`` (as tests.fakeserver.max_per_window;
+    """Most arrivals in any window ``[t, t + window_s)`` (as tests.fakes.server.max_per_window;
     not imported so this process stays small)."""
     best = i = 0
     for j, t in enumerate(arrivals):

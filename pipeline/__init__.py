@@ -29,8 +29,8 @@ from pipeline.errors import (
     UserError,
 )
 from pipeline.evaluation.api import aevaluate, evaluate
-from pipeline.evaluation.evaluate import Evaluation, VariantEvaluation
 from pipeline.evaluation.metrics import LabelScore, Scores
+from pipeline.evaluation.results import Evaluation, VariantEvaluation
 
 __all__ = [
     "CredentialsError",

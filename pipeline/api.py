@@ -45,7 +45,7 @@ from pipeline.io import fs
 if TYPE_CHECKING:
     import pandas as pd
 
-    from pipeline.engine.runner import Controls, RunResult
+    from pipeline.engine.session import Controls, RunResult
 
 # Ray worker actors wait on the network, so a few per CPU make sense; far more only
 # cost memory (each actor is a process of ~100 MB) and start-up time.
@@ -168,8 +168,9 @@ async def arun(
     address: str | None = None,
 ) -> Result:
     """Run a job in the running event loop; see :func:`run`."""
-    from pipeline.engine.runner import RunOptions, run_plan
+    from pipeline.engine.run import run_plan
     from pipeline.engine.selection import pick_sample
+    from pipeline.engine.session import RunOptions
 
     sample = check_sample(sample)
     if engine not in ("default", "ray"):
@@ -191,10 +192,10 @@ async def arun(
         wait=wait,
     )
     if engine == "ray":
-        from pipeline.engine.ray_engine import DEFAULT_WORKERS, RaySettings, run_plan_ray
+        from pipeline.engine.drivers.ray.driver import DEFAULT_WORKERS, RaySettings
 
         settings = RaySettings(workers or DEFAULT_WORKERS, address)
-        result = await _steered(lambda controls: run_plan_ray(prepared, options, settings, controls))
+        result = await _steered(lambda controls: run_plan(prepared, options, controls, ray=settings))
     else:
         result = await _steered(lambda controls: run_plan(prepared, options, controls))
     rows = sorted(pick_sample(sample, prepared.total_rows, seed) or ()) if sample else None
@@ -211,7 +212,7 @@ async def _steered(start: Callable[[Controls], Awaitable[RunResult]]) -> RunResu
     the requests in flight: they get ``stop_grace_s`` to come back and be
     journaled. Cancelled twice, the run does not wait for them.
     """
-    from pipeline.engine.runner import Controls
+    from pipeline.engine.session import Controls
 
     controls = Controls()
     task = asyncio.ensure_future(start(controls))

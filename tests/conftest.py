@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli.app import main
-from tests.fakeserver import FakeServer
+from tests.fakes.server import FakeServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_KEY = "sk-test-SECRET-0123456789"

@@ -12,20 +12,20 @@ import contextlib
 import gc
 import json
 import os
-import signal
 import sqlite3
 import sys
 from typing import TYPE_CHECKING
 
+from pipeline.cli.signals import STOP_SIGNALS
 from pipeline.config.job import Job, load_job
 from pipeline.errors import ExitCode, JobError, PipelineError, UserError
 from pipeline.io.fs import DataPath, parse_data_path
 from pipeline.secrets import Redactor, looks_like_key
 
 if TYPE_CHECKING:
+    from pipeline.engine.drivers.ray.driver import RaySettings
     from pipeline.engine.plan import Plan
-    from pipeline.engine.ray_engine import RaySettings
-    from pipeline.engine.runner import RunOptions, RunResult
+    from pipeline.engine.session import RunOptions, RunResult
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = (
     ExitCode.OK,
@@ -33,8 +33,6 @@ EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = (
     ExitCode.USAGE,
     ExitCode.STOPPED,
 )
-# SIGHUP (the terminal closed, or a scheduler's stop) behaves like SIGTERM: a graceful stop with a summary.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DEFAULT_KEY_ENV = "OPENROUTER_API_KEY"
 
 
@@ -204,7 +202,7 @@ def _dry_run(job: Job, as_json: bool) -> int:
 def _run(job: Job, args: argparse.Namespace) -> int:
     from pipeline.cli.report import print_summary
     from pipeline.engine.plan import prepare
-    from pipeline.engine.runner import RunOptions
+    from pipeline.engine.session import RunOptions
 
     _check_mode(job, args)
     plan = prepare(job, output=_output(args))
@@ -213,7 +211,7 @@ def _run(job: Job, args: argparse.Namespace) -> int:
         quiet=args.quiet, fresh=args.fresh, retry_failed=args.retry_failed, sample=args.sample, wait=not args.no_wait
     )
     if args.engine == "ray":
-        from pipeline.engine.ray_engine import DEFAULT_WORKERS, RaySettings
+        from pipeline.engine.drivers.ray.driver import DEFAULT_WORKERS, RaySettings
 
         settings = RaySettings(args.workers or DEFAULT_WORKERS, args.address)
         # Ray prints some messages (a worker died, ...) on stdout; stdout is for the summary.
@@ -227,18 +225,15 @@ def _run(job: Job, args: argparse.Namespace) -> int:
 
 async def _with_signals(plan: Plan, options: RunOptions, ray: RaySettings | None = None) -> RunResult:
     """Run with Ctrl-C, SIGTERM and SIGHUP turned into a graceful stop (twice: at once)."""
-    from pipeline.engine.runner import Controls, run_plan
+    from pipeline.engine.run import run_plan
+    from pipeline.engine.session import Controls
 
     controls = Controls()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, controls.stop, f"interrupted by {sig.name}")
     try:
-        if ray is not None:
-            from pipeline.engine.ray_engine import run_plan_ray
-
-            return await run_plan_ray(plan, options, ray, controls)
-        return await run_plan(plan, options, controls)
+        return await run_plan(plan, options, controls, ray)
     finally:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)

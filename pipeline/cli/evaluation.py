@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import json
 
+from pipeline.cli.signals import STOP_SIGNALS
 from pipeline.config.job import Job
 from pipeline.errors import ExitCode
-from pipeline.evaluation.evaluate import EvalOptions, Evaluation, VariantEvaluation, aevaluate_job
+from pipeline.evaluation.evaluate import aevaluate_job
+from pipeline.evaluation.results import EvalOptions, Evaluation, VariantEvaluation
 from pipeline.reporting.html import money
 
 _SHOWN_MISTAKES = 5
@@ -31,8 +33,7 @@ def eval_command(job: Job, args: argparse.Namespace) -> int:
 
 async def _with_signals(job: Job, options: EvalOptions) -> Evaluation:
     """Ctrl-C, SIGTERM and SIGHUP stop gracefully, as for ``pipeline run``: answers paid for are journaled."""
-    from pipeline.cli.app import STOP_SIGNALS
-    from pipeline.engine.runner import Controls
+    from pipeline.engine.session import Controls
 
     controls = Controls()
     loop = asyncio.get_running_loop()

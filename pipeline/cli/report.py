@@ -8,10 +8,10 @@ import math
 import sys
 from dataclasses import replace
 
-from pipeline.engine.adaptive import LimitSource
+from pipeline.engine.limits.limiter import LimitSource
 from pipeline.engine.plan import Plan
 from pipeline.engine.reports import RunSummary
-from pipeline.engine.runner import RunResult
+from pipeline.engine.session import RunResult
 from pipeline.errors import ExitCode
 
 

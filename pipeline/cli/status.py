@@ -54,7 +54,7 @@ def job_status(job: Job) -> JobStatus:
 
 def _pending_batches(journal: Journal) -> list[PendingBatch]:
     """Batch mode: provider batches not yet collected."""
-    from pipeline.engine.batch import BatchStore
+    from pipeline.store.batches import BatchStore
 
     store = BatchStore(journal)
     if not store.has_tables():

@@ -33,7 +33,7 @@ from pipeline.io.fs import default_journal, is_uri, parse_data_path
 DEFAULT_MODEL = "mistralai/ministral-8b"
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 PROVIDERS = ("openrouter", "openai", "mistral", "local")
-# Types [input] dtypes may force a column to (see io/source.py).
+# Types [input] dtypes may force a column to (see io/source/common.py).
 DType = Literal["string", "int64", "float64", "bool", "timestamp"]
 # HTTP header names are RFC 9110 tokens; anything else would be refused by the
 # HTTP library at send time, after the job had started.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from pipeline.engine.limiter import RateLimiter
+from pipeline.engine.limits.limiter import RateLimiter
 from pipeline.providers.base import Dialect, Reply, ReplyKind, parse_response
 from pipeline.secrets import Redactor
 

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config.job import AUTO
-from pipeline.engine.adaptive import START_RPM
-from pipeline.engine.limiter import estimated_duration_s
+from pipeline.engine.limits.adaptive import START_RPM
+from pipeline.engine.limits.limiter import estimated_duration_s
 from pipeline.engine.plan import Plan
 from pipeline.engine.reports import Estimate
 from pipeline.engine.selection import RowSelector
 from pipeline.store.journal import Journal
 
 if TYPE_CHECKING:
-    from pipeline.engine.batch import BatchStore
+    from pipeline.store.batches import BatchStore
 
 
 def dry_run(plan: Plan) -> Estimate:
@@ -90,7 +90,7 @@ def _discounted(value: float | None, discount: float) -> float | None:
 def _batch_store(journal: Journal | None) -> BatchStore | None:
     if journal is None:
         return None
-    from pipeline.engine.batch import BatchStore
+    from pipeline.store.batches import BatchStore
 
     store = BatchStore(journal)
     return store if store.has_tables() else None

@@ -34,7 +34,7 @@ from pipeline.secrets import key_from_environment
 from pipeline.store.journal import read_meta
 
 if TYPE_CHECKING:
-    from pipeline.config.structured import StructuredSpec
+    from pipeline.structured import StructuredSpec
 
 # Tokens a chat template can add around the messages: an upper bound used to
 # skip tokenizing prompts that obviously fit the context window.
@@ -243,7 +243,7 @@ def _structured_spec(job: Job) -> StructuredSpec | None:
     prompt = job.prompt
     if prompt.labels is None and prompt.json_schema is None and prompt.json_schema_file is None:
         return None  # and jsonschema need not be imported
-    from pipeline.config.structured import StructuredSpec
+    from pipeline.structured import StructuredSpec
 
     return StructuredSpec.from_job(
         labels=prompt.labels,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from pipeline.store.journal import RowStatus
 
 if TYPE_CHECKING:
-    from pipeline.engine.adaptive import LearnedRate
+    from pipeline.engine.limits.limiter import LearnedRate
 
 REFRESH_S = 0.5
 

@@ -23,9 +23,9 @@ from pipeline.providers.base import Reply, ReplyKind
 from pipeline.store.journal import JournalRow, RowStatus
 
 if TYPE_CHECKING:
-    from pipeline.config.structured import StructuredSpec
     from pipeline.engine.pricing import ModelInfo
     from pipeline.engine.tokens import TokenCounter
+    from pipeline.structured import StructuredSpec
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a microsecond more, on every reply

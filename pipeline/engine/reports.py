@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import ExitCode
 
 if TYPE_CHECKING:
-    from pipeline.engine.adaptive import LimitSource
+    from pipeline.engine.limits.limiter import LimitSource
 
 
 @dataclass(frozen=True)

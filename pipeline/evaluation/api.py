@@ -7,7 +7,8 @@ from typing import Any
 
 from pipeline.api import JobLike, _run_sync, load
 from pipeline.errors import JobError
-from pipeline.evaluation.evaluate import EvalOptions, Evaluation, aevaluate_job
+from pipeline.evaluation.evaluate import aevaluate_job
+from pipeline.evaluation.results import EvalOptions, Evaluation
 
 
 async def aevaluate(

@@ -7,8 +7,8 @@ import datetime as dt
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.evaluation.evaluate import Evaluation, VariantEvaluation
 from pipeline.evaluation.metrics import ERROR
+from pipeline.evaluation.results import Evaluation, VariantEvaluation
 from pipeline.reporting import charts
 from pipeline.reporting.html import Cell, cards, esc, img, money, page, ratio, table
 

@@ -30,7 +30,7 @@ from pipeline.errors import JobError
 from pipeline.io import fs
 from pipeline.io.arrow_values import arrays_from_values
 from pipeline.io.fs import DataPath
-from pipeline.io.source import OUTPUT_TYPE
+from pipeline.io.source.csv import OUTPUT_TYPE
 from pipeline.store.journal import Journal
 
 # The documented result columns and their Arrow types. Types are fixed, so a

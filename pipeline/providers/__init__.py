@@ -17,7 +17,7 @@ from pipeline.providers.openrouter import OpenRouter
 
 if TYPE_CHECKING:
     from pipeline.config.job import ModelSpec
-    from pipeline.config.structured import StructuredSpec
+    from pipeline.structured import StructuredSpec
 
 _ALL: tuple[Provider, ...] = (OpenRouter(), Mistral(), OpenAI(), Local())
 REGISTRY: dict[str, Provider] = {p.name: p for p in _ALL}

@@ -9,8 +9,7 @@ file nor a key: only the job file and its journal.
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,44 +19,7 @@ from pipeline.io.fs import basename, is_uri
 from pipeline.reporting import charts
 from pipeline.reporting.html import cards, esc, img, money, page, table
 from pipeline.store.journal import Journal, RowStatus
-
-# Throughput and cost are drawn in about this many time buckets.
-_BUCKETS = 60
-# At most about this many latencies are read for the histogram.
-_LATENCY_SAMPLE = 20_000
-_ROWS_PER_BUCKET = 5
-_NO_ANSWER = "(no answer)"
-
-
-@dataclass(frozen=True)
-class JournalStats:
-    """What the charts show, aggregated from the journal."""
-
-    rows_by_status: dict[str, int]
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    attempts: int
-    first: float | None  # epoch seconds of the first and last journaled answer
-    last: float | None
-    bucket_s: float
-    bucket_minutes: list[float]  # start of each bucket, minutes after the first answer
-    bucket_rows: list[int]
-    bucket_cost: list[float]
-    latencies: list[float]
-    errors: dict[str, int]
-    labels: dict[str, int] = field(default_factory=dict)
-    models: dict[str, int] = field(default_factory=dict)  # the model as served, by rows
-
-    @property
-    def rows(self) -> int:
-        return sum(self.rows_by_status.values())
-
-    def latency_quantile(self, q: float) -> float | None:
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+from pipeline.store.stats import JournalSummary, journal_summary
 
 
 @dataclass(frozen=True)
@@ -66,7 +28,7 @@ class JournalReport:
 
     path: Path
     charts: int
-    stats: JournalStats
+    stats: JournalSummary
 
     def to_dict(self) -> dict[str, Any]:
         s = self.stats
@@ -94,7 +56,7 @@ def write_report(job: Job) -> JournalReport:
         raise InputError(f"no journal at {journal_path}: run the job (or pipeline eval) first")
     journal = Journal(journal_path, readonly=True)
     try:
-        stats = journal_stats(journal.conn, job)
+        stats = journal_summary(journal.conn, job.prompt.labels, job.prompt.column_prefix)
     finally:
         journal.close()
     images = draw(stats, job)
@@ -106,102 +68,7 @@ def write_report(job: Job) -> JournalReport:
     return JournalReport(path, len(images), stats)
 
 
-def journal_stats(conn: sqlite3.Connection, job: Job) -> JournalStats:
-    by_status = dict(conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall())
-    prompt, completion, cost, attempts = conn.execute(
-        "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-        "COALESCE(SUM(cost_usd), 0), COALESCE(SUM(attempts), 0) FROM results"
-    ).fetchone()
-    # Answers only: skipped rows were never sent, so they say nothing about speed.
-    answered = "status != 'skipped'"
-    first, last = conn.execute(f"SELECT MIN(updated), MAX(updated) FROM results WHERE {answered}").fetchone()
-    # About _BUCKETS buckets, but wide enough to hold a few rows each on average,
-    # so a slow run's bars do not jump between 0, 1 and 2 rows per bucket.
-    span = (last or 0) - (first or 0)
-    answered_rows = sum(n for status, n in by_status.items() if status != "skipped")
-    bucket_s = max(1.0, span / _BUCKETS, span * _ROWS_PER_BUCKET / max(1, answered_rows))
-    minutes: list[float] = []
-    rows: list[int] = []
-    costs: list[float] = []
-    if first is not None:
-        buckets = dict(
-            (b, (n, c))
-            for b, n, c in conn.execute(
-                f"SELECT CAST((updated - ?) / ? AS INTEGER) AS b, COUNT(*), COALESCE(SUM(cost_usd), 0) "
-                f"FROM results WHERE {answered} GROUP BY b ORDER BY b",
-                (first, bucket_s),
-            )
-        )
-        running = 0.0
-        for b in range(max(buckets) + 1):
-            n, c = buckets.get(b, (0, 0.0))
-            running += c
-            minutes.append(b * bucket_s / 60)
-            rows.append(round(n * 60 / bucket_s))
-            costs.append(running)  # spent by the end of bucket b
-    return JournalStats(
-        rows_by_status={str(k): v for k, v in by_status.items()},
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cost_usd=cost,
-        attempts=attempts,
-        first=first,
-        last=last,
-        bucket_s=bucket_s,
-        bucket_minutes=minutes,
-        bucket_rows=rows,
-        bucket_cost=costs,
-        latencies=_latencies(conn),
-        errors=_error_classes(conn),
-        labels=_labels(conn, job),
-        models=dict(
-            conn.execute(
-                "SELECT model, COUNT(*) AS n FROM results WHERE model IS NOT NULL GROUP BY model ORDER BY n DESC"
-            ).fetchall()
-        ),
-    )
-
-
-def _latencies(conn: sqlite3.Connection) -> list[float]:
-    count = conn.execute("SELECT COUNT(*) FROM results WHERE latency_s IS NOT NULL").fetchone()[0]
-    step = max(1, count // _LATENCY_SAMPLE)
-    return [
-        r[0]
-        for r in conn.execute("SELECT latency_s FROM results WHERE latency_s IS NOT NULL AND rowid % ? = 0", (step,))
-    ]
-
-
-def _error_classes(conn: sqlite3.Connection) -> dict[str, int]:
-    """Errors grouped by what precedes the first colon (``HTTP 500``, ``invalid reply``, ...)."""
-    rows = conn.execute(
-        "SELECT substr(substr(error, 1, instr(error || ':', ':') - 1), 1, 40) AS kind, COUNT(*) AS n "
-        "FROM results WHERE error IS NOT NULL GROUP BY kind ORDER BY n DESC, kind"
-    )
-    return {kind: n for kind, n in rows}
-
-
-def _labels(conn: sqlite3.Connection, job: Job) -> dict[str, int]:
-    """Answers per label, in the job's label order; rows without an answer last."""
-    labels = job.prompt.labels
-    if not labels:
-        return {}
-    column = f"$.{job.prompt.column_prefix}label"
-    found = dict(
-        conn.execute(
-            "SELECT json_extract(parsed, ?) AS v, COUNT(*) FROM results WHERE status = ? GROUP BY v",
-            (column, str(RowStatus.OK)),
-        ).fetchall()
-    )
-    counts = {label: found.pop(label, 0) for label in labels}
-    for value, n in sorted(found.items(), key=lambda kv: str(kv[0])):
-        counts[str(value)] = n
-    missing = conn.execute("SELECT COUNT(*) FROM results WHERE status != ?", (str(RowStatus.OK),)).fetchone()[0]
-    if missing:
-        counts[_NO_ANSWER] = missing
-    return counts
-
-
-def draw(stats: JournalStats, job: Job) -> dict[str, bytes]:
+def draw(stats: JournalSummary, job: Job) -> dict[str, bytes]:
     """The charts, by title, in page order."""
     images = {
         "Throughput": charts.throughput_png(stats.bucket_minutes, stats.bucket_rows),
@@ -214,7 +81,7 @@ def draw(stats: JournalStats, job: Job) -> dict[str, bytes]:
     return images
 
 
-def _cost_curve(stats: JournalStats) -> tuple[list[float], list[float]]:
+def _cost_curve(stats: JournalSummary) -> tuple[list[float], list[float]]:
     """Cost at the end of each bucket, starting from zero at the first answer."""
     if not stats.bucket_cost:
         return [], []
@@ -222,7 +89,7 @@ def _cost_curve(stats: JournalStats) -> tuple[list[float], list[float]]:
     return [0.0, *(m + step for m in stats.bucket_minutes)], [0.0, *stats.bucket_cost]
 
 
-def render(job: Job, journal_path: Path, stats: JournalStats, images: dict[str, bytes]) -> str:
+def render(job: Job, journal_path: Path, stats: JournalSummary, images: dict[str, bytes]) -> str:
     span = (stats.last - stats.first) if stats.first is not None and stats.last is not None else 0.0
     answered = stats.rows - stats.rows_by_status.get(str(RowStatus.SKIPPED), 0)
     rate = answered / span * 60 if span > 0 else None
@@ -258,14 +125,14 @@ def render(job: Job, journal_path: Path, stats: JournalStats, images: dict[str, 
     return page(f"Run report: {job.name}", body)
 
 
-def _models(job: Job, stats: JournalStats) -> str:
+def _models(job: Job, stats: JournalSummary) -> str:
     """The models that answered (as the server named them), else the job's."""
     if not stats.models:
         return f"<code>{esc(job.model.name)}</code>"
     return ", ".join(f"<code>{esc(m)}</code> ({n:,} rows)" for m, n in stats.models.items())
 
 
-def _when(stats: JournalStats) -> str:
+def _when(stats: JournalSummary) -> str:
     if stats.first is None or stats.last is None:
         return ""
     start = dt.datetime.fromtimestamp(stats.first, dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,478 @@
+"""Batch mode: rows go through the provider's batch API, into the same journal and output.
+
+A run selects rows exactly as realtime mode does (``RowSelector``), leaves out
+rows already waiting in a provider batch, and submits the rest in batches of at
+most the provider's request and byte limits, reserving each batch's worst case
+against ``budget_usd`` first. Each batch id and its rows are committed to the
+journal in the transaction that marks those rows ``not_run: pending in batch
+...``: from then on a rerun, after any crash, polls the batch instead of
+submitting its rows again. (A kill between the provider accepting a batch and
+that commit loses the id: that one batch's rows are submitted again.)
+
+The run then polls its pending batches every ``batch_poll_s`` seconds and
+journals each terminal batch's results page by page, each page in one
+transaction that also marks its rows collected, so a rerun that reads a page
+again skips what it already has. Rows a batch never answered (it expired,
+failed or was cancelled) are journaled as transient errors and submitted again
+in a new batch; so are results that carry a transient error. With
+``wait=False`` (``--no-wait``) the run submits, collects what has finished,
+writes the output and ends with exit code 3 while batches are pending.
+
+No chat request is ever sent in this mode, and rate caps do not apply: batches
+do not count against the providers' rate limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+import pyarrow as pa
+
+from pipeline.engine.budget import Budget
+from pipeline.engine.client import backoff_delay, request_headers
+from pipeline.engine.progress import Tracker
+from pipeline.engine.prompts import RenderedBatch
+from pipeline.engine.recorder import Recorder
+from pipeline.engine.selection import BLANK_ERROR, RowSelector
+from pipeline.engine.session import build_result, write_plan_output
+from pipeline.errors import ExitCode, InputError, JobError, UserError
+from pipeline.providers.base import Reply, ReplyKind
+from pipeline.providers.batches import (
+    BatchAdapter,
+    BatchApiError,
+    BatchRequest,
+    BatchResult,
+    BatchState,
+    custom_id_for,
+)
+from pipeline.store.batches import BatchRow, BatchStore, KnownBatch, SubmittedRow
+from pipeline.store.journal import Journal, JournalRow, RowStatus
+
+if TYPE_CHECKING:
+    from pipeline.engine.plan import Plan
+    from pipeline.engine.session import Controls, RunOptions, RunResult
+
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 120.0  # a provider may take a while to accept a 200 MB batch
+ENVELOPE_BYTES = 4096  # room for the submission's own fields around the requests
+
+
+def make_adapter(plan: Plan) -> BatchAdapter:
+    """The batch API of the job's provider; a JobError for a provider without one."""
+    from pipeline.providers import provider_for
+
+    spec = plan.job.model
+    name = provider_for(spec).name
+    if name == "openrouter":
+        from pipeline.providers.openrouter.batches import OpenRouterBatches
+
+        return OpenRouterBatches(spec.batch_url or f"{spec.base_url}/batches", plan.model_name)
+    if name == "mistral":
+        from pipeline.providers.mistral.batches import MistralBatches
+
+        return MistralBatches(spec.base_url, spec.batch_url, plan.model_name)
+    if name == "openai":
+        from pipeline.providers.openai.batches import OpenAIBatches
+
+        return OpenAIBatches(spec.base_url, spec.batch_url)
+    raise JobError(
+        f'[model] mode = "batch" needs a provider with a batch API (openrouter, openai or mistral), not {name}'
+    )
+
+
+# ----------------------------------------------------------------------------- the journal's batch tables
+
+
+@dataclass(slots=True)
+class Queued:
+    """A row waiting for the batch being assembled."""
+
+    key: str
+    prompt_hash: str
+    request: BatchRequest
+    tokens: int  # prompt tokens when counted (budget), else 0
+
+
+def pending_error(batch_id: str, submitted: float) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(submitted))
+    return f"not_run: pending in batch {batch_id} (submitted {when}); rerun the job to collect it"
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class BatchRun:
+    """One batch-mode execution of a plan: submit, poll, collect, in a loop."""
+
+    def __init__(self, plan: Plan, journal: Journal, options: RunOptions, controls: Controls) -> None:
+        self.plan = plan
+        self.journal = journal
+        self.options = options
+        self.job = plan.job
+        self.spec = plan.job.model
+        self.stopper = controls.stopper
+        self.tracker = Tracker(plan.total_rows, quiet=options.quiet, desc=plan.job.name, notebook=options.notebook)
+        self.store = BatchStore(journal)
+        self.budget = Budget(self.job.limits.budget_usd, journal.job_spent())
+        if self.budget.limit is not None:
+            # Batches of earlier runs still hold their worst case until collected.
+            self.budget.reserved = sum(b.worst_usd for b in self.store.pending())
+        self.recorder = Recorder(
+            plan.info, plan.structured, lambda: plan.counter, self.spec.batch_discount, plan.job.model.max_tokens
+        )
+        self.selector = RowSelector(journal.seen, retry_failed=options.retry_failed)
+        self.dialect = plan.dialect()
+        self.adapter = make_adapter(plan)
+        self.exit_code = ExitCode.STOPPED
+        self.batches_submitted = 0
+        self.sent: dict[str, int] = {}  # batches each row was submitted in by this run
+        self.transient: dict[str, str] = {}  # rows whose last result was transient: key -> error
+        self.collected: set[str] = set()  # rows this run journaled a final result for
+        self._scan = True  # rows may need submitting: read the input (again)
+        self._first_scan = True
+        self._poll_failures: dict[str, int] = {}
+        self._budget_blocked = False  # a batch waits for pending batches to release their reservations
+
+    def stop(self, reason: str, code: ExitCode = ExitCode.STOPPED) -> None:
+        if not self.stopper.stopped:
+            self.exit_code = code
+        self.stopper.stop(reason)
+
+    async def execute(self) -> None:
+        limits = self.job.limits
+        # No session-wide Content-Type: file uploads are multipart.
+        headers = {
+            k: v for k, v in request_headers(self.plan.api_key, self.spec.headers).items() if k != "Content-Type"
+        }
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=min(CONNECT_TIMEOUT_S, limits.timeout_s),
+            sock_read=max(limits.timeout_s, READ_TIMEOUT_S),
+        )
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+            while True:
+                await self._collect_finished(session)
+                if self._scan and not self.stopper.stopped:
+                    self._scan = False
+                    await self._submit_new(session)
+                pending = self.store.pending()
+                self._show(pending)
+                if not pending or self.stopper.stopped or not self.options.wait:
+                    break
+                await self.stopper.sleep(self.spec.batch_poll_s)
+        for error in self.transient.values():
+            self.tracker.row_done(RowStatus.TRANSIENT, error)  # not answered, and not submitted again
+        self.tracker.close()
+
+    def _show(self, pending: list[KnownBatch]) -> None:
+        rows = sum(b.rows for b in pending)
+        self.tracker.set_note(f"{len(pending)} batches pending ({rows:,} rows)" if pending else "")
+
+    # -- submitting ---------------------------------------------------------------------
+
+    async def _submit_new(self, session: aiohttp.ClientSession) -> None:
+        """Read the input and submit every row that needs a request and is in no pending batch."""
+        chunk: list[Queued] = []
+        size = 0
+        offset = 0
+        limit = self.adapter.max_bytes - ENVELOPE_BYTES
+        most = min(self.adapter.max_requests, self.spec.batch_max_requests or self.adapter.max_requests)
+        try:
+            for batch, keys, rendered in self.plan.batches():
+                for item in await self._batch_items(keys, rendered, offset):
+                    item_size = self.adapter.request_size(item.request)
+                    if chunk and (len(chunk) >= most or size + item_size > limit):
+                        if not await self._submit(session, chunk):
+                            return
+                        chunk, size = [], 0
+                    chunk.append(item)
+                    size += item_size
+                offset += batch.num_rows
+                if self.stopper.stopped:
+                    return
+            if chunk:
+                await self._submit(session, chunk)
+        except InputError as exc:
+            self.stop(f"{exc}; fix the input and rerun (nothing done is paid again)", ExitCode.USAGE)
+        finally:
+            self._first_scan = False
+
+    async def _batch_items(self, keys: list[str], rendered: RenderedBatch, offset: int) -> list[Queued]:
+        selection = self.selector.select(keys, rendered, offset)
+        if self._first_scan:
+            # Done before this run; rows this run collected already count in the bar.
+            looked_at = set(selection.todo) | set(selection.blank)
+            fresh = sum(1 for i, key in enumerate(keys) if i not in looked_at and key in self.collected)
+            self.tracker.resumed(selection.done - fresh)
+        hashes = selection.hashes
+        if selection.blank:
+            self._journal_skipped([(keys[i], hashes[i]) for i in selection.blank], BLANK_ERROR)
+        todo = selection.todo
+        if not todo:
+            return []
+        waiting = self.store.pending_keys([keys[i] for i in todo])
+        max_attempts = self.job.limits.max_attempts
+        todo = [i for i in todo if keys[i] not in waiting and self.sent.get(keys[i], 0) < max_attempts]
+        tokens = await self._count_tokens(rendered, todo)
+        items = []
+        limit = self.plan.context_length
+        max_tokens = self.spec.max_tokens
+        for i, t in zip(todo, tokens, strict=True):
+            if limit is not None and t and t + max_tokens > limit:
+                error = (
+                    f"skipped: prompt of {t} tokens + max_tokens {max_tokens} exceeds the model's "
+                    f"context window of {limit} tokens; nothing was sent"
+                )
+                self._journal_skipped([(keys[i], hashes[i])], error)
+                continue
+            request = BatchRequest(
+                custom_id_for(keys[i]), self.dialect.chat_body(rendered.system(i), rendered.users[i])
+            )
+            items.append(Queued(keys[i], hashes[i], request, t))
+        return items
+
+    async def _count_tokens(self, rendered: RenderedBatch, todo: list[int]) -> list[int]:
+        """Prompt tokens where the budget or the context window needs them (off the event loop)."""
+        need_all = self.budget.limit is not None
+        need = todo if need_all else [i for i in todo if not self.plan.fits_without_counting(rendered, i)]
+        if not need:
+            return [0] * len(todo)
+        systems = [rendered.systems[i] for i in need] if rendered.systems is not None else [None] * len(need)
+        users = [rendered.users[i] for i in need]
+        counted = await asyncio.to_thread(self.plan.counter.count_chat, systems, users)
+        by_row = dict(zip(need, counted, strict=True))
+        return [by_row.get(i, 0) for i in todo]
+
+    def _journal_skipped(self, rows: list[tuple[str, str]], error: str) -> None:
+        now = time.time()
+        self.journal.write_now([JournalRow(key, h, RowStatus.SKIPPED, error=error, updated=now) for key, h in rows])
+        self.tracker.skipped(len(rows))
+
+    def _worst(self, chunk: list[Queued]) -> float:
+        """The most a batch can cost: every prompt plus a full ``max_tokens`` reply, at the batch price."""
+        if self.budget.limit is None:
+            return 0.0
+        return sum(self.plan.worst_cost(q.tokens) or 0.0 for q in chunk) * self.spec.batch_discount
+
+    async def _submit(self, session: aiohttp.ClientSession, chunk: list[Queued]) -> bool:
+        """Submit one batch and journal it; False when the run must submit no more."""
+        worst = self._worst(chunk)
+        if not self.budget.reserve(worst):
+            if self.store.pending():
+                # Pending batches hold their worst case until collected (they usually cost far
+                # less): try again once one is collected.
+                self._budget_blocked = True
+                return False
+            self.stop(
+                f"budget reached: ${self.budget.spent:.4f} spent and ${self.budget.reserved:.4f} reserved by "
+                f"pending batches of budget_usd ${self.budget.limit:g}; raise [limits] budget_usd and rerun"
+            )
+            return False
+        requests = [q.request for q in chunk]
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                batch_id = await self.adapter.submit(session, requests)
+                break
+            except BatchApiError as exc:
+                reply = exc.reply
+                retry = reply.kind == ReplyKind.RETRY and attempt < self.job.limits.max_attempts
+                # A stop cuts the backoff short: the run ends without this batch.
+                if retry and await self.stopper.sleep(backoff_delay(attempt, reply.retry_after)):
+                    continue
+                self.budget.settle(worst, 0.0)
+                self._submission_failed(reply)
+                return False
+        counts = self.store.submissions([q.key for q in chunk])
+        now = time.time()
+        error = pending_error(batch_id, now)
+        markers = [
+            JournalRow(q.key, q.prompt_hash, RowStatus.TRANSIENT, attempts=counts.get(q.key, 0) + 1, error=error)
+            for q in chunk
+        ]
+        for row in markers:
+            row.updated = now
+        try:
+            submitted = [SubmittedRow(q.request.custom_id, q.key, q.prompt_hash) for q in chunk]
+            self.store.record_submission(batch_id, self.adapter.name, submitted, worst, markers)
+        except sqlite3.Error as exc:
+            self.stop(f"cannot write the journal {self.journal.path} ({exc}); batch {batch_id} was submitted")
+            return False
+        for q in chunk:
+            self.sent[q.key] = self.sent.get(q.key, 0) + 1
+            self.transient.pop(q.key, None)
+        self.batches_submitted += 1
+        self.tracker.requests(len(chunk), 0.0, None, None)
+        return not self.stopper.stopped  # a stop (Ctrl-C) during the upload: submit nothing more
+
+    def _submission_failed(self, reply: Reply) -> None:
+        if reply.kind == ReplyKind.AUTH:
+            self.stop(f"the provider refused the key ({reply.error}); fix the key or credits and rerun")
+        elif reply.kind == ReplyKind.FATAL and reply.status is not None and 400 <= reply.status < 500:
+            self.stop(
+                f"the provider refused the batch: {reply.error}; check [model] name, batch_url and params, then rerun"
+            )
+        else:
+            self.stop(f"cannot submit a batch: {reply.error}; rerun to try again (nothing was paid for it)")
+
+    # -- collecting ---------------------------------------------------------------------
+
+    async def _collect_finished(self, session: aiohttp.ClientSession) -> None:
+        for known in self.store.pending():
+            if self.stopper.stopped:
+                return
+            try:
+                state = await self.adapter.poll(session, known.id)
+            except BatchApiError as exc:
+                self._poll_failed(known, exc.reply)
+                continue
+            self._poll_failures.pop(known.id, None)
+            if state.provider_status != known.status:
+                self.store.set_status(known.id, state.provider_status)
+            if state.status.terminal:
+                await self._collect(session, known, state)
+
+    def _poll_failed(self, known: KnownBatch, reply: Reply) -> None:
+        failures = self._poll_failures.get(known.id, 0) + 1
+        self._poll_failures[known.id] = failures
+        if reply.kind == ReplyKind.AUTH:
+            self.stop(f"the provider refused the key ({reply.error}); fix the key or credits and rerun")
+        elif failures >= self.job.limits.max_attempts:
+            self.stop(
+                f"cannot read batch {known.id} ({failures} tries): {reply.error}; rerun to try again "
+                "(the batch stays in the journal: its rows are not submitted again)"
+            )
+
+    async def _collect(self, session: aiohttp.ClientSession, known: KnownBatch, state: BatchState) -> None:
+        """Journal a terminal batch's results, page by page; then settle its unanswered rows."""
+        rows = self.store.rows_of(known.id)
+        attempts = self.store.submissions(list({r.key for r in rows.values()}))
+        try:
+            async for page in self.adapter.results(session, state, known.cursor):
+                self._journal_page(known, rows, attempts, page.results, page.next_cursor)
+        except BatchApiError as exc:
+            self._poll_failed(known, exc.reply)
+            return  # the next poll reads on from the saved cursor
+        except sqlite3.Error as exc:
+            self.stop(f"cannot write the journal {self.journal.path} ({exc}); free space or fix it and rerun")
+            return
+        reason = f"not answered: batch {known.id} ended {state.provider_status}"
+        if state.error:
+            reason += f" ({state.error})"
+        reason += "; it is submitted again"
+        now = time.time()
+        unanswered = [
+            JournalRow(
+                r.key, r.prompt_hash, RowStatus.TRANSIENT, attempts=attempts.get(r.key, 1), error=reason, updated=now
+            )
+            for r in rows.values()
+            if not r.collected
+        ]
+        self.store.finish(known.id, state.provider_status, state.error, unanswered)
+        self.budget.settle(known.worst_usd, 0.0)
+        if self._budget_blocked:
+            self._budget_blocked, self._scan = False, True
+        for row in unanswered:
+            self._transient(row.key, reason)
+
+    def _journal_page(
+        self,
+        known: KnownBatch,
+        rows: dict[str, BatchRow],
+        attempts: dict[str, int],
+        results: list[BatchResult],
+        cursor: str | None,
+    ) -> None:
+        out: list[JournalRow] = []
+        custom_ids: list[str] = []
+        cost = 0.0
+        now = time.time()
+        for result in results:
+            ref = rows.get(result.custom_id)
+            if ref is None or ref.collected:
+                continue  # not ours, or journaled before (a rerun reading the page again)
+            ref.collected = True
+            reply = result.reply
+            charge = self.recorder.charge(reply, reply.cost or 0.0, 0)
+            row = self.recorder.record(
+                ref.key,
+                ref.prompt_hash,
+                reply,
+                attempts=attempts.get(ref.key, 1),
+                latency_s=max(0.0, now - known.submitted),
+                charge=charge,
+            )
+            out.append(row)
+            custom_ids.append(result.custom_id)
+            cost += charge.usd
+            self.tracker.requests(0, charge.usd, row.prompt_tokens, row.completion_tokens)
+            if charge.estimated:
+                self.tracker.counters.cost_estimated = True
+            if row.status == RowStatus.TRANSIENT:
+                self._transient(ref.key, row.error or "transient error")
+            else:
+                self.collected.add(ref.key)
+                self.tracker.row_done(row.status, row.error)
+            if reply.kind == ReplyKind.AUTH:
+                self.stop(f"the provider refused the key ({reply.error}); fix the key or credits and rerun")
+        self.store.record_results(known.id, out, custom_ids, cost, cursor)
+        self.budget.settle(0.0, cost)
+
+    def _transient(self, key: str, error: str) -> None:
+        """A row to submit again (by this run while it has attempts left, else by the next run)."""
+        self.transient[key] = error
+        self._scan = True
+
+    # -- output -------------------------------------------------------------------------
+
+    def output_batches(self) -> Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]]:
+        try:
+            for batch, keys, rendered in self.plan.batches():
+                yield batch, keys, [rendered.prompt_hash(i) for i in range(batch.num_rows)]
+        except InputError:
+            if self.stopper.stopped:
+                return
+            raise
+
+
+async def run_batch(plan: Plan, journal: Journal, options: RunOptions, controls: Controls) -> RunResult:
+    """Batch mode inside :func:`pipeline.engine.run.run_plan` (which holds the lock and the open journal)."""
+    if options.sample:
+        raise UserError('a sample sends rows in realtime: run it without [model] mode = "batch"')
+    run = BatchRun(plan, journal, options, controls)
+    await run.execute()
+    pending = run.store.pending()
+    if pending and not run.stopper.stopped:
+        rows = sum(b.rows for b in pending)
+        run.stop(f"{len(pending)} batches pending at the provider ({rows:,} rows); rerun to collect them")
+    rows_out, errors, table = 0, 0, None
+    if options.write_output:
+        rows_out, errors, table = write_plan_output(plan, journal, run.output_batches(), run.stop)
+    return _result(run, pending, rows_out, errors, table)
+
+
+def _result(
+    run: BatchRun, pending: list[KnownBatch], rows: int, rows_with_error: int, table: pa.Table | None
+) -> RunResult:
+    return build_result(
+        run.plan,
+        run.tracker,
+        run.stopper,
+        run.exit_code,
+        run.budget.spent,
+        rows,
+        rows_with_error,
+        table,
+        price_factor=run.spec.batch_discount,
+        mode="batch",
+        batches_submitted=run.batches_submitted,
+        batches_pending=len(pending),
+        rows_pending=sum(b.rows for b in pending),
+    )

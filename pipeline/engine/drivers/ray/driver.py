@@ -1,0 +1,662 @@
+"""``--engine ray``: rows sent from Ray worker actors, journaled by the driver.
+
+The driver (this process) keeps everything that makes a run trustworthy: the
+run lock, the journal, the budget, the progress and the output. Workers are
+Ray actors (:class:`~pipeline.engine.drivers.ray.worker.RowWorker`) that read units
+of the input where it lives, render prompts and send the rows the driver
+dispatches to them; a limiter actor hands out send times so that the job's
+caps hold for all workers together, and a 429 seen by one pauses all.
+
+Flow of one unit (a slice of a Parquet row group):
+
+1. a worker loads it and returns each row's key, prompt hash and blank flag;
+2. the driver decides, with the journal, which rows still need a request
+   (exactly as the default engine does), journals skipped rows, and has the
+   worker count prompt tokens where a limit needs them;
+3. the driver dispatches rows while fewer than ``concurrency`` are in flight
+   across all workers, reserving each row's worst cost against the budget;
+4. workers report finished rows in batches (``poll``); the driver journals
+   them with the same recorder as the default engine and dispatches more.
+
+A row counts as in flight from dispatch until its result is committed to the
+journal, so a crash of the driver re-pays at most ``concurrency`` requests. A
+worker that dies has its units loaded again by another (a replacement is
+started) and its unfinished rows sent again.
+
+Ray is imported only when this engine runs (``pip install 'pipeline[ray]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import sqlite3
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config.job import AUTO
+from pipeline.engine.drivers.ray.worker import (
+    Dispatch,
+    LimiterActor,
+    Outcome,
+    RowWorker,
+    Unit,
+    UnitRows,
+    WorkerSpec,
+)
+from pipeline.engine.drivers.realtime import Run, run_realtime
+from pipeline.engine.limits.limiter import fixed_rate
+from pipeline.engine.plan import KeyScheme, Plan, content_keys
+from pipeline.engine.prompts import RenderedBatch
+from pipeline.engine.selection import BLANK_ERROR
+from pipeline.engine.session import Controls, RunOptions, RunResult
+from pipeline.errors import CredentialsError, ExitCode, InputError, UserError
+from pipeline.io import fs
+from pipeline.providers.base import ReplyKind
+from pipeline.store.journal import Journal, JournalRow
+
+DEFAULT_WORKERS = 2
+UNIT_ROWS = 1024  # rows per unit at most: small enough to spread a file over the workers
+POLL_WAIT_S = 0.2  # a worker's poll returns at once with results, or after this long without
+LOCAL_CPUS = 1  # the actors ask for no CPU (they wait on the network); Ray needs a number
+LOCAL_OBJECT_STORE = 128 * 1024**2  # bytes: only CSV/JSON Lines batches pass through it
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    workers: int = DEFAULT_WORKERS
+    address: str | None = None  # None: start a local Ray instance
+
+
+@dataclass
+class _Row:
+    """A row this run still has to finish, and what its retries have cost so far."""
+
+    tokens: int
+    worst: float = 0.0
+    reserved: bool = False
+    tries: int = 0
+    prior_cost: float = 0.0
+    prior_attempts: int = 0
+
+
+@dataclass
+class _UnitState:
+    unit: Unit
+    keys: list[str]
+    hashes: list[str]
+    rows: dict[int, _Row]
+    pending: deque[int]  # ready to dispatch
+    sent: set[int] = field(default_factory=set)  # dispatched, not reported yet
+    worker: _Worker | None = None
+
+
+@dataclass
+class _Worker:
+    handle: Any
+    number: int
+    in_flight: int = 0
+    alive: bool = True
+    units: list[_UnitState] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def pending(self) -> int:
+        return sum(len(u.pending) for u in self.units)
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_ray(plan: Plan) -> None:
+    """What the Ray driver refuses, before the lock and the journal (a user error sends nothing)."""
+    if not ray_available():
+        raise UserError("--engine ray needs Ray: pip install 'pipeline[ray]'")
+    if plan.job.model.mode == "batch":
+        raise UserError('--engine ray sends rows in realtime: run it without [model] mode = "batch"')
+    fixed_caps(plan)
+
+
+async def run_ray(
+    plan: Plan, journal: Journal, options: RunOptions, controls: Controls | None, settings: RaySettings
+) -> RunResult:
+    """Like :func:`~pipeline.engine.drivers.realtime.run_realtime`, with the requests sent from Ray workers."""
+
+    def new_run(plan: Plan, journal: Journal, options: RunOptions, controls: Controls | None) -> Run:
+        return RayRun(plan, journal, options, controls, settings)
+
+    return await run_realtime(plan, journal, options, controls, new_run)
+
+
+def fixed_caps(plan: Plan) -> tuple[int, int]:
+    """The job's caps as numbers, for the limiter actor.
+
+    A rate learned from the server (``"auto"``) is learned inside one process
+    (``engine/limits/adaptive.py``); across workers the cap must be set. A provider
+    without rate limits (a local server) has nothing to learn: no cap.
+    """
+    limits = plan.job.limits
+    for key, value in (
+        ("requests_per_minute", limits.requests_per_minute),
+        ("tokens_per_minute", limits.tokens_per_minute),
+    ):
+        if value == AUTO and plan.provider.rate_limited:
+            raise UserError(
+                f'[limits] {key} = "auto" is learned by one process: with --engine ray set it to a number '
+                "(the provider's limit for your account; pipeline run without --engine ray shows the learned rate)"
+            )
+    return fixed_rate(limits.requests_per_minute), fixed_rate(limits.tokens_per_minute)
+
+
+class _Reported(RenderedBatch):
+    """A unit's rows as its worker reported them: prompt hashes and blank flags.
+
+    The prompts stay on the worker; the driver's row selection and content
+    keys need only these two, so they are given this stand-in for a batch.
+    """
+
+    def __init__(self, hashes: list[str], blank: list[bool]) -> None:
+        super().__init__([""] * len(hashes), None, blank)
+        self.hashes = hashes
+
+    def prompt_hash(self, i: int) -> str:
+        return self.hashes[i]
+
+
+class RayRun(Run):
+    """A run whose requests go out from Ray worker actors; the journal stays here."""
+
+    engine = "ray"
+
+    def __init__(
+        self, plan: Plan, journal: Journal, options: RunOptions, controls: Controls | None, settings: RaySettings
+    ) -> None:
+        super().__init__(plan, journal, options, controls)
+        self.settings = settings
+        self.workers = settings.workers
+        self.pool: list[_Worker] = []
+        self.states: dict[int, _UnitState] = {}
+        self.retry_units: deque[Unit | _UnitState] = deque()
+        self.in_flight = 0
+        self.loading = 0
+        self.replacements = 0
+        self.units_exhausted = False
+        self.grace_over = False
+        self.wake = asyncio.Event()
+        self._units: Iterator[Unit] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Content keys number equal prompts in input order: units are keyed in order.
+        self._occurrences: dict[str, int] = {}
+        self._next_keyed = 0
+        self._keyed = asyncio.Event()
+        self._decided: dict[int, tuple[list[str], list[str], list[int]]] = {}
+
+    async def execute(self, base_url: str | None = None) -> None:
+        self.dialect = self.plan.dialect(base_url)
+        with ray_session(self.settings):
+            import ray
+
+            rpm, tpm = fixed_caps(self.plan)
+            remote_limiter = ray.remote(num_cpus=0)(LimiterActor)
+            self.limiter_actor: Any = remote_limiter.remote(rpm, tpm, self.job.model.max_tokens)
+            self._worker_class = ray.remote(num_cpus=0)(RowWorker)
+            self._spec = self._worker_spec()
+            self.pool = [self._new_worker(n) for n in range(self.settings.workers)]
+            await self._check_workers()
+            self._units = self._plan_units()
+            await self._drive()
+        self.tracker.close()
+
+    # -- workers -------------------------------------------------------------------------
+
+    def _worker_spec(self) -> WorkerSpec:
+        job = self.job
+        names = list(dict.fromkeys(self.plan.renderer.columns + ([job.input.id_column] if job.input.id_column else [])))
+        schema = pa.schema([self.plan.source.schema.field(n) for n in names])
+        return WorkerSpec(
+            dialect=self.dialect,
+            user=job.prompt.user,
+            system=job.prompt.system,
+            id_column=job.input.id_column,
+            schema=schema,
+            model_name=self.plan.model_name,
+            max_tokens=job.model.max_tokens,
+            context_length=self.plan.context_length,
+            count_all=self.need_tokens,
+            headers=dict(job.model.headers),
+            api_key_env=job.model.api_key_env if self.plan.api_key else None,
+            max_attempts=job.limits.max_attempts,
+            timeout_s=job.limits.timeout_s,
+            connections=job.limits.concurrency + 4,
+        )
+
+    def _new_worker(self, number: int) -> _Worker:
+        handle = self._worker_class.options(name=None).remote(self._spec, self.limiter_actor)
+        self.limiter_actor.register.remote(handle)
+        return _Worker(handle, number)
+
+    async def _check_workers(self) -> None:
+        """Every worker must start (it reads the key from its node's environment) before anything is sent."""
+        import ray
+
+        try:
+            await asyncio.gather(*(w.handle.pid.remote() for w in self.pool))
+        except ray.exceptions.RayError as exc:
+            raise CredentialsError(f"--engine ray: a worker could not start: {_cause(exc)}") from None
+
+    def _start_tasks(self, worker: _Worker, tg: asyncio.TaskGroup) -> None:
+        for coro in (self._feed(worker), self._poll(worker)):
+            task = tg.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _replace(self, tg: asyncio.TaskGroup) -> None:
+        """Start a new worker for a dead one."""
+        self.replacements += 1
+        worker = self._new_worker(len(self.pool))
+        self.pool.append(worker)
+        self._start_tasks(worker, tg)
+
+    # -- units ---------------------------------------------------------------------------
+
+    def _plan_units(self) -> Iterator[Unit]:
+        """Slices of the input: Parquet row groups from metadata; text formats read here."""
+        source = self.plan.source
+        offset = 0
+        number = 0
+        if source.format == "parquet":
+            for file in fs.parquet_files(fs.absolute(source.path)):
+                meta = pq.ParquetFile(fs.readable(file)).metadata
+                for group in range(meta.num_row_groups):
+                    size = meta.row_group(group).num_rows
+                    for start in range(0, size, UNIT_ROWS):
+                        rows = min(UNIT_ROWS, size - start)
+                        yield Unit(number, offset + start, rows, str(file), group, start)
+                        number += 1
+                    offset += size
+            return
+        import ray
+
+        # CSV and JSON Lines cannot be split without reading them: the driver reads
+        # them in batches and hands each over through Ray's object store.
+        for batch in source.batches(self._spec.schema.names):
+            for start in range(0, batch.num_rows, UNIT_ROWS):
+                part = batch.slice(start, UNIT_ROWS)
+                yield Unit(number, offset + start, part.num_rows, batch=ray.put(part))
+                number += 1
+            offset += batch.num_rows
+
+    def _next_unit(self) -> Unit | _UnitState | None:
+        if self.retry_units:
+            return self.retry_units.popleft()
+        if self._units is None or self.units_exhausted:
+            return None
+        try:
+            unit = next(self._units, None)
+        except InputError as exc:
+            # A bad record deep in a CSV or JSON Lines input (read here): stop cleanly.
+            self.stop(f"{exc}; fix the input and rerun (nothing done is paid again)", ExitCode.USAGE)
+            unit = None
+        if unit is None:
+            self.units_exhausted = True
+        return unit
+
+    async def _feed(self, worker: _Worker) -> None:
+        """Keep ``concurrency`` rows ready on this worker (loaded, not sent)."""
+        low_water = self.job.limits.concurrency
+        while worker.alive and not self.stopper.stopped:
+            item = self._next_unit() if worker.pending() < low_water else None
+            if item is None:
+                # Enough rows ready, or no unit left for now (a dead worker's may come back).
+                worker.wake.clear()
+                await worker.wake.wait()
+                continue
+            self.loading += 1
+            try:
+                await self._load(worker, item)
+            except Exception as exc:
+                if not _is_ray_error(exc):
+                    raise
+                if _worker_gone(exc):
+                    self.retry_units.appendleft(item)
+                    self._worker_died(worker)
+                else:  # a bad record, an unreadable file: the run cannot go on
+                    self.stop(f"a Ray worker could not read the input: {_cause(exc)}; fix it and rerun", ExitCode.USAGE)
+                return
+            finally:
+                self.loading -= 1
+                self.wake.set()
+
+    async def _load(self, worker: _Worker, item: Unit | _UnitState) -> None:
+        if isinstance(item, _UnitState):
+            # A dead worker's unit: render it again here; its rows are decided already.
+            await worker.handle.load.remote(item.unit)
+            item.worker = worker
+            worker.units.append(item)
+            return
+        rows: UnitRows = await worker.handle.load.remote(item)
+        # Decided once: a unit loaded again (its worker died while counting) is not keyed or counted twice.
+        keys, hashes, todo = self._decided.get(item.id) or await self._decide(item, rows)
+        self._decided[item.id] = (keys, hashes, todo)
+        tokens = await worker.handle.count.remote(item.id, todo) if todo else []
+        del self._decided[item.id]
+        todo, tokens = self._skip_too_long(keys, hashes, todo, tokens)
+        state = _UnitState(item, keys, hashes, {i: _Row(t) for i, t in zip(todo, tokens, strict=True)}, deque(todo))
+        if not state.rows:
+            worker.handle.release.remote(item.id)
+            return
+        state.worker = worker
+        self.states[item.id] = state
+        worker.units.append(state)
+
+    async def _decide(self, unit: Unit, rows: UnitRows) -> tuple[list[str], list[str], list[int]]:
+        """Keys, prompt hashes and the rows to send, as the default engine decides; blank rows are journaled."""
+        reported = _Reported(rows.hashes, rows.blank)
+        keys = await self._keys(unit, rows, reported)
+        selection = self.selector.select(keys, reported, unit.offset)
+        self.tracker.resumed(selection.done)
+        if selection.blank:
+            self._journal_skipped([(keys[i], selection.hashes[i]) for i in selection.blank], BLANK_ERROR)
+        return keys, selection.hashes, selection.todo
+
+    async def _keys(self, unit: Unit, rows: UnitRows, reported: _Reported) -> list[str]:
+        """The journal keys of a unit's rows, as the default engine makes them."""
+        if self.plan.key_scheme == KeyScheme.ID and rows.ids is not None:
+            return rows.ids
+        if self.plan.key_scheme == KeyScheme.ROW_NUMBER:
+            return [str(unit.offset + i) for i in range(unit.rows)]
+        # Content keys number equal prompts in input order, so units are keyed in order.
+        while self._next_keyed != unit.id:
+            await self._keyed.wait()
+        keys = content_keys(reported, self._occurrences)
+        self._next_keyed += 1
+        self._keyed.set()
+        self._keyed = asyncio.Event()
+        return keys
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            for worker in self.pool:
+                self._start_tasks(worker, tg)
+            on_stop = tg.create_task(self._on_stop())
+            try:
+                while True:
+                    self.wake.clear()
+                    self._dispatch()
+                    if self._finished():
+                        break
+                    await self.wake.wait()
+                if self.in_flight:
+                    await self._cancel_workers()
+            finally:
+                on_stop.cancel()
+                for task in list(self._tasks):
+                    task.cancel()
+        self.produced_all = not self.stopper.stopped and self.units_exhausted
+
+    def _finished(self) -> bool:
+        if self.stopper.stopped:
+            return self.in_flight == 0 or self.grace_over
+        return self.units_exhausted and not self.retry_units and not self.loading and not self.states
+
+    async def _on_stop(self) -> None:
+        """On a stop: no new attempt anywhere; in-flight rows get the grace period."""
+        await self.stopper.event.wait()
+        for worker in self.pool:
+            if worker.alive:
+                worker.handle.stop.remote(self.stopper.reason or "stopped")
+            worker.wake.set()
+        self.wake.set()
+        grace = asyncio.create_task(asyncio.sleep(self.job.limits.stop_grace_s))
+        hurry = asyncio.create_task(self.controls.hurry_event.wait())
+        await asyncio.wait([grace, hurry], return_when=asyncio.FIRST_COMPLETED)
+        grace.cancel()
+        hurry.cancel()
+        self.grace_over = True
+        self.wake.set()
+
+    async def _cancel_workers(self) -> None:
+        calls = [w.handle.cancel.remote() for w in self.pool if w.alive]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+
+    def _dispatch(self) -> None:
+        """Hand ready rows to workers while fewer than ``concurrency`` are in flight."""
+        if self.stopper.stopped:
+            return
+        alive = [w for w in self.pool if w.alive]
+        if not alive:
+            return
+        share = math.ceil(self.job.limits.concurrency / len(alive))
+        # First an even share each; then idle capacity to whoever has rows ready.
+        for even in (True, False):
+            for worker in sorted(alive, key=lambda w: w.in_flight):
+                if self.stopper.stopped:  # the budget ran out while taking rows
+                    return
+                free = self.job.limits.concurrency - self.in_flight
+                room = min(free, share - worker.in_flight) if even else free
+                rows = self._take(worker, room)
+                if rows:
+                    worker.handle.send.remote(rows)
+                    worker.in_flight += len(rows)
+                    self.in_flight += len(rows)
+                    worker.wake.set()  # it may want its next unit now
+
+    def _take(self, worker: _Worker, room: int) -> list[Dispatch]:
+        taken: list[Dispatch] = []
+        for state in worker.units:
+            while state.pending and len(taken) < room:
+                index = state.pending[0]
+                row = state.rows[index]
+                if not row.reserved:
+                    row.worst = (self.plan.worst_cost(row.tokens) or 0.0) if self.budget.limit is not None else 0.0
+                    if not self.budget.reserve(row.worst):
+                        self.stop(
+                            f"budget reached: ${self.budget.spent:.4f} spent of budget_usd ${self.budget.limit:g}; "
+                            "raise [limits] budget_usd and rerun to continue"
+                        )
+                        return taken
+                    row.reserved = True
+                state.pending.popleft()
+                state.sent.add(index)
+                taken.append(Dispatch(state.unit.id, index, row.tokens))
+        return taken
+
+    async def _poll(self, worker: _Worker) -> None:
+        while worker.alive:
+            try:
+                outcomes: list[Outcome] = await worker.handle.poll.remote(POLL_WAIT_S)
+            except Exception as exc:
+                if not _is_ray_error(exc):
+                    raise
+                if _worker_gone(exc):
+                    self._worker_died(worker)
+                else:
+                    self.stop(f"a Ray worker failed: {_cause(exc)}")
+                return
+            if outcomes:
+                self._record(worker, outcomes)
+
+    # -- results -------------------------------------------------------------------------
+
+    def _record(self, worker: _Worker, outcomes: list[Outcome]) -> None:
+        """Journal a batch of finished rows in one commit, then settle them as the default engine does."""
+        written: list[tuple[_UnitState, int, JournalRow, float, Outcome]] = []
+        for outcome in outcomes:
+            state = self.states[outcome.unit]
+            row = state.rows[outcome.index]
+            state.sent.discard(outcome.index)
+            worker.in_flight -= 1
+            self.in_flight -= 1
+            attempted = outcome.attempted
+            if attempted is None:
+                # Not sent (the run is stopping) or the worker failed on it: the row stays not_run.
+                if outcome.failure:
+                    self.stop(f"a Ray worker failed: {outcome.failure}")
+                self._unreserve(row)
+                continue
+            if self._job_level_failure(attempted):
+                # Not journaled: a plain rerun sends the row again.
+                self._unreserve(row)
+                self.budget.settle(0.0, attempted.cost)
+                continue
+            charge = self.recorder.charge(attempted.reply, attempted.cost, row.tokens, outcome.body)
+            journal_row = self.recorder.record(
+                state.keys[outcome.index],
+                state.hashes[outcome.index],
+                attempted.reply,
+                attempts=attempted.attempts,
+                latency_s=attempted.latency_s,
+                charge=charge,
+                prior_cost=row.prior_cost,
+                prior_attempts=row.prior_attempts,
+                tries=row.tries,
+            )
+            written.append((state, outcome.index, journal_row, charge.usd, outcome))
+            if charge.estimated:
+                self.tracker.counters.cost_estimated = True
+        if written:
+            try:
+                self.journal.write_now([w[2] for w in written], sum(w[3] for w in written))
+            except sqlite3.Error as exc:
+                self.stop(f"cannot write the journal {self.journal.path} ({exc}); free space or fix it and rerun")
+                written = []
+        for state, index, journal_row, usd, outcome in written:
+            self._settle(state, index, journal_row, usd, outcome)
+        self.wake.set()
+
+    def _settle(self, state: _UnitState, index: int, journal_row: JournalRow, usd: float, outcome: Outcome) -> None:
+        row = state.rows[index]
+        attempted = outcome.attempted
+        assert attempted is not None
+        self.budget.settle(0.0, usd)
+        self.tracker.requests(attempted.attempts, usd, journal_row.prompt_tokens, journal_row.completion_tokens)
+        if self._retry_invalid(journal_row.status, row.tries):
+            # Ask again for a reply that fits the schema; the row keeps its reservation and total cost.
+            row.tries, row.prior_cost = row.tries + 1, row.prior_cost + usd
+            row.prior_attempts += attempted.attempts
+            state.pending.appendleft(index)
+            return
+        self._unreserve(row)
+        del state.rows[index]
+        self.tracker.row_done(journal_row.status, journal_row.error)
+        if attempted.reply.kind == ReplyKind.AUTH:
+            self.stop(f"the provider refused the key ({attempted.reply.error}); fix the key or credits and rerun")
+        if not state.rows:
+            self._release(state)
+
+    def _unreserve(self, row: _Row) -> None:
+        if row.reserved:
+            self.budget.settle(row.worst, 0.0)
+            row.reserved = False
+
+    def _release(self, state: _UnitState) -> None:
+        self.states.pop(state.unit.id, None)
+        worker = state.worker
+        if worker is not None:
+            worker.units.remove(state)
+            if worker.alive:
+                worker.handle.release.remote(state.unit.id)
+            worker.wake.set()
+
+    def _worker_died(self, worker: _Worker) -> None:
+        """Its rows in flight go back to be sent again; its units to another worker."""
+        if not worker.alive:
+            return
+        worker.alive = False
+        for state in worker.units:
+            for index in sorted(state.sent, reverse=True):
+                state.pending.appendleft(index)  # the reservation is kept for the new attempt
+            self.in_flight -= len(state.sent)
+            state.sent.clear()
+            state.worker = None
+            self.retry_units.append(state)
+        worker.units = []
+        worker.in_flight = 0
+        if self.stopper.stopped:
+            pass
+        elif self.replacements >= self.settings.workers:
+            # Units wait in order for their keys: without a new worker they could wait forever.
+            self.stop(f"{self.replacements + 1} Ray workers died; rerun to continue (nothing done is paid again)")
+        else:
+            self._replace(self._tg)
+        for other in self.pool:
+            other.wake.set()
+        self.wake.set()
+
+
+def _is_ray_error(exc: BaseException) -> bool:
+    import ray
+
+    return isinstance(exc, ray.exceptions.RayError)
+
+
+def _worker_gone(exc: BaseException) -> bool:
+    """The actor died (its process was killed, its node lost), as opposed to an error in its code."""
+    import ray
+
+    return isinstance(exc, ray.exceptions.RayActorError)
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line that says what went wrong, without Ray's traceback around it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error:" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def ray_session(settings: RaySettings) -> Iterator[None]:
+    """Join a cluster (``address``) or start a local Ray instance, watched by a watchdog."""
+    import ray
+
+    if ray.is_initialized():
+        yield  # the caller's own Ray (the Python API inside a Ray program): theirs to stop
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # a dead worker is handled, not printed
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    watchdog = None
+    if settings.address is None:
+        from pipeline.engine.drivers.ray import watchdog as ray_watchdog
+
+        watchdog = ray_watchdog.start(os.getpid())
+    try:
+        if settings.address is None:
+            ray.init(
+                num_cpus=LOCAL_CPUS,
+                object_store_memory=LOCAL_OBJECT_STORE,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                namespace="pipeline",
+                _node_ip_address="127.0.0.1",
+            )
+        else:
+            ray.init(address=settings.address, log_to_driver=False, logging_level=logging.ERROR)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    finally:
+        if watchdog is not None:
+            from pipeline.engine.drivers.ray import watchdog as ray_watchdog
+
+            ray_watchdog.stop(watchdog)

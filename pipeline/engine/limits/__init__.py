@@ -1,0 +1,1 @@
+"""Rate limits: the fixed-cap limiter, auto mode's adaptive limiter, and the cluster-wide schedule for Ray."""

@@ -1,0 +1,53 @@
+"""The one place that picks the driver: realtime, batch (``[model] mode = "batch"``) or Ray (``--engine ray``).
+
+:func:`run_plan` holds the session's frame (the lock and the open journal)
+around the driver it picks. The drivers never import each other.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.engine.drivers.batch import run_batch
+from pipeline.engine.drivers.realtime import run_realtime
+from pipeline.engine.plan import KeyScheme, Plan
+from pipeline.engine.session import Controls, RunOptions, RunResult
+from pipeline.store.batches import refuse_if_batches_pending
+from pipeline.store.journal import Journal, RunLock
+
+if TYPE_CHECKING:
+    from pipeline.engine.drivers.ray.driver import RaySettings
+
+
+async def run_plan(
+    plan: Plan, options: RunOptions, controls: Controls | None = None, ray: RaySettings | None = None
+) -> RunResult:
+    """Lock, open the journal, send what is not done with the job's driver, write the output.
+
+    ``ray``: send the rows from Ray workers (``--engine ray``) with these settings.
+    Ray is imported only then.
+    """
+    if ray is not None:
+        from pipeline.engine.drivers.ray.driver import check_ray
+
+        check_ray(plan)  # before the lock and the journal: a user error sends nothing
+    lock = RunLock(plan.journal_path)
+    lock.acquire()
+    try:
+        journal = Journal.open(plan.journal_path, plan.identity(), fresh=options.fresh)
+        try:
+            if plan.key_scheme != KeyScheme.ID:  # --fresh may have replaced the journal prepare() read
+                plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
+            journal.set_meta("total_rows", str(plan.total_rows))
+            if plan.job.model.mode == "batch":
+                return await run_batch(plan, journal, options, controls or Controls())
+            refuse_if_batches_pending(journal)
+            if ray is not None:
+                from pipeline.engine.drivers.ray.driver import run_ray
+
+                return await run_ray(plan, journal, options, controls, ray)
+            return await run_realtime(plan, journal, options, controls)
+        finally:
+            journal.close()
+    finally:
+        lock.release()

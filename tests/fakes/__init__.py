@@ -1,0 +1,1 @@
+"""Shared fakes speaking the real protocols: chat completions, batch APIs, object storage."""

@@ -1,0 +1,1 @@
+"""Through real parts: loopback servers, the CLI, the Python API, subprocesses, Ray."""
