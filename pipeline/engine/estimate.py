@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config.job import AUTO
+from pipeline.engine.admission import Admission
 from pipeline.engine.limits.adaptive import START_RPM
 from pipeline.engine.limits.limiter import estimated_duration_s
 from pipeline.engine.plan import Plan
@@ -28,35 +29,32 @@ if TYPE_CHECKING:
 
 
 def dry_run(plan: Plan) -> Estimate:
-    """Count what a run would send now: rows the journal already has are left out."""
+    """Count what a run would send now: rows the journal already has are left out.
+
+    Admission without the writes: the same selection, context-window check and
+    (in batch mode) rows held in pending batches as a run, every prompt counted.
+    """
     started = time.perf_counter()
-    rows = empty = too_long = input_tokens = done = 0
-    to_send = 0
-    limit = plan.context_length
-    max_tokens = plan.job.model.max_tokens
+    rows = empty = too_long = input_tokens = done = to_send = 0
     journal = _open_readonly(plan.journal_path)
     try:
-        selector = RowSelector(journal.seen if journal is not None else None)
-        sample = journal.completion_token_sample() if journal is not None else []
         waiting = _batch_store(journal)
+        admission = Admission(
+            plan,
+            RowSelector(journal.seen if journal is not None else None),
+            count_all=True,
+            # Batch mode: rows waiting in a provider batch are paid for already, not to send.
+            hold=waiting.pending_keys if waiting is not None else None,
+        )
+        sample = journal.completion_token_sample() if journal is not None else []
         for batch, keys, rendered in plan.batches():
+            admitted = admission.admit_now(keys, rendered, rows)
             rows += batch.num_rows
-            selection = selector.select(keys, rendered, rows - batch.num_rows)
-            done += selection.done
-            empty += len(selection.blank)
-            idx = selection.todo
-            if waiting is not None and idx:
-                # Batch mode: rows waiting in a provider batch are paid for already, not to send.
-                pending = waiting.pending_keys([keys[i] for i in idx])
-                idx = [i for i in idx if keys[i] not in pending]
-            systems = [rendered.systems[i] for i in idx] if rendered.systems is not None else [None] * len(idx)
-            counts = plan.counter.count_chat(systems, [rendered.users[i] for i in idx]) if idx else []
-            for tokens in counts:
-                if limit is not None and tokens + max_tokens > limit:
-                    too_long += 1
-                else:
-                    to_send += 1
-                    input_tokens += tokens
+            done += admitted.done
+            empty += admitted.blank
+            too_long += admitted.too_long
+            to_send += len(admitted.todo)
+            input_tokens += sum(admitted.tokens)
     finally:
         if journal is not None:
             journal.close()

@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 
 from pipeline.engine.drivers.batch import run_batch
 from pipeline.engine.drivers.realtime import run_realtime
-from pipeline.engine.plan import KeyScheme, Plan
-from pipeline.engine.session import Controls, RunOptions, RunResult
+from pipeline.engine.plan import Plan
+from pipeline.engine.session import Controls, RunOptions, RunResult, opened
 from pipeline.store.batches import refuse_if_batches_pending
-from pipeline.store.journal import Journal, RunLock
 
 if TYPE_CHECKING:
     from pipeline.engine.drivers.ray.driver import RaySettings
@@ -31,23 +30,12 @@ async def run_plan(
         from pipeline.engine.drivers.ray.driver import check_ray
 
         check_ray(plan)  # before the lock and the journal: a user error sends nothing
-    lock = RunLock(plan.journal_path)
-    lock.acquire()
-    try:
-        journal = Journal.open(plan.journal_path, plan.identity(), fresh=options.fresh)
-        try:
-            if plan.key_scheme != KeyScheme.ID:  # --fresh may have replaced the journal prepare() read
-                plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
-            journal.set_meta("total_rows", str(plan.total_rows))
-            if plan.job.model.mode == "batch":
-                return await run_batch(plan, journal, options, controls or Controls())
-            refuse_if_batches_pending(journal)
-            if ray is not None:
-                from pipeline.engine.drivers.ray.driver import run_ray
+    with opened(plan, options) as journal:
+        if plan.job.model.mode == "batch":
+            return await run_batch(plan, journal, options, controls or Controls())
+        refuse_if_batches_pending(journal)
+        if ray is not None:
+            from pipeline.engine.drivers.ray.driver import run_ray
 
-                return await run_ray(plan, journal, options, controls, ray)
-            return await run_realtime(plan, journal, options, controls)
-        finally:
-            journal.close()
-    finally:
-        lock.release()
+            return await run_ray(plan, journal, options, controls, ray)
+        return await run_realtime(plan, journal, options, controls)

@@ -1,24 +1,33 @@
-"""The frame every driver runs in: how a front end steers a run, the run's options and result, the output.
+"""The frame every driver runs in: the lock and the journal, how a front end steers a run, the core, the output.
 
-Shared by the realtime, batch and Ray drivers, so that no driver imports another.
+:func:`opened` holds the run lock and the open journal around a driver;
+:class:`Session` is what every driver composes: the stop, the budget, the
+counters, admission (which rows to send) and settlement (what a reply
+becomes). A driver adds only its own transport. Shared by the realtime,
+batch and Ray drivers, so that no driver imports another.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline.engine.client import Stopper
-from pipeline.engine.plan import Plan
+from pipeline.engine.admission import Admission, Hold
+from pipeline.engine.budget import Budget
+from pipeline.engine.plan import KeyScheme, Plan
 from pipeline.engine.progress import Tracker
+from pipeline.engine.recorder import Recorder
 from pipeline.engine.reports import RunSummary
-from pipeline.errors import ExitCode
+from pipeline.engine.selection import RowSelector, pick_sample
+from pipeline.engine.settlement import Settlement, StopReason, Stops
+from pipeline.errors import ExitCode, InputError
 from pipeline.io.output import output_schema, write_output, write_table
-from pipeline.store.journal import Journal
+from pipeline.store.journal import Journal, RunLock
 
 
 class Controls:
@@ -29,13 +38,14 @@ class Controls:
     """
 
     def __init__(self) -> None:
-        self.stopper = Stopper()
+        self.stops = Stops()
+        self.stopper = self.stops.stopper  # the flag senders watch
         self.hurry_event = asyncio.Event()
 
     def stop(self, reason: str) -> None:
         if self.stopper.stopped:
             self.hurry_event.set()  # asked twice: do not wait for the grace period
-        self.stopper.stop(reason)
+        self.stops.stop(StopReason.user(reason))
 
     def hurry(self) -> None:
         self.hurry_event.set()
@@ -67,13 +77,134 @@ class RunResult:
     table: pa.Table | None = field(default=None, repr=False)  # when the plan has no output file
 
 
+@contextlib.contextmanager
+def opened(plan: Plan, options: RunOptions) -> Iterator[Journal]:
+    """The run lock and the open journal, for as long as a driver runs."""
+    lock = RunLock(plan.journal_path)
+    lock.acquire()
+    try:
+        journal = Journal.open(plan.journal_path, plan.identity(), fresh=options.fresh)
+        try:
+            if plan.key_scheme != KeyScheme.ID:  # --fresh may have replaced the journal prepare() read
+                plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
+            journal.set_meta("total_rows", str(plan.total_rows))
+            yield journal
+        finally:
+            journal.close()
+    finally:
+        lock.release()
+
+
+class Session:
+    """One run's core, shared by every driver: stop, budget, counters, admission, settlement, output.
+
+    The defaults are the realtime ones (the Ray driver shares them); batch mode
+    passes its own selector, price factor, hold and resumed counting.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        journal: Journal,
+        options: RunOptions,
+        controls: Controls | None = None,
+        *,
+        count_all: bool | None = None,
+        selector: RowSelector | None = None,
+        price_factor: float = 1.0,
+        hold: Hold | None = None,
+        track_resumed: bool = True,
+    ) -> None:
+        self.plan = plan
+        self.journal = journal
+        self.options = options
+        self.controls = controls or Controls()
+        self.stops = self.controls.stops
+        self.price_factor = price_factor
+        limits = plan.job.limits
+        total = len(options.rows) if options.rows is not None else options.sample or plan.total_rows
+        self.tracker = Tracker(total, quiet=options.quiet, desc=plan.job.name, notebook=options.notebook)
+        self.budget = Budget(limits.budget_usd, journal.job_spent())
+        if selector is None:
+            # A new journal has nothing to look up: skip one query per batch.
+            selector = RowSelector(
+                journal.seen if journal.has_rows() else None,
+                retry_failed=options.retry_failed,
+                sample=pick_sample(options.sample, plan.total_rows, options.seed)
+                if options.rows is None
+                else set(options.rows),
+            )
+        if count_all is None:  # a token cap or a budget needs every prompt counted
+            count_all = bool(limits.tokens_per_minute or limits.budget_usd)
+        self.admission = Admission(
+            plan,
+            selector,
+            count_all=count_all,
+            budget=self.budget,
+            journal=journal,
+            tracker=self.tracker,
+            hold=hold,
+            track_resumed=track_resumed,
+        )
+        model = plan.job.model
+        recorder = Recorder(plan.info, plan.structured, lambda: plan.counter, price_factor, model.max_tokens)
+        self.settlement = Settlement(
+            recorder, self.budget, self.tracker, self.stops, journal, retry_invalid=plan.job.prompt.retry_invalid
+        )
+
+    def over_budget(self) -> StopReason:
+        """The stop for a request whose worst case the budget cannot hold."""
+        return StopReason.budget(self.budget.spent, self.budget.limit or 0.0)
+
+    # -- the output ------------------------------------------------------------------------
+
+    def output_batches(self, current: bool) -> OutputBatches:
+        """Input batches with keys (and prompt hashes where the journal may be stale), up to a bad record.
+
+        ``current``: every row was looked at in this run and journaled under its
+        current prompt, so prompts need not be rendered again.
+        """
+        plan = self.plan
+        batches: OutputBatches
+        if current:
+            batches = ((batch, keys, None) for batch, keys in plan.keyed_batches())
+        else:
+            # Stopped early: a row whose prompt changed may still hold an old answer.
+            batches = (
+                (batch, keys, [rendered.prompt_hash(i) for i in range(batch.num_rows)])
+                for batch, keys, rendered in plan.batches()
+            )
+        try:
+            yield from batches
+        except InputError:
+            if self.stops.stopped:
+                return  # the run stopped on this record: write what came before it
+            raise
+
+    def write_output(self, batches: OutputBatches) -> tuple[int, int, pa.Table | None]:
+        return write_plan_output(self.plan, self.journal, batches, self.stops)
+
+    def result(self, rows: int, rows_with_error: int, table: pa.Table | None, **extra: Any) -> RunResult:
+        return build_result(
+            self.plan,
+            self.tracker,
+            self.stops,
+            self.budget.spent,
+            rows,
+            rows_with_error,
+            table,
+            price_factor=self.price_factor,
+            **extra,
+        )
+
+
 def write_plan_output(
-    plan: Plan, journal: Journal, batches: OutputBatches, stop: Callable[[str], None]
+    plan: Plan, journal: Journal, batches: OutputBatches, stops: Stops
 ) -> tuple[int, int, pa.Table | None]:
     """The plan's output (its file, or a table in memory); rows, rows with an error, the table.
 
-    Shared by realtime and batch mode. A file that cannot be written is a stop,
-    not a traceback: every answer is already in the journal.
+    A file that cannot be written is a stop, not a traceback: every answer is
+    already in the journal.
     """
     schema = output_schema(plan.source.schema, plan.structured)
     try:
@@ -82,10 +213,7 @@ def write_plan_output(
             return table.num_rows, errors, table
         rows, errors = write_output(plan.output_path, schema, batches, journal, plan.structured)
     except OSError as exc:
-        stop(
-            f"cannot write the output {plan.output_path}: {exc}; every answer is in the journal: "
-            "fix the cause and rerun (nothing is paid again)"
-        )
+        stops.stop(StopReason.output_write(plan.output_path, exc))
         return 0, 0, None
     return rows, errors, None
 
@@ -93,8 +221,7 @@ def write_plan_output(
 def build_result(
     plan: Plan,
     tracker: Tracker,
-    stopper: Stopper,
-    stop_code: ExitCode,
+    stops: Stops,
     spent: float,
     rows: int,
     rows_with_error: int,
@@ -103,15 +230,16 @@ def build_result(
     price_factor: float = 1.0,
     **extra: Any,
 ) -> RunResult:
-    """The run's summary and exit code (shared by realtime and batch mode).
+    """The run's summary and exit code (shared by every driver).
 
     Exit code: the stop's code when stopped early (3, or 2 on a bad input
     record); 1 when some output row carries an error; else 0. ``extra`` are
-    the mode's own ``RunSummary`` fields.
+    the driver's own ``RunSummary`` fields.
     """
     c = tracker.counters
-    if stopper.stopped:
-        code = stop_code
+    stop = stops.current()
+    if stop is not None:
+        code = stop.exit_code
     elif rows_with_error or c.failed or c.invalid:
         code = ExitCode.ROWS_FAILED
     else:
@@ -122,7 +250,7 @@ def build_result(
         job=plan.job.name,
         model=plan.model_name,
         exit_code=code,
-        stop_reason=stopper.reason,
+        stop_reason=stop.message if stop is not None else None,
         rows_ok=c.ok,
         rows_failed=c.failed,
         rows_invalid=c.invalid,

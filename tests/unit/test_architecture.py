@@ -116,9 +116,7 @@ def test_no_import_cycle_in_pipeline() -> None:
 
 def test_no_driver_imports_another() -> None:
     drivers = ("pipeline.engine.drivers.realtime", "pipeline.engine.drivers.batch", "pipeline.engine.drivers.ray")
-    allowed = {  # what the Ray driver still borrows from the realtime one (issue 19 removes it)
-        ("pipeline.engine.drivers.ray.driver", "pipeline.engine.drivers.realtime"),
-    }
+    allowed: set[tuple[str, str]] = set()  # none: each driver composes the shared core
     graph = import_graph()
     found = []
     for module, targets in graph.items():

@@ -24,24 +24,20 @@ do not count against the providers' rate limits.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
-import pyarrow as pa
 
-from pipeline.engine.budget import Budget
-from pipeline.engine.client import backoff_delay, request_headers
-from pipeline.engine.progress import Tracker
+from pipeline.engine.admission import Ticket
+from pipeline.engine.client import Attempted, backoff_delay, request_headers
 from pipeline.engine.prompts import RenderedBatch
-from pipeline.engine.recorder import Recorder
-from pipeline.engine.selection import BLANK_ERROR, RowSelector
-from pipeline.engine.session import build_result, write_plan_output
-from pipeline.errors import ExitCode, InputError, JobError, UserError
+from pipeline.engine.selection import RowSelector
+from pipeline.engine.session import Session
+from pipeline.engine.settlement import Settled, StopReason
+from pipeline.errors import InputError, JobError, UserError
 from pipeline.providers.base import Reply, ReplyKind
 from pipeline.providers.batches import (
     BatchAdapter,
@@ -116,22 +112,33 @@ class BatchRun:
         self.options = options
         self.job = plan.job
         self.spec = plan.job.model
-        self.stopper = controls.stopper
-        self.tracker = Tracker(plan.total_rows, quiet=options.quiet, desc=plan.job.name, notebook=options.notebook)
         self.store = BatchStore(journal)
-        self.budget = Budget(self.job.limits.budget_usd, journal.job_spent())
+        self.sent: dict[str, int] = {}  # batches each row was submitted in by this run
+        # Admission as realtime mode does it, less rows waiting in a provider batch (or sent
+        # max_attempts times by this run); counting every prompt only for a budget (no rate caps here).
+        session = self.session = Session(
+            plan,
+            journal,
+            options,
+            controls,
+            count_all=self.job.limits.budget_usd is not None,
+            selector=RowSelector(journal.seen, retry_failed=options.retry_failed),
+            price_factor=self.spec.batch_discount,
+            hold=self._held,
+            track_resumed=False,  # the input is read again after each collection: counted once, below
+        )
+        self.stops = session.stops
+        self.stopper = session.stops.stopper
+        self.tracker = session.tracker
+        self.budget = session.budget
+        self.admission = session.admission
+        self.settlement = session.settlement
         if self.budget.limit is not None:
             # Batches of earlier runs still hold their worst case until collected.
             self.budget.reserved = sum(b.worst_usd for b in self.store.pending())
-        self.recorder = Recorder(
-            plan.info, plan.structured, lambda: plan.counter, self.spec.batch_discount, plan.job.model.max_tokens
-        )
-        self.selector = RowSelector(journal.seen, retry_failed=options.retry_failed)
         self.dialect = plan.dialect()
         self.adapter = make_adapter(plan)
-        self.exit_code = ExitCode.STOPPED
         self.batches_submitted = 0
-        self.sent: dict[str, int] = {}  # batches each row was submitted in by this run
         self.transient: dict[str, str] = {}  # rows whose last result was transient: key -> error
         self.collected: set[str] = set()  # rows this run journaled a final result for
         self._scan = True  # rows may need submitting: read the input (again)
@@ -139,10 +146,11 @@ class BatchRun:
         self._poll_failures: dict[str, int] = {}
         self._budget_blocked = False  # a batch waits for pending batches to release their reservations
 
-    def stop(self, reason: str, code: ExitCode = ExitCode.STOPPED) -> None:
-        if not self.stopper.stopped:
-            self.exit_code = code
-        self.stopper.stop(reason)
+    def _held(self, keys: list[str]) -> set[str]:
+        """Rows not to submit now: waiting in a pending batch, or submitted max_attempts times by this run."""
+        held = self.store.pending_keys(keys)
+        most = self.job.limits.max_attempts
+        return held | {k for k in keys if self.sent.get(k, 0) >= most} if self.sent else held
 
     async def execute(self) -> None:
         limits = self.job.limits
@@ -199,80 +207,42 @@ class BatchRun:
             if chunk:
                 await self._submit(session, chunk)
         except InputError as exc:
-            self.stop(f"{exc}; fix the input and rerun (nothing done is paid again)", ExitCode.USAGE)
+            self.stops.stop(StopReason.input_error(exc))
         finally:
             self._first_scan = False
 
     async def _batch_items(self, keys: list[str], rendered: RenderedBatch, offset: int) -> list[Queued]:
-        selection = self.selector.select(keys, rendered, offset)
-        if self._first_scan:
+        """Admission decides what still needs a request; the transport's part is the batch request."""
+        admitted = await self.admission.admit(keys, rendered, offset)
+        if self._first_scan and admitted.selection is not None:
             # Done before this run; rows this run collected already count in the bar.
-            looked_at = set(selection.todo) | set(selection.blank)
+            looked_at = set(admitted.selection.todo) | set(admitted.selection.blank)
             fresh = sum(1 for i, key in enumerate(keys) if i not in looked_at and key in self.collected)
-            self.tracker.resumed(selection.done - fresh)
-        hashes = selection.hashes
-        if selection.blank:
-            self._journal_skipped([(keys[i], hashes[i]) for i in selection.blank], BLANK_ERROR)
-        todo = selection.todo
-        if not todo:
-            return []
-        waiting = self.store.pending_keys([keys[i] for i in todo])
-        max_attempts = self.job.limits.max_attempts
-        todo = [i for i in todo if keys[i] not in waiting and self.sent.get(keys[i], 0) < max_attempts]
-        tokens = await self._count_tokens(rendered, todo)
-        items = []
-        limit = self.plan.context_length
-        max_tokens = self.spec.max_tokens
-        for i, t in zip(todo, tokens, strict=True):
-            if limit is not None and t and t + max_tokens > limit:
-                error = (
-                    f"skipped: prompt of {t} tokens + max_tokens {max_tokens} exceeds the model's "
-                    f"context window of {limit} tokens; nothing was sent"
-                )
-                self._journal_skipped([(keys[i], hashes[i])], error)
-                continue
-            request = BatchRequest(
-                custom_id_for(keys[i]), self.dialect.chat_body(rendered.system(i), rendered.users[i])
+            self.tracker.resumed(admitted.done - fresh)
+        hashes = admitted.hashes
+        chat_body = self.dialect.chat_body
+        return [
+            Queued(
+                keys[i],
+                hashes[i],
+                BatchRequest(custom_id_for(keys[i]), chat_body(rendered.system(i), rendered.users[i])),
+                t,
             )
-            items.append(Queued(keys[i], hashes[i], request, t))
-        return items
-
-    async def _count_tokens(self, rendered: RenderedBatch, todo: list[int]) -> list[int]:
-        """Prompt tokens where the budget or the context window needs them (off the event loop)."""
-        need_all = self.budget.limit is not None
-        need = todo if need_all else [i for i in todo if not self.plan.fits_without_counting(rendered, i)]
-        if not need:
-            return [0] * len(todo)
-        systems = [rendered.systems[i] for i in need] if rendered.systems is not None else [None] * len(need)
-        users = [rendered.users[i] for i in need]
-        counted = await asyncio.to_thread(self.plan.counter.count_chat, systems, users)
-        by_row = dict(zip(need, counted, strict=True))
-        return [by_row.get(i, 0) for i in todo]
-
-    def _journal_skipped(self, rows: list[tuple[str, str]], error: str) -> None:
-        now = time.time()
-        self.journal.write_now([JournalRow(key, h, RowStatus.SKIPPED, error=error, updated=now) for key, h in rows])
-        self.tracker.skipped(len(rows))
-
-    def _worst(self, chunk: list[Queued]) -> float:
-        """The most a batch can cost: every prompt plus a full ``max_tokens`` reply, at the batch price."""
-        if self.budget.limit is None:
-            return 0.0
-        return sum(self.plan.worst_cost(q.tokens) or 0.0 for q in chunk) * self.spec.batch_discount
+            for i, t in zip(admitted.todo, admitted.tokens, strict=True)
+        ]
 
     async def _submit(self, session: aiohttp.ClientSession, chunk: list[Queued]) -> bool:
         """Submit one batch and journal it; False when the run must submit no more."""
-        worst = self._worst(chunk)
-        if not self.budget.reserve(worst):
+        # The most a batch can cost: every prompt plus a full max_tokens reply, at the batch price.
+        worst = self.admission.reserve_batch([q.tokens for q in chunk], self.spec.batch_discount)
+        if worst is None:
             if self.store.pending():
                 # Pending batches hold their worst case until collected (they usually cost far
                 # less): try again once one is collected.
                 self._budget_blocked = True
                 return False
-            self.stop(
-                f"budget reached: ${self.budget.spent:.4f} spent and ${self.budget.reserved:.4f} reserved by "
-                f"pending batches of budget_usd ${self.budget.limit:g}; raise [limits] budget_usd and rerun"
-            )
+            budget = self.budget
+            self.stops.stop(StopReason.budget(budget.spent, budget.limit or 0.0, reserved_by_batches=budget.reserved))
             return False
         requests = [q.request for q in chunk]
         attempt = 0
@@ -303,7 +273,7 @@ class BatchRun:
             submitted = [SubmittedRow(q.request.custom_id, q.key, q.prompt_hash) for q in chunk]
             self.store.record_submission(batch_id, self.adapter.name, submitted, worst, markers)
         except sqlite3.Error as exc:
-            self.stop(f"cannot write the journal {self.journal.path} ({exc}); batch {batch_id} was submitted")
+            self.stops.stop(StopReason.journal_write(self.journal.path, exc, batch_id))
             return False
         for q in chunk:
             self.sent[q.key] = self.sent.get(q.key, 0) + 1
@@ -314,13 +284,11 @@ class BatchRun:
 
     def _submission_failed(self, reply: Reply) -> None:
         if reply.kind == ReplyKind.AUTH:
-            self.stop(f"the provider refused the key ({reply.error}); fix the key or credits and rerun")
+            self.stops.stop(StopReason.key_refused(reply.error))
         elif reply.kind == ReplyKind.FATAL and reply.status is not None and 400 <= reply.status < 500:
-            self.stop(
-                f"the provider refused the batch: {reply.error}; check [model] name, batch_url and params, then rerun"
-            )
+            self.stops.stop(StopReason.batch_refused(reply.error))
         else:
-            self.stop(f"cannot submit a batch: {reply.error}; rerun to try again (nothing was paid for it)")
+            self.stops.stop(StopReason.batch_submit(reply.error))
 
     # -- collecting ---------------------------------------------------------------------
 
@@ -343,12 +311,9 @@ class BatchRun:
         failures = self._poll_failures.get(known.id, 0) + 1
         self._poll_failures[known.id] = failures
         if reply.kind == ReplyKind.AUTH:
-            self.stop(f"the provider refused the key ({reply.error}); fix the key or credits and rerun")
+            self.stops.stop(StopReason.key_refused(reply.error))
         elif failures >= self.job.limits.max_attempts:
-            self.stop(
-                f"cannot read batch {known.id} ({failures} tries): {reply.error}; rerun to try again "
-                "(the batch stays in the journal: its rows are not submitted again)"
-            )
+            self.stops.stop(StopReason.batch_read(known.id, failures, reply.error))
 
     async def _collect(self, session: aiohttp.ClientSession, known: KnownBatch, state: BatchState) -> None:
         """Journal a terminal batch's results, page by page; then settle its unanswered rows."""
@@ -361,7 +326,7 @@ class BatchRun:
             self._poll_failed(known, exc.reply)
             return  # the next poll reads on from the saved cursor
         except sqlite3.Error as exc:
-            self.stop(f"cannot write the journal {self.journal.path} ({exc}); free space or fix it and rerun")
+            self.stops.stop(StopReason.journal_write(self.journal.path, exc))
             return
         reason = f"not answered: batch {known.id} ended {state.provider_status}"
         if state.error:
@@ -390,9 +355,10 @@ class BatchRun:
         results: list[BatchResult],
         cursor: str | None,
     ) -> None:
-        out: list[JournalRow] = []
+        """Settle one page of results: one commit with the batch tables, then the counters and stops."""
+        settlement = self.settlement
+        settled: list[tuple[Ticket, Settled]] = []
         custom_ids: list[str] = []
-        cost = 0.0
         now = time.time()
         for result in results:
             ref = rows.get(result.custom_id)
@@ -400,46 +366,27 @@ class BatchRun:
                 continue  # not ours, or journaled before (a rerun reading the page again)
             ref.collected = True
             reply = result.reply
-            charge = self.recorder.charge(reply, reply.cost or 0.0, 0)
-            row = self.recorder.record(
-                ref.key,
-                ref.prompt_hash,
-                reply,
-                attempts=attempts.get(ref.key, 1),
-                latency_s=max(0.0, now - known.submitted),
-                charge=charge,
-            )
-            out.append(row)
+            ticket = Ticket(ref.key, ref.prompt_hash, 0)
+            attempted = Attempted(reply, attempts.get(ref.key, 1), max(0.0, now - known.submitted), reply.cost or 0.0)
+            one = settlement.settle(ticket, attempted)
+            one.requests = 0  # the batch's requests were counted when it was submitted
+            settled.append((ticket, one))
             custom_ids.append(result.custom_id)
-            cost += charge.usd
-            self.tracker.requests(0, charge.usd, row.prompt_tokens, row.completion_tokens)
-            if charge.estimated:
-                self.tracker.counters.cost_estimated = True
-            if row.status == RowStatus.TRANSIENT:
-                self._transient(ref.key, row.error or "transient error")
+        cost = sum(one.charge.usd for _, one in settled)
+        self.store.record_results(known.id, [one.row for _, one in settled], custom_ids, cost, cursor)
+        for ticket, one in settled:
+            settlement.account(one)
+            transient = one.row.status == RowStatus.TRANSIENT
+            if transient:
+                self._transient(ticket.key, one.row.error or "transient error")
             else:
-                self.collected.add(ref.key)
-                self.tracker.row_done(row.status, row.error)
-            if reply.kind == ReplyKind.AUTH:
-                self.stop(f"the provider refused the key ({reply.error}); fix the key or credits and rerun")
-        self.store.record_results(known.id, out, custom_ids, cost, cursor)
-        self.budget.settle(0.0, cost)
+                self.collected.add(ticket.key)
+            settlement.close(ticket, one, done=not transient)
 
     def _transient(self, key: str, error: str) -> None:
         """A row to submit again (by this run while it has attempts left, else by the next run)."""
         self.transient[key] = error
         self._scan = True
-
-    # -- output -------------------------------------------------------------------------
-
-    def output_batches(self) -> Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]]:
-        try:
-            for batch, keys, rendered in self.plan.batches():
-                yield batch, keys, [rendered.prompt_hash(i) for i in range(batch.num_rows)]
-        except InputError:
-            if self.stopper.stopped:
-                return
-            raise
 
 
 async def run_batch(plan: Plan, journal: Journal, options: RunOptions, controls: Controls) -> RunResult:
@@ -447,30 +394,18 @@ async def run_batch(plan: Plan, journal: Journal, options: RunOptions, controls:
     if options.sample:
         raise UserError('a sample sends rows in realtime: run it without [model] mode = "batch"')
     run = BatchRun(plan, journal, options, controls)
+    session = run.session
     await run.execute()
     pending = run.store.pending()
-    if pending and not run.stopper.stopped:
-        rows = sum(b.rows for b in pending)
-        run.stop(f"{len(pending)} batches pending at the provider ({rows:,} rows); rerun to collect them")
+    if pending and not session.stops.stopped:
+        session.stops.stop(StopReason.batches_pending(len(pending), sum(b.rows for b in pending)))
     rows_out, errors, table = 0, 0, None
     if options.write_output:
-        rows_out, errors, table = write_plan_output(plan, journal, run.output_batches(), run.stop)
-    return _result(run, pending, rows_out, errors, table)
-
-
-def _result(
-    run: BatchRun, pending: list[KnownBatch], rows: int, rows_with_error: int, table: pa.Table | None
-) -> RunResult:
-    return build_result(
-        run.plan,
-        run.tracker,
-        run.stopper,
-        run.exit_code,
-        run.budget.spent,
-        rows,
-        rows_with_error,
+        rows_out, errors, table = session.write_output(session.output_batches(current=False))
+    return session.result(
+        rows_out,
+        errors,
         table,
-        price_factor=run.spec.batch_discount,
         mode="batch",
         batches_submitted=run.batches_submitted,
         batches_pending=len(pending),

@@ -33,7 +33,6 @@ import contextlib
 import logging
 import math
 import os
-import sqlite3
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config.job import AUTO
+from pipeline.engine.admission import Admitted, Ticket
 from pipeline.engine.drivers.ray.worker import (
     Dispatch,
     LimiterActor,
@@ -52,16 +52,14 @@ from pipeline.engine.drivers.ray.worker import (
     UnitRows,
     WorkerSpec,
 )
-from pipeline.engine.drivers.realtime import Run, run_realtime
 from pipeline.engine.limits.limiter import fixed_rate
 from pipeline.engine.plan import KeyScheme, Plan, content_keys
 from pipeline.engine.prompts import RenderedBatch
-from pipeline.engine.selection import BLANK_ERROR
-from pipeline.engine.session import Controls, RunOptions, RunResult
-from pipeline.errors import CredentialsError, ExitCode, InputError, UserError
+from pipeline.engine.session import Controls, RunOptions, RunResult, Session
+from pipeline.engine.settlement import Settled, StopReason
+from pipeline.errors import CredentialsError, InputError, UserError
 from pipeline.io import fs
-from pipeline.providers.base import ReplyKind
-from pipeline.store.journal import Journal, JournalRow
+from pipeline.store.journal import Journal
 
 DEFAULT_WORKERS = 2
 UNIT_ROWS = 1024  # rows per unit at most: small enough to spread a file over the workers
@@ -77,23 +75,11 @@ class RaySettings:
 
 
 @dataclass
-class _Row:
-    """A row this run still has to finish, and what its retries have cost so far."""
-
-    tokens: int
-    worst: float = 0.0
-    reserved: bool = False
-    tries: int = 0
-    prior_cost: float = 0.0
-    prior_attempts: int = 0
-
-
-@dataclass
 class _UnitState:
     unit: Unit
     keys: list[str]
     hashes: list[str]
-    rows: dict[int, _Row]
+    rows: dict[int, Ticket]  # rows this run still has to finish
     pending: deque[int]  # ready to dispatch
     sent: set[int] = field(default_factory=set)  # dispatched, not reported yet
     worker: _Worker | None = None
@@ -132,12 +118,16 @@ def check_ray(plan: Plan) -> None:
 async def run_ray(
     plan: Plan, journal: Journal, options: RunOptions, controls: Controls | None, settings: RaySettings
 ) -> RunResult:
-    """Like :func:`~pipeline.engine.drivers.realtime.run_realtime`, with the requests sent from Ray workers."""
-
-    def new_run(plan: Plan, journal: Journal, options: RunOptions, controls: Controls | None) -> Run:
-        return RayRun(plan, journal, options, controls, settings)
-
-    return await run_realtime(plan, journal, options, controls, new_run)
+    """Send what is not done from Ray workers, write the output (inside ``run_plan``'s frame)."""
+    session = Session(plan, journal, options, controls)
+    run = RayRun(session, settings)
+    async with plan.provider.server(plan.job.model) as base_url:
+        await run.execute(base_url)
+    rows, errors, table = 0, 0, None
+    if options.write_output and not options.sample:
+        current = run.produced_all and not session.stops.stopped
+        rows, errors, table = session.write_output(session.output_batches(current))
+    return session.result(rows, errors, table, engine="ray", workers=settings.workers)
 
 
 def fixed_caps(plan: Plan) -> tuple[int, int]:
@@ -175,17 +165,21 @@ class _Reported(RenderedBatch):
         return self.hashes[i]
 
 
-class RayRun(Run):
-    """A run whose requests go out from Ray worker actors; the journal stays here."""
+class RayRun:
+    """A run whose requests go out from Ray worker actors; the journal, admission and settlement stay here."""
 
-    engine = "ray"
-
-    def __init__(
-        self, plan: Plan, journal: Journal, options: RunOptions, controls: Controls | None, settings: RaySettings
-    ) -> None:
-        super().__init__(plan, journal, options, controls)
+    def __init__(self, session: Session, settings: RaySettings) -> None:
+        self.session = session
+        self.plan = session.plan
+        self.job = session.plan.job
+        self.stops = session.stops
+        self.stopper = session.stops.stopper
+        self.tracker = session.tracker
+        self.admission = session.admission
+        self.settlement = session.settlement
+        self.dialect = self.plan.dialect()
+        self.produced_all = False
         self.settings = settings
-        self.workers = settings.workers
         self.pool: list[_Worker] = []
         self.states: dict[int, _UnitState] = {}
         self.retry_units: deque[Unit | _UnitState] = deque()
@@ -201,10 +195,11 @@ class RayRun(Run):
         self._occurrences: dict[str, int] = {}
         self._next_keyed = 0
         self._keyed = asyncio.Event()
-        self._decided: dict[int, tuple[list[str], list[str], list[int]]] = {}
+        self._decided: dict[int, Admitted] = {}
 
     async def execute(self, base_url: str | None = None) -> None:
         self.dialect = self.plan.dialect(base_url)
+        self.settlement.url = self.dialect.url
         with ray_session(self.settings):
             import ray
 
@@ -234,7 +229,7 @@ class RayRun(Run):
             model_name=self.plan.model_name,
             max_tokens=job.model.max_tokens,
             context_length=self.plan.context_length,
-            count_all=self.need_tokens,
+            count_all=self.admission.count_all,
             headers=dict(job.model.headers),
             api_key_env=job.model.api_key_env if self.plan.api_key else None,
             max_attempts=job.limits.max_attempts,
@@ -307,7 +302,7 @@ class RayRun(Run):
             unit = next(self._units, None)
         except InputError as exc:
             # A bad record deep in a CSV or JSON Lines input (read here): stop cleanly.
-            self.stop(f"{exc}; fix the input and rerun (nothing done is paid again)", ExitCode.USAGE)
+            self.stops.stop(StopReason.input_error(exc))
             unit = None
         if unit is None:
             self.units_exhausted = True
@@ -333,7 +328,7 @@ class RayRun(Run):
                     self.retry_units.appendleft(item)
                     self._worker_died(worker)
                 else:  # a bad record, an unreadable file: the run cannot go on
-                    self.stop(f"a Ray worker could not read the input: {_cause(exc)}; fix it and rerun", ExitCode.USAGE)
+                    self.stops.stop(StopReason.worker_input(_cause(exc)))
                 return
             finally:
                 self.loading -= 1
@@ -348,12 +343,15 @@ class RayRun(Run):
             return
         rows: UnitRows = await worker.handle.load.remote(item)
         # Decided once: a unit loaded again (its worker died while counting) is not keyed or counted twice.
-        keys, hashes, todo = self._decided.get(item.id) or await self._decide(item, rows)
-        self._decided[item.id] = (keys, hashes, todo)
-        tokens = await worker.handle.count.remote(item.id, todo) if todo else []
+        admitted = self._decided.get(item.id) or await self._decide(item, rows)
+        self._decided[item.id] = admitted
+        # The worker counts (it holds the prompts), by admission's rule; admission fits here.
+        tokens = await worker.handle.count.remote(item.id, admitted.todo) if admitted.todo else []
         del self._decided[item.id]
-        todo, tokens = self._skip_too_long(keys, hashes, todo, tokens)
-        state = _UnitState(item, keys, hashes, {i: _Row(t) for i, t in zip(todo, tokens, strict=True)}, deque(todo))
+        admitted = self.admission.fit(admitted, tokens)
+        keys, hashes = admitted.keys, admitted.hashes
+        tickets = {i: Ticket(keys[i], hashes[i], t) for i, t in zip(admitted.todo, admitted.tokens, strict=True)}
+        state = _UnitState(item, keys, hashes, tickets, deque(admitted.todo))
         if not state.rows:
             worker.handle.release.remote(item.id)
             return
@@ -361,15 +359,11 @@ class RayRun(Run):
         self.states[item.id] = state
         worker.units.append(state)
 
-    async def _decide(self, unit: Unit, rows: UnitRows) -> tuple[list[str], list[str], list[int]]:
-        """Keys, prompt hashes and the rows to send, as the default engine decides; blank rows are journaled."""
+    async def _decide(self, unit: Unit, rows: UnitRows) -> Admitted:
+        """Keys, and admission's selection of the rows to send (blank rows are journaled)."""
         reported = _Reported(rows.hashes, rows.blank)
         keys = await self._keys(unit, rows, reported)
-        selection = self.selector.select(keys, reported, unit.offset)
-        self.tracker.resumed(selection.done)
-        if selection.blank:
-            self._journal_skipped([(keys[i], selection.hashes[i]) for i in selection.blank], BLANK_ERROR)
-        return keys, selection.hashes, selection.todo
+        return self.admission.select(keys, reported, unit.offset)
 
     async def _keys(self, unit: Unit, rows: UnitRows, reported: _Reported) -> list[str]:
         """The journal keys of a unit's rows, as the default engine makes them."""
@@ -423,7 +417,7 @@ class RayRun(Run):
             worker.wake.set()
         self.wake.set()
         grace = asyncio.create_task(asyncio.sleep(self.job.limits.stop_grace_s))
-        hurry = asyncio.create_task(self.controls.hurry_event.wait())
+        hurry = asyncio.create_task(self.session.controls.hurry_event.wait())
         await asyncio.wait([grace, hurry], return_when=asyncio.FIRST_COMPLETED)
         grace.cancel()
         hurry.cancel()
@@ -463,15 +457,9 @@ class RayRun(Run):
             while state.pending and len(taken) < room:
                 index = state.pending[0]
                 row = state.rows[index]
-                if not row.reserved:
-                    row.worst = (self.plan.worst_cost(row.tokens) or 0.0) if self.budget.limit is not None else 0.0
-                    if not self.budget.reserve(row.worst):
-                        self.stop(
-                            f"budget reached: ${self.budget.spent:.4f} spent of budget_usd ${self.budget.limit:g}; "
-                            "raise [limits] budget_usd and rerun to continue"
-                        )
-                        return taken
-                    row.reserved = True
+                if not row.reserved and not self.admission.reserve(row):
+                    self.stops.stop(self.session.over_budget())
+                    return taken
                 state.pending.popleft()
                 state.sent.add(index)
                 taken.append(Dispatch(state.unit.id, index, row.tokens))
@@ -487,7 +475,7 @@ class RayRun(Run):
                 if _worker_gone(exc):
                     self._worker_died(worker)
                 else:
-                    self.stop(f"a Ray worker failed: {_cause(exc)}")
+                    self.stops.stop(StopReason.worker_failed(_cause(exc)))
                 return
             if outcomes:
                 self._record(worker, outcomes)
@@ -495,11 +483,12 @@ class RayRun(Run):
     # -- results -------------------------------------------------------------------------
 
     def _record(self, worker: _Worker, outcomes: list[Outcome]) -> None:
-        """Journal a batch of finished rows in one commit, then settle them as the default engine does."""
-        written: list[tuple[_UnitState, int, JournalRow, float, Outcome]] = []
+        """Settle a batch of finished rows: one journal commit, then each row as the realtime driver does."""
+        settlement = self.settlement
+        written: list[tuple[_UnitState, int, Settled]] = []
         for outcome in outcomes:
             state = self.states[outcome.unit]
-            row = state.rows[outcome.index]
+            ticket = state.rows[outcome.index]
             state.sent.discard(outcome.index)
             worker.in_flight -= 1
             self.in_flight -= 1
@@ -507,63 +496,28 @@ class RayRun(Run):
             if attempted is None:
                 # Not sent (the run is stopping) or the worker failed on it: the row stays not_run.
                 if outcome.failure:
-                    self.stop(f"a Ray worker failed: {outcome.failure}")
-                self._unreserve(row)
+                    self.stops.stop(StopReason.worker_failed(outcome.failure))
+                settlement.release(ticket)
                 continue
-            if self._job_level_failure(attempted):
+            if settlement.failure(attempted):
                 # Not journaled: a plain rerun sends the row again.
-                self._unreserve(row)
-                self.budget.settle(0.0, attempted.cost)
+                settlement.release(ticket, attempted.cost)
                 continue
-            charge = self.recorder.charge(attempted.reply, attempted.cost, row.tokens, outcome.body)
-            journal_row = self.recorder.record(
-                state.keys[outcome.index],
-                state.hashes[outcome.index],
-                attempted.reply,
-                attempts=attempted.attempts,
-                latency_s=attempted.latency_s,
-                charge=charge,
-                prior_cost=row.prior_cost,
-                prior_attempts=row.prior_attempts,
-                tries=row.tries,
-            )
-            written.append((state, outcome.index, journal_row, charge.usd, outcome))
-            if charge.estimated:
-                self.tracker.counters.cost_estimated = True
-        if written:
-            try:
-                self.journal.write_now([w[2] for w in written], sum(w[3] for w in written))
-            except sqlite3.Error as exc:
-                self.stop(f"cannot write the journal {self.journal.path} ({exc}); free space or fix it and rerun")
-                written = []
-        for state, index, journal_row, usd, outcome in written:
-            self._settle(state, index, journal_row, usd, outcome)
+            written.append((state, outcome.index, settlement.settle(ticket, attempted, outcome.body)))
+        if written and not settlement.commit_now([settled for _, _, settled in written]):
+            written = []
+        for state, index, settled in written:
+            ticket = state.rows[index]
+            settlement.account(settled)
+            if settlement.again(ticket, settled):
+                # Ask again for a reply that fits the schema; the row keeps its reservation and total cost.
+                state.pending.appendleft(index)
+                continue
+            settlement.close(ticket, settled)
+            del state.rows[index]
+            if not state.rows:
+                self._release(state)
         self.wake.set()
-
-    def _settle(self, state: _UnitState, index: int, journal_row: JournalRow, usd: float, outcome: Outcome) -> None:
-        row = state.rows[index]
-        attempted = outcome.attempted
-        assert attempted is not None
-        self.budget.settle(0.0, usd)
-        self.tracker.requests(attempted.attempts, usd, journal_row.prompt_tokens, journal_row.completion_tokens)
-        if self._retry_invalid(journal_row.status, row.tries):
-            # Ask again for a reply that fits the schema; the row keeps its reservation and total cost.
-            row.tries, row.prior_cost = row.tries + 1, row.prior_cost + usd
-            row.prior_attempts += attempted.attempts
-            state.pending.appendleft(index)
-            return
-        self._unreserve(row)
-        del state.rows[index]
-        self.tracker.row_done(journal_row.status, journal_row.error)
-        if attempted.reply.kind == ReplyKind.AUTH:
-            self.stop(f"the provider refused the key ({attempted.reply.error}); fix the key or credits and rerun")
-        if not state.rows:
-            self._release(state)
-
-    def _unreserve(self, row: _Row) -> None:
-        if row.reserved:
-            self.budget.settle(row.worst, 0.0)
-            row.reserved = False
 
     def _release(self, state: _UnitState) -> None:
         self.states.pop(state.unit.id, None)
@@ -592,7 +546,7 @@ class RayRun(Run):
             pass
         elif self.replacements >= self.settings.workers:
             # Units wait in order for their keys: without a new worker they could wait forever.
-            self.stop(f"{self.replacements + 1} Ray workers died; rerun to continue (nothing done is paid again)")
+            self.stops.stop(StopReason.workers_died(self.replacements + 1))
         else:
             self._replace(self._tg)
         for other in self.pool:

@@ -27,10 +27,10 @@ import aiohttp
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.engine.admission import rows_to_count, spread
 from pipeline.engine.client import Attempted, ChatClient, Stopper, request_headers
 from pipeline.engine.limits.global_limiter import Grant, Schedule
 from pipeline.engine.limits.limiter import RateLimiter
-from pipeline.engine.plan import fits_without_counting
 from pipeline.engine.prompts import PromptRenderer, RenderedBatch
 from pipeline.engine.tokens import TokenCounter, counter_for
 from pipeline.io import fs
@@ -244,14 +244,12 @@ class RowWorker:
         return cached
 
     async def count(self, unit: int, indices: list[int]) -> list[int]:
-        """Prompt tokens of these rows where a limit needs them (0 where it does not)."""
+        """Prompt tokens of these rows where a limit needs them (0 where it does not), by admission's rule."""
         rendered = self.units[unit]
         spec = self.spec
-        need = [
-            i
-            for i in indices
-            if spec.count_all or not fits_without_counting(rendered, i, spec.context_length, spec.max_tokens)
-        ]
+        need = rows_to_count(
+            rendered, indices, count_all=spec.count_all, context_length=spec.context_length, max_tokens=spec.max_tokens
+        )
         if not need:
             return [0] * len(indices)
         systems: list[str | None] = (
@@ -259,8 +257,7 @@ class RowWorker:
         )
         users = [rendered.users[i] for i in need]
         counted = await asyncio.to_thread(self._count, systems, users)
-        found = dict(zip(need, counted, strict=True))
-        return [found.get(i, 0) for i in indices]
+        return spread(indices, need, counted)
 
     def _count(self, systems: list[str | None], users: list[str]) -> list[int]:
         if self._counter is None:
