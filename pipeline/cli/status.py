@@ -23,6 +23,7 @@ def job_status(job: Job) -> JobStatus:
         total = journal.get_meta("total_rows")
         spent = journal.job_spent()
         batches = _pending_batches(journal)
+        adopted = _adopted_batches(journal)
     finally:
         journal.close()
     by = summary["by_status"]
@@ -49,7 +50,15 @@ def job_status(job: Job) -> JobStatus:
         last_progress=dt.datetime.fromtimestamp(last, dt.UTC).isoformat(timespec="seconds") if last else None,
         batches_pending=batches,
         rows_in_batches=in_batches,
+        batches_adopted=adopted,
     )
+
+
+def _adopted_batches(journal: Journal) -> list[str]:
+    from pipeline.store.batches import BatchStore
+
+    store = BatchStore(journal)
+    return store.adopted() if store.has_tables() else []
 
 
 def _pending_batches(journal: Journal) -> list[PendingBatch]:
@@ -84,6 +93,10 @@ def format_status(s: JobStatus) -> str:
     lines += [
         f"  batch {b.id} ({b.provider}): {b.status}, {b.rows:,} rows, submitted {b.submitted}"
         for b in s.batches_pending
+    ]
+    lines += [
+        f"  batch {batch_id}: adopted (the provider accepted it before a run was killed; paid once)"
+        for batch_id in s.batches_adopted
     ]
     lines.append(f"  journal: {s.journal}")
     return "\n".join(lines)

@@ -23,6 +23,8 @@ from pipeline.secrets import Redactor
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0
 RETRY_AFTER_CAP_S = 600.0
+# Longer than this, a Retry-After ends the row's tries: settlement stops the run (come back later).
+MAX_RETRY_AFTER_S = 300.0
 
 
 class Stopper:
@@ -112,7 +114,7 @@ class ChatClient:
                 latency = time.perf_counter() - started
             self.limiter.observe(reply.status, latency, reply.limits, reply.retry_after)
             cost += reply.cost or 0.0
-            if reply.kind != ReplyKind.RETRY or attempt >= self.max_attempts:
+            if reply.kind != ReplyKind.RETRY or attempt >= self.max_attempts or self._final(reply):
                 return Attempted(reply, attempt, latency, cost)
             delay = backoff_delay(attempt, reply.retry_after)
             if reply.status == 429:
@@ -124,6 +126,15 @@ class ChatClient:
         if reply is None:
             return None  # stopped before the first attempt went out
         return Attempted(reply, attempt, 0.0, cost)
+
+    @staticmethod
+    def _final(reply: Reply) -> bool:
+        """A transient reply not to retry here: it was billed (another try is another charge the
+        row's reservation does not cover: the row ends transient, and the next run's budget
+        counts it), or it asks for a wait longer than a run should sit out (settlement stops)."""
+        if reply.cost:
+            return True
+        return reply.retry_after is not None and reply.retry_after > MAX_RETRY_AFTER_S
 
     async def _acquire(self, tokens: int) -> bool:
         """Wait for the limiter, unless a stop comes first (False: do not send).

@@ -27,6 +27,7 @@ from pipeline.engine.selection import RowSelector, pick_sample
 from pipeline.engine.settlement import Settlement, StopReason, Stops
 from pipeline.errors import ExitCode, InputError
 from pipeline.io.output import output_schema, write_output, write_table
+from pipeline.store.batches import refuse_fresh_if_batches_pending
 from pipeline.store.journal import Journal, RunLock
 
 
@@ -83,6 +84,8 @@ def opened(plan: Plan, options: RunOptions) -> Iterator[Journal]:
     lock = RunLock(plan.journal_path)
     lock.acquire()
     try:
+        if options.fresh:
+            refuse_fresh_if_batches_pending(plan.journal_path)
         journal = Journal.open(plan.journal_path, plan.identity(), fresh=options.fresh)
         try:
             if plan.key_scheme != KeyScheme.ID:  # --fresh may have replaced the journal prepare() read
@@ -239,6 +242,7 @@ def build_result(
     c = tracker.counters
     stop = stops.current()
     if stop is not None:
+        stop = stop.final(spent)  # replies in flight at a budget stop have settled since
         code = stop.exit_code
     elif rows_with_error or c.failed or c.invalid:
         code = ExitCode.ROWS_FAILED

@@ -40,6 +40,7 @@ class BatchStatus(StrEnum):
     """A provider's batch status, normalised."""
 
     PENDING = "pending"  # validating, queued, running, finalizing, cancelling
+    UNKNOWN = "unknown"  # a word the provider never documented: neither done nor known to be running
     COMPLETED = "completed"
     EXPIRED = "expired"
     FAILED = "failed"
@@ -47,7 +48,7 @@ class BatchStatus(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self != BatchStatus.PENDING
+        return self not in (BatchStatus.PENDING, BatchStatus.UNKNOWN)
 
 
 # The status words of OpenAI's batch API, which OpenRouter's batches use too (PROVIDERS.md).
@@ -100,6 +101,50 @@ class BatchState:
     error: str | None = None  # why a batch failed, when the provider says
     inline: tuple[BatchResult, ...] | None = None  # results carried by the batch object itself (OpenRouter)
     files: tuple[str, ...] = ()  # output and error files to download (Mistral, OpenAI)
+    expires_at: float | None = None  # when the provider said it would end the batch (epoch seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class ListedBatch:
+    """A batch as the provider's listing shows it: enough to find one this job submitted."""
+
+    id: str
+    status: str
+    metadata: dict[str, str]
+
+
+def submission_metadata(job: str, custom_ids: list[str]) -> dict[str, str]:
+    """What a submission carries to be found again: its journal's tag and a digest of its rows.
+
+    A run killed after the provider accepted a batch but before the journal
+    recorded it finds the batch by these (``list_batches``) and adopts it.
+    """
+    digest = hashlib.sha256("\n".join(sorted(custom_ids)).encode()).hexdigest()[:32]
+    return {"pipeline_job": job, "pipeline_rows": digest}
+
+
+def status_of(raw: str, words: dict[str, BatchStatus]) -> BatchStatus:
+    """A provider's status word, normalised; a word nobody documented is UNKNOWN, not pending."""
+    return words.get(raw, BatchStatus.UNKNOWN)
+
+
+def epoch(value: Any) -> float | None:
+    """A timestamp field (epoch seconds) when it is one."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
+def listed(data: Any) -> list[ListedBatch]:
+    """The batches of a listing (``{"data": [batch objects]}``) that carry metadata."""
+    items = data.get("data") if isinstance(data, dict) else None
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            continue
+        meta = item.get("metadata")
+        if isinstance(meta, dict):
+            clean = {str(k): str(v) for k, v in meta.items()}
+            out.append(ListedBatch(item["id"], str(item.get("status")), clean))
+    return out
 
 
 class BatchApiError(Exception):
@@ -121,8 +166,14 @@ class BatchAdapter(Protocol):
         """Bytes the request adds to the batch as submitted (to stay under ``max_bytes``)."""
         ...
 
-    async def submit(self, session: aiohttp.ClientSession, requests: list[BatchRequest]) -> str:
-        """Submit one batch; return its id once the provider has accepted it."""
+    async def submit(
+        self, session: aiohttp.ClientSession, requests: list[BatchRequest], metadata: dict[str, str]
+    ) -> str:
+        """Submit one batch with ``metadata``; return its id once the provider has accepted it."""
+        ...
+
+    async def list_batches(self, session: aiohttp.ClientSession) -> list[ListedBatch]:
+        """The provider's most recent batches (those with metadata), newest first."""
         ...
 
     async def poll(self, session: aiohttp.ClientSession, batch_id: str) -> BatchState: ...

@@ -512,8 +512,8 @@ def test_sigterm_while_waiting_writes_the_output_and_exits_3(workdir: Path) -> N
 
 
 @pytest.mark.slow
-def test_kill_between_submit_and_journal_commit_resubmits_that_one_batch(workdir: Path) -> None:
-    """The documented exception: a batch the provider accepted but the journal never recorded."""
+def test_kill_between_submit_and_journal_commit_adopts_that_batch(workdir: Path) -> None:
+    """A batch the provider accepted but the journal never recorded is found by its metadata, not paid twice."""
     with fake(respond_after_s=30) as server:
         data = batch_job(workdir, server, 300)
         proc = spawn(workdir, "run", "job", "--quiet")
@@ -527,5 +527,5 @@ def test_kill_between_submit_and_journal_commit_resubmits_that_one_batch(workdir
         server.config.respond_after_s = 0
         assert run_cli("job") == 0
         assert_all_answered(data, server)
-        assert [n for _, n in server.submissions] == [300, 300]
-        assert server.duplicates() == 300  # that one batch, once more; never more than one per kill
+        assert [n for _, n in server.submissions] == [300]
+        assert server.duplicates() == 0

@@ -273,7 +273,7 @@ def test_an_unknown_status_word_ends_polling_with_a_clear_line(workdir: Path, fl
 
 @pytest.mark.parametrize("flavour", ["openrouter", "openai"])
 def test_a_batch_past_its_expires_at_ends_polling_with_a_clear_line(workdir: Path, flavour: str) -> None:
-    with fake(flavour, expire_stuck=True, expires_after_s=-60) as server:
+    with fake(flavour, expire_stuck=True, expires_after_s=-3600) as server:
         batch_job(workdir, server, 4)
         code, err = _run_sub(workdir)
         assert code == 3, err

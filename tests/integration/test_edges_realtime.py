@@ -73,7 +73,7 @@ def test_a_billed_reply_without_content_is_charged_once_and_not_paid_again(
     assert math.isclose(summary["cost_usd"], stats["cost"], rel_tol=1e-9)
     assert math.isclose(journal_spent(), stats["cost"], rel_tol=1e-9)
     rows = pq.read_table(OUTPUT).to_pylist()
-    assert all(r["cost_usd"] and r["error"] and "no content" in r["error"] for r in rows)
+    assert all(r["cost_usd"] and r["error"] and "without an answer" in r["error"] for r in rows)
     # A rerun pays nothing again; --retry-failed asks again on purpose.
     assert run_cli("job") == 1
     assert server.stats()["requests"] == 20

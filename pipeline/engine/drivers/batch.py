@@ -6,17 +6,27 @@ most the provider's request and byte limits, reserving each batch's worst case
 against ``budget_usd`` first. Each batch id and its rows are committed to the
 journal in the transaction that marks those rows ``not_run: pending in batch
 ...``: from then on a rerun, after any crash, polls the batch instead of
-submitting its rows again. (A kill between the provider accepting a batch and
-that commit loses the id: that one batch's rows are submitted again.)
+submitting its rows again. A kill between the provider accepting a batch and
+that commit loses the id, not the batch: every submission carries metadata
+(the job's identity and a digest of its rows), and the next run lists the
+provider's recent batches and adopts the one that matches the batch it is
+about to submit, instead of paying for it twice (``pipeline status`` names
+adopted batches).
 
 The run then polls its pending batches every ``batch_poll_s`` seconds and
 journals each terminal batch's results page by page, each page in one
 transaction that also marks its rows collected, so a rerun that reads a page
 again skips what it already has. Rows a batch never answered (it expired,
 failed or was cancelled) are journaled as transient errors and submitted again
-in a new batch; so are results that carry a transient error. With
-``wait=False`` (``--no-wait``) the run submits, collects what has finished,
-writes the output and ends with exit code 3 while batches are pending.
+in a new batch; so are results that carry a transient error. Of several
+results for one ``custom_id`` the best wins (an answer over an error). A
+result without ``usage`` is charged from counted tokens (the prompt counted
+again from the input, the completion from its text, at most ``max_tokens``).
+A status word the provider never documented, or a batch still running well
+past its ``expires_at``, ends polling with a clear line (the batch stays in
+the journal). With ``wait=False`` (``--no-wait``) the run submits, collects
+what has finished, writes the output and ends with exit code 3 while
+batches are pending.
 
 No chat request is ever sent in this mode, and rate caps do not apply: batches
 do not count against the providers' rate limits.
@@ -24,6 +34,8 @@ do not count against the providers' rate limits.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -31,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from pipeline.engine.admission import Ticket
+from pipeline.engine.admission import Ticket, count_rows
 from pipeline.engine.client import Attempted, backoff_delay, request_headers
 from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.selection import RowSelector
@@ -45,7 +57,9 @@ from pipeline.providers.batches import (
     BatchRequest,
     BatchResult,
     BatchState,
+    BatchStatus,
     custom_id_for,
+    submission_metadata,
 )
 from pipeline.store.batches import BatchRow, BatchStore, KnownBatch, SubmittedRow
 from pipeline.store.journal import Journal, JournalRow, RowStatus
@@ -57,6 +71,10 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 120.0  # a provider may take a while to accept a 200 MB batch
 ENVELOPE_BYTES = 4096  # room for the submission's own fields around the requests
+# A batch still running this long after its expires_at is not going to end by itself.
+EXPIRY_GRACE_S = 900.0
+# Of several results for one custom_id, the best: an answer, then a final error, then the rest.
+_RANK = {ReplyKind.OK: 0, ReplyKind.FATAL: 1, ReplyKind.AUTH: 2, ReplyKind.RETRY: 3}
 
 
 def make_adapter(plan: Plan) -> BatchAdapter:
@@ -145,6 +163,11 @@ class BatchRun:
         self._first_scan = True
         self._poll_failures: dict[str, int] = {}
         self._budget_blocked = False  # a batch waits for pending batches to release their reservations
+        self._orphans: dict[str, str] | None = None  # rows digest -> id of batches no journal knows
+        # Names this job's journal at the provider: its identity and when the journal was created,
+        # so a journal started over (--fresh) never adopts the batches of the one set aside.
+        tag = f"{plan.identity_hash}:{journal.get_meta('created')}"
+        self._journal_tag = hashlib.sha256(tag.encode()).hexdigest()[:24]
 
     def _held(self, keys: list[str]) -> set[str]:
         """Rows not to submit now: waiting in a pending batch, or submitted max_attempts times by this run."""
@@ -245,11 +268,13 @@ class BatchRun:
             self.stops.stop(StopReason.budget(budget.spent, budget.limit or 0.0, reserved_by_batches=budget.reserved))
             return False
         requests = [q.request for q in chunk]
+        metadata = submission_metadata(self._journal_tag, [r.custom_id for r in requests])
+        batch_id = await self._orphan(session, metadata["pipeline_rows"])
         attempt = 0
-        while True:
+        while batch_id is None:
             attempt += 1
             try:
-                batch_id = await self.adapter.submit(session, requests)
+                batch_id = await self.adapter.submit(session, requests, metadata)
                 break
             except BatchApiError as exc:
                 reply = exc.reply
@@ -282,6 +307,28 @@ class BatchRun:
         self.tracker.requests(len(chunk), 0.0, None, None)
         return not self.stopper.stopped  # a stop (Ctrl-C) during the upload: submit nothing more
 
+    async def _orphan(self, session: aiohttp.ClientSession, rows_digest: str) -> str | None:
+        """A batch of exactly these rows that the provider accepted but no journal recorded (a crash).
+
+        The provider's recent batches are listed once per run, on the first
+        submission; a listing that fails (a provider without the route) finds none.
+        """
+        if self._orphans is None:
+            self._orphans = {}
+            try:
+                listed = await self.adapter.list_batches(session)
+            except BatchApiError:
+                listed = []
+            known = self.store.known_ids()
+            job = self._journal_tag
+            for batch in reversed(listed):  # newest last: it wins
+                if batch.id not in known and batch.metadata.get("pipeline_job") == job:
+                    self._orphans[batch.metadata.get("pipeline_rows", "")] = batch.id
+        batch_id = self._orphans.pop(rows_digest, None)
+        if batch_id is not None:
+            self.store.note_adopted(batch_id)
+        return batch_id
+
     def _submission_failed(self, reply: Reply) -> None:
         if reply.kind == ReplyKind.AUTH:
             self.stops.stop(StopReason.key_refused(reply.error))
@@ -306,6 +353,10 @@ class BatchRun:
                 self.store.set_status(known.id, state.provider_status)
             if state.status.terminal:
                 await self._collect(session, known, state)
+            elif state.status == BatchStatus.UNKNOWN:
+                self.stops.stop(StopReason.batch_unknown_status(known.id, state.provider_status))
+            elif state.expires_at is not None and time.time() > state.expires_at + EXPIRY_GRACE_S:
+                self.stops.stop(StopReason.batch_overdue(known.id, state.provider_status, state.expires_at))
 
     def _poll_failed(self, known: KnownBatch, reply: Reply) -> None:
         failures = self._poll_failures.get(known.id, 0) + 1
@@ -321,7 +372,8 @@ class BatchRun:
         attempts = self.store.submissions(list({r.key for r in rows.values()}))
         try:
             async for page in self.adapter.results(session, state, known.cursor):
-                self._journal_page(known, rows, attempts, page.results, page.next_cursor)
+                tokens = await self._prompt_tokens(page.results, rows)
+                self._journal_page(known, rows, attempts, page.results, page.next_cursor, tokens)
         except BatchApiError as exc:
             self._poll_failed(known, exc.reply)
             return  # the next poll reads on from the saved cursor
@@ -354,20 +406,21 @@ class BatchRun:
         attempts: dict[str, int],
         results: list[BatchResult],
         cursor: str | None,
+        tokens: dict[str, int] | None = None,
     ) -> None:
         """Settle one page of results: one commit with the batch tables, then the counters and stops."""
         settlement = self.settlement
         settled: list[tuple[Ticket, Settled]] = []
         custom_ids: list[str] = []
         now = time.time()
-        for result in results:
+        for result, billed in _best_results(results):
             ref = rows.get(result.custom_id)
             if ref is None or ref.collected:
                 continue  # not ours, or journaled before (a rerun reading the page again)
             ref.collected = True
             reply = result.reply
-            ticket = Ticket(ref.key, ref.prompt_hash, 0)
-            attempted = Attempted(reply, attempts.get(ref.key, 1), max(0.0, now - known.submitted), reply.cost or 0.0)
+            ticket = Ticket(ref.key, ref.prompt_hash, (tokens or {}).get(ref.key, 0))
+            attempted = Attempted(reply, attempts.get(ref.key, 1), max(0.0, now - known.submitted), billed)
             one = settlement.settle(ticket, attempted)
             one.requests = 0  # the batch's requests were counted when it was submitted
             settled.append((ticket, one))
@@ -383,10 +436,55 @@ class BatchRun:
                 self.collected.add(ticket.key)
             settlement.close(ticket, one, done=not transient)
 
+    async def _prompt_tokens(self, results: list[BatchResult], rows: dict[str, BatchRow]) -> dict[str, int]:
+        """Prompt tokens of answers that came without usage, counted again from the input (off the loop)."""
+        keys = {
+            rows[r.custom_id].key
+            for r in results
+            if r.reply.kind == ReplyKind.OK
+            and r.reply.cost is None
+            and r.reply.prompt_tokens is None
+            and r.custom_id in rows
+            and not rows[r.custom_id].collected
+        }
+        if not keys:
+            return {}
+        try:
+            return await asyncio.to_thread(self._count_prompts, keys)
+        except InputError:
+            return {}  # the input changed since: the completion is still charged
+
+    def _count_prompts(self, keys: set[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for _, batch_keys, rendered in self.plan.batches():
+            wanted = [i for i, key in enumerate(batch_keys) if key in keys and key not in found]
+            if wanted:
+                counted = count_rows(self.plan.counter, rendered, wanted)
+                found.update((batch_keys[i], t) for i, t in zip(wanted, counted, strict=True))
+            if len(found) == len(keys):
+                break
+        return found
+
     def _transient(self, key: str, error: str) -> None:
         """A row to submit again (by this run while it has attempts left, else by the next run)."""
         self.transient[key] = error
         self._scan = True
+
+
+def _best_results(results: list[BatchResult]) -> list[tuple[BatchResult, float]]:
+    """One result per custom_id, the best of its copies (an answer over a malformed twin), in page order.
+
+    Each comes with what all its copies billed: a duplicate that was charged is still paid.
+    """
+    best: dict[str, BatchResult] = {}
+    billed: dict[str, float] = {}
+    for result in results:
+        cid = result.custom_id
+        billed[cid] = billed.get(cid, 0.0) + (result.reply.cost or 0.0)
+        held = best.get(cid)
+        if held is None or _RANK[result.reply.kind] < _RANK[held.reply.kind]:
+            best[cid] = result
+    return [(result, billed[cid]) for cid, result in best.items()]
 
 
 async def run_batch(plan: Plan, journal: Journal, options: RunOptions, controls: Controls) -> RunResult:
