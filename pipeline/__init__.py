@@ -12,9 +12,9 @@ The public surface is re-exported here; everything else is implementation::
     scores.accuracy, scores.cost_usd_full_run_expected, scores.report
 """
 
-from pipeline.api import Result, arun, estimate, load, run
+from pipeline.api import Result, aevaluate, arun, estimate, evaluate, load, run, status
 from pipeline.config.job import Job, load_job
-from pipeline.engine.reports import Estimate, RunSummary
+from pipeline.engine.reports import Estimate, JobStatus, RunSummary
 from pipeline.errors import (
     CredentialsError,
     ExitCode,
@@ -28,7 +28,6 @@ from pipeline.errors import (
     StopRun,
     UserError,
 )
-from pipeline.evaluation.api import aevaluate, evaluate
 from pipeline.evaluation.metrics import LabelScore, Scores
 from pipeline.evaluation.results import Evaluation, VariantEvaluation
 
@@ -41,6 +40,7 @@ __all__ = [
     "InputError",
     "Job",
     "JobError",
+    "JobStatus",
     "JournalError",
     "LabelScore",
     "LocalServerError",
@@ -59,5 +59,6 @@ __all__ = [
     "load",
     "load_job",
     "run",
+    "status",
 ]
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
 """The Python API: a DataFrame in, a DataFrame out, on the same engine as the CLI.
 
 ``run`` and ``arun`` send what is not done yet and return a :class:`Result`;
-``estimate`` is the dry run. Library calls print nothing unless asked for a
+``estimate`` is the dry run; ``status`` reads the journal; ``evaluate`` and
+``aevaluate`` score answers against a gold column. Library calls print nothing unless asked for a
 progress bar, install no signal handlers and leave no process-wide state
 behind. ``run`` works in a plain script, from a thread, and inside a running
 event loop (a notebook cell): there it runs the job on a helper thread with
@@ -38,8 +39,10 @@ from pydantic import ValidationError
 
 from pipeline.config.job import Job, describe_validation_error, load_job
 from pipeline.engine.plan import KeyScheme, Plan, prepare
-from pipeline.engine.reports import Estimate, RunSummary
+from pipeline.engine.reports import Estimate, JobStatus, RunSummary
 from pipeline.errors import ExitCode, JobError, UserError
+from pipeline.evaluation.evaluate import aevaluate_job
+from pipeline.evaluation.results import EvalOptions, Evaluation
 from pipeline.io import fs
 
 if TYPE_CHECKING:
@@ -320,6 +323,86 @@ def estimate(
     from pipeline.engine.estimate import dry_run
 
     return dry_run(plan(data, job, output=output, journal=journal, need_key=False))
+
+
+def status(job: JobLike, *, journal: str | Path | None = None) -> JobStatus:
+    """What the job's journal says, without running it (``pipeline status``): rows done, failed, pending,
+    tokens, what the job has spent, provider batches pending, and whether a run holds the journal now.
+
+    ``journal``: the journal file (default: beside ``[output] path``). Needs no key, no data and no network.
+    """
+    from pipeline.engine.status import job_status
+
+    loaded = load(job)
+    path = Path(journal) if journal is not None else loaded.output.journal_path
+    if path is None:
+        raise JobError("status: the job has no [output] path: pass journal= (the journal file)")
+    return job_status(loaded, path)
+
+
+async def aevaluate(
+    data: Any = None,
+    job: JobLike | None = None,
+    *,
+    gold: str,
+    sample: int | None = None,
+    seed: int = 0,
+    field: str | None = None,
+    journal: str | Path | None = None,
+    min_accuracy: float | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Evaluate in the running event loop; see :func:`evaluate`."""
+    if job is None:
+        raise JobError("job: pass a job file path, a dict shaped like the TOML file, or a pipeline.Job")
+    options = EvalOptions(
+        gold=gold,
+        sample=sample,
+        seed=seed,
+        field=field,
+        quiet=not progress,
+        notebook=True,
+        min_accuracy=min_accuracy,
+    )
+    return await aevaluate_job(load(job), options, data=data, journal=Path(journal) if journal is not None else None)
+
+
+def evaluate(
+    data: Any = None,
+    job: JobLike | None = None,
+    *,
+    gold: str,
+    sample: int | None = None,
+    seed: int = 0,
+    field: str | None = None,
+    journal: str | Path | None = None,
+    min_accuracy: float | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Answer the rows that have a gold label (all, or a seeded sample of ``sample``) and score them.
+
+    ``data`` and ``job`` are as for :func:`pipeline.run`. ``gold`` names the
+    column with the right answers; ``field`` the schema property to compare
+    (default: ``label``, or the schema's only property). The answers are
+    journaled like a run's, so a later :func:`pipeline.run` of the same job
+    pays nothing for them; with ``[[variants]]`` every variant answers the
+    same rows in its own journal. Returns an :class:`Evaluation`: accuracy,
+    per-label scores, confusion matrix, costs, one entry per variant in
+    ``results``, and the paths of the confusion-matrix PNG and the HTML report.
+    """
+    call = aevaluate(
+        data,
+        job,
+        gold=gold,
+        sample=sample,
+        seed=seed,
+        field=field,
+        journal=journal,
+        min_accuracy=min_accuracy,
+        progress=progress,
+    )
+    result: Evaluation = _run_sync(call)
+    return result
 
 
 def _run_sync(call: Any) -> Any:

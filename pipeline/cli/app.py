@@ -17,7 +17,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from pipeline.cli.signals import STOP_SIGNALS
-from pipeline.config.job import Job, load_job
+from pipeline.config.job import DEFAULT_BASE_URL, Job, load_job
 from pipeline.errors import ExitCode, JobError, PipelineError, UserError
 from pipeline.io.fs import DataPath, parse_data_path
 from pipeline.secrets import Redactor, looks_like_key
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     prices = sub.add_parser("prices", help="show or refresh the price table")
     prices.add_argument("model", nargs="?", help="show one model (without it: list the known models)")
     prices.add_argument("--refresh", action="store_true", help="fetch prices from OpenRouter into the local cache")
-    prices.add_argument("--base-url", default="https://openrouter.ai/api/v1")
+    prices.add_argument("--base-url", default=DEFAULT_BASE_URL)
     return parser
 
 
@@ -183,9 +183,11 @@ def _output(args: argparse.Namespace) -> DataPath | None:
 
 
 def _status(job: Job, as_json: bool) -> int:
-    from pipeline.cli.status import format_status, job_status
+    from pipeline.cli.status import format_status
+    from pipeline.engine.status import job_status
 
-    status = job_status(job)
+    assert job.output.journal_path is not None, "the CLI requires [output] path"
+    status = job_status(job, job.output.journal_path)
     print(json.dumps(status.to_dict()) if as_json else format_status(status))
     return EXIT_OK
 

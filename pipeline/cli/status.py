@@ -1,79 +1,8 @@
-"""``pipeline status``: what the journal says about a job, without running it."""
+"""``pipeline status``: the job's status (computed in :mod:`pipeline.engine.status`) as text."""
 
 from __future__ import annotations
 
-import datetime as dt
-from dataclasses import replace
-
-from pipeline.config.job import Job
-from pipeline.engine.reports import JobStatus, PendingBatch
-from pipeline.store.journal import Journal, RunLock
-
-
-def job_status(job: Job) -> JobStatus:
-    path = job.output.journal_path
-    assert path is not None, "the CLI requires [output] path"
-    holder = RunLock(path).holder()
-    base = JobStatus(job.name, str(path), holder is not None, holder, started=False, rows_total=None)
-    if not path.exists():
-        return base
-    journal = Journal(path, readonly=True)
-    try:
-        summary = journal.summary()
-        total = journal.get_meta("total_rows")
-        spent = journal.job_spent()
-        batches = _pending_batches(journal)
-        adopted = _adopted_batches(journal)
-    finally:
-        journal.close()
-    by = summary["by_status"]
-    done = by.get("ok", 0)
-    failed = by.get("failed", 0) + by.get("invalid", 0)
-    skipped = by.get("skipped", 0)
-    rows_total = int(total) if total else None
-    pending = max(0, rows_total - done - failed - skipped) if rows_total is not None else None
-    # Rows waiting in provider batches are journaled as transient "pending" markers.
-    in_batches = sum(b.rows for b in batches)
-    last = summary["last_update"]
-    return replace(
-        base,
-        started=True,
-        rows_total=rows_total,
-        rows_done=done,
-        rows_failed=failed,
-        rows_skipped=skipped,
-        rows_retryable=max(0, by.get("transient", 0) - in_batches),
-        rows_pending=pending,
-        prompt_tokens=summary["prompt_tokens"],
-        completion_tokens=summary["completion_tokens"],
-        cost_usd=round(spent, 8),
-        last_progress=dt.datetime.fromtimestamp(last, dt.UTC).isoformat(timespec="seconds") if last else None,
-        batches_pending=batches,
-        rows_in_batches=in_batches,
-        batches_adopted=adopted,
-    )
-
-
-def _adopted_batches(journal: Journal) -> list[str]:
-    from pipeline.store.batches import BatchStore
-
-    store = BatchStore(journal)
-    return store.adopted() if store.has_tables() else []
-
-
-def _pending_batches(journal: Journal) -> list[PendingBatch]:
-    """Batch mode: provider batches not yet collected."""
-    from pipeline.store.batches import BatchStore
-
-    store = BatchStore(journal)
-    if not store.has_tables():
-        return []
-    return [
-        PendingBatch(
-            b.id, b.provider, b.status, b.rows, dt.datetime.fromtimestamp(b.submitted, dt.UTC).isoformat("T", "seconds")
-        )
-        for b in store.pending()
-    ]
+from pipeline.engine.reports import JobStatus
 
 
 def format_status(s: JobStatus) -> str:

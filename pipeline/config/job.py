@@ -32,7 +32,6 @@ from pipeline.io.fs import default_journal, is_uri, parse_data_path
 
 DEFAULT_MODEL = "mistralai/ministral-8b"
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
-PROVIDERS = ("openrouter", "openai", "mistral", "local")
 # Types [input] dtypes may force a column to (see io/source/common.py).
 DType = Literal["string", "int64", "float64", "bool", "timestamp"]
 # HTTP header names are RFC 9110 tokens; anything else would be refused by the
@@ -80,7 +79,7 @@ class PromptSpec(_Section):
 
 class ModelSpec(_Section):
     name: str = DEFAULT_MODEL
-    provider: Literal["openrouter", "openai", "mistral", "local"] | None = None
+    provider: str | None = None  # a name in the provider registry (checked when the job is planned)
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = "OPENROUTER_API_KEY"
     max_tokens: StrictInt = Field(default=256, gt=0)

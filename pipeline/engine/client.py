@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from pipeline.engine.limits.limiter import RateLimiter
-from pipeline.providers.base import Dialect, Reply, ReplyKind, parse_response
+from pipeline.providers.base import Reply, ReplyKind, parse_response
+from pipeline.providers.dialect import Dialect
 from pipeline.secrets import Redactor
 
 BACKOFF_BASE_S = 0.5

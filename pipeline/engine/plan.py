@@ -29,9 +29,11 @@ from pipeline.io.fs import DataPath
 from pipeline.io.output import OUTPUT_FORMATS, RESULT_COLUMNS, check_journal_location, check_output_location
 from pipeline.io.source import Source, check_id_column, row_keys
 from pipeline.providers import provider_for
-from pipeline.providers.base import Dialect, Provider
+from pipeline.providers.dialect import Dialect
+from pipeline.providers.provider import Provider
 from pipeline.secrets import key_from_environment
 from pipeline.store.journal import read_meta
+from pipeline.store.meta import Meta
 
 if TYPE_CHECKING:
     from pipeline.structured import StructuredSpec
@@ -175,6 +177,7 @@ def prepare(
     ``[output] path`` for this run only (the journal stays the job's);
     ``journal`` overrides where the journal lives.
     """
+    provider = provider_for(job.model)  # first: an unknown provider is a job error, whatever the data
     source = _open_source(job, data)
     renderer = PromptRenderer(job.prompt.user, job.prompt.system)
     renderer.check_columns(source.columns, str(source.path))
@@ -190,7 +193,6 @@ def prepare(
         structured.check_clashes(source.columns)
     id_column = job.input.id_column
     total = check_id_column(source, id_column) if id_column else source.count_rows()
-    provider = provider_for(job.model)
     model_name = provider.model_name(job.model)
     info = model_info(
         model_name,
@@ -233,7 +235,7 @@ def stored_key_scheme(journal_path: Path) -> KeyScheme:
     if not journal_path.exists():
         return KeyScheme.CONTENT
     try:
-        stored = read_meta(journal_path, "key_scheme")
+        stored = read_meta(journal_path, Meta.KEY_SCHEME)
     except JournalError:
         return KeyScheme.CONTENT  # opening it for the run says what is wrong (or --fresh sets it aside)
     return KeyScheme(stored) if stored else KeyScheme.CONTENT

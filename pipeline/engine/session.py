@@ -29,6 +29,7 @@ from pipeline.errors import ExitCode, InputError
 from pipeline.io.output import output_schema, write_output, write_table
 from pipeline.store.batches import refuse_fresh_if_batches_pending
 from pipeline.store.journal import Journal, RunLock
+from pipeline.store.meta import Meta
 
 
 class Controls:
@@ -89,8 +90,8 @@ def opened(plan: Plan, options: RunOptions) -> Iterator[Journal]:
         journal = Journal.open(plan.journal_path, plan.identity(), fresh=options.fresh)
         try:
             if plan.key_scheme != KeyScheme.ID:  # --fresh may have replaced the journal prepare() read
-                plan.key_scheme = KeyScheme(journal.get_meta("key_scheme") or KeyScheme.CONTENT)
-            journal.set_meta("total_rows", str(plan.total_rows))
+                plan.key_scheme = KeyScheme(journal.get_meta(Meta.KEY_SCHEME) or KeyScheme.CONTENT)
+            journal.set_meta(Meta.TOTAL_ROWS, str(plan.total_rows))
             yield journal
         finally:
             journal.close()

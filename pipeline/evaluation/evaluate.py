@@ -30,7 +30,7 @@ from pipeline.errors import ExitCode, InputError, JobError
 from pipeline.evaluation.metrics import ERROR, NULL, canonical, pareto_front, score_counts
 from pipeline.evaluation.results import EvalOptions, Evaluation, Mistake, VariantEvaluation
 from pipeline.io.fs import is_uri
-from pipeline.store.journal import Journal, JournalRow, RowStatus
+from pipeline.store.journal import Journal, JournalRow, RowStatus, read_only
 
 if TYPE_CHECKING:
     from pipeline.engine.session import Controls
@@ -239,16 +239,13 @@ def _score(target: _Target, gold: str, rows: frozenset[int]) -> _Tally:
     its rendered prompt, which a variant's prompt override changes.
     """
     tally = _Tally()
-    journal = Journal(target.plan.journal_path, readonly=True)
-    try:
+    with read_only(target.plan.journal_path) as journal:
         offset = 0
         for batch, keys in target.plan.keyed_batches():
             picked = [i for i in range(batch.num_rows) if offset + i in rows]
             offset += batch.num_rows
             if picked:
                 _tally_batch(tally, target, batch, keys, picked, gold, journal)
-    finally:
-        journal.close()
     return tally
 
 

@@ -1,7 +1,8 @@
-"""Providers: one module each; the registry below is the only list of them.
+"""Providers: one folder each; the registry below is the only list of them.
 
-To add a provider, write a module with a :class:`~pipeline.providers.base.Provider`
-subclass and add an instance to ``_ALL``.
+To add a provider, write a folder with a :class:`~pipeline.providers.provider.Provider`
+subclass (``chat.py``, and ``batches.py`` when it has a batch API) and add an
+instance to ``_ALL``; docs/architecture.md shows a worked example.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
-from pipeline.providers.base import Provider
+from pipeline.errors import JobError
 from pipeline.providers.local import Local
 from pipeline.providers.mistral import Mistral
 from pipeline.providers.openai import OpenAI
 from pipeline.providers.openrouter import OpenRouter
+from pipeline.providers.provider import Provider
 
 if TYPE_CHECKING:
     from pipeline.config.job import ModelSpec
@@ -21,15 +23,15 @@ if TYPE_CHECKING:
 
 _ALL: tuple[Provider, ...] = (OpenRouter(), Mistral(), OpenAI(), Local())
 REGISTRY: dict[str, Provider] = {p.name: p for p in _ALL}
-ALIASES = {"llamacpp": "local"}
 NAMES = tuple(REGISTRY)
 
 
 def get_provider(name: str) -> Provider:
+    """The registered provider ``name``; a JobError naming the known ones otherwise."""
     try:
-        return REGISTRY[ALIASES.get(name, name)]
+        return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown provider {name!r} (known: {', '.join(NAMES)})") from None
+        raise JobError(f"[model] provider: unknown provider {name!r} (known: {', '.join(NAMES)})") from None
 
 
 def guess_provider(base_url: str) -> Provider:
@@ -41,9 +43,27 @@ def provider_for(spec: ModelSpec) -> Provider:
     return get_provider(spec.provider) if spec.provider else guess_provider(spec.base_url)
 
 
+def batch_providers() -> list[str]:
+    """The providers with a batch API, by name."""
+    return [p.name for p in _ALL if _has_batches(p)]
+
+
+def _has_batches(provider: Provider) -> bool:
+    return type(provider).batches is not Provider.batches
+
+
 def request_fields(structured: StructuredSpec, name: str) -> dict[str, Any]:
     """The request-body fields that ask provider ``name`` for replies fitting ``structured`` (a fresh copy)."""
     return get_provider(name).structured_fields(copy.deepcopy(structured.schema))
 
 
-__all__ = ["NAMES", "REGISTRY", "Provider", "get_provider", "guess_provider", "provider_for", "request_fields"]
+__all__ = [
+    "NAMES",
+    "REGISTRY",
+    "Provider",
+    "batch_providers",
+    "get_provider",
+    "guess_provider",
+    "provider_for",
+    "request_fields",
+]

@@ -1,10 +1,9 @@
-"""What every provider shares: the Provider rules, request bodies, reply parsing and error classes.
+"""Replies: one HTTP exchange with a chat server, classified the same way for every provider.
 
-A provider's own rules (how its URL looks, how it wants structured output,
-parameters it names differently, whether it needs a key or reports cost, a
-server to start) live in one module each, as a :class:`Provider` subclass
-registered in ``providers/__init__.py``. The engine only sees :class:`Reply`
-objects whose ``kind`` says what to do next:
+The realtime client and every batch adapter parse with :func:`parse_response`,
+so the engine only sees :class:`Reply` objects whose ``kind`` says what to do
+next (a provider's own rules are a :class:`~pipeline.providers.provider.Provider`
+subclass, its request bodies a :class:`~pipeline.providers.dialect.Dialect`):
 
 - ``ok``: a completion (journal it);
 - ``retry``: transient (408, 409, 429, 5xx, timeouts, dropped connections,
@@ -16,23 +15,18 @@ objects whose ``kind`` says what to do next:
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import json
 import math
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
-from json.encoder import encode_basestring as _encode_string  # what json.dumps(ensure_ascii=False) uses
-from typing import TYPE_CHECKING, Any, ClassVar
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from pipeline.providers.ratelimits import RateLimitInfo, rate_limit_info
 
 if TYPE_CHECKING:
-    from pipeline.config.job import ModelSpec
+    pass
 
 
 class ReplyKind(StrEnum):
@@ -65,102 +59,6 @@ class Reply:
     provider: str | None = None
     generation_id: str | None = None
     limits: RateLimitInfo | None = None  # what the server said about its rate limits, if anything
-
-
-class Provider:
-    """One kind of server's rules. A new provider is one module with a subclass, registered by name."""
-
-    name: ClassVar[str] = "openai"
-    reports_cost: ClassVar[bool] = False  # usage.cost on every response; else cost = tokens x price
-    needs_key: ClassVar[bool] = True
-    free: ClassVar[bool] = False  # no price to pay (a model on this machine)
-    rate_limited: ClassVar[bool] = True  # a limit for requests_per_minute = "auto" to learn
-
-    async def stated_rate_limit(self, session: aiohttp.ClientSession, base_url: str) -> RateLimitInfo | None:
-        """A rate limit the provider states outside replies (asked once per run, best effort)."""
-        return None
-
-    def matches(self, base_url: str) -> bool:
-        """True when ``base_url`` is this provider's own (for guessing it when the job names none)."""
-        return False
-
-    def adapt_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """``[model.params]`` under this provider's names."""
-        return params
-
-    def structured_fields(self, schema: dict[str, Any]) -> dict[str, Any]:
-        """Fields to merge into the request body to ask for replies that fit ``schema``."""
-        return {
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "strict": True, "schema": schema},
-            }
-        }
-
-    def model_name(self, spec: ModelSpec) -> str:
-        return spec.name
-
-    def context_length(self, spec: ModelSpec) -> int | None:
-        """The context window when the provider knows it (None: from the price table)."""
-        return None
-
-    @contextlib.asynccontextmanager
-    async def server(self, spec: ModelSpec) -> AsyncIterator[str | None]:
-        """A server this provider starts for the run (its base URL), or None to use ``base_url``."""
-        yield None
-
-
-class Dialect:
-    """The request bodies of one run: the fixed part serialised once, only the messages vary."""
-
-    def __init__(
-        self, spec: ModelSpec, model_name: str, structured_fields: dict[str, Any], provider: Provider | None = None
-    ) -> None:
-        self.provider = provider or Provider()
-        self.profile = self.provider.name
-        self.url = f"{spec.base_url}/chat/completions"
-        self._base = self._base_body(spec, model_name, structured_fields)
-        # The fixed part of every body, serialised once: only the messages vary.
-        fixed = json.dumps({**self._base, "messages": None}, ensure_ascii=False).encode()
-        self._prefix, self._suffix = fixed.split(b'"messages": null', 1)
-        self._prefix += b'"messages": '
-
-    def _base_body(self, spec: ModelSpec, model_name: str, structured: dict[str, Any]) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": model_name, "max_tokens": spec.max_tokens}
-        if spec.temperature is not None:
-            body["temperature"] = spec.temperature
-        params = self.provider.adapt_params(dict(spec.params))
-        _deep_merge(body, structured)
-        _deep_merge(body, params)  # the job's own params win
-        return body
-
-    def body(self, messages: list[dict[str, str]]) -> bytes:
-        return self._prefix + json.dumps(messages, ensure_ascii=False).encode() + self._suffix
-
-    def chat_body(self, system: str | None, user: str) -> bytes:
-        """``body`` of a system (or no system) and a user message, byte for byte.
-
-        Built around the C string encoder that ``json.dumps(ensure_ascii=False)``
-        uses, instead of a JSON encoder per row: a few microseconds a request.
-        """
-        user_part = '{"role": "user", "content": ' + _encode_string(user) + "}]"
-        if system is None:
-            messages = "[" + user_part
-        else:
-            messages = '[{"role": "system", "content": ' + _encode_string(system) + "}, " + user_part
-        return self._prefix + messages.encode() + self._suffix
-
-    def identity(self) -> dict[str, Any]:
-        return {key: value for key, value in self._base.items() if key != "model"}
-
-
-def _deep_merge(target: dict[str, Any], extra: dict[str, Any]) -> None:
-    """Merge nested tables, e.g. the job's ``provider`` routing with ``require_parameters``."""
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            _deep_merge(target[key], value)
-        else:
-            target[key] = value
 
 
 def parse_response(status: int, body: bytes, headers: Any) -> Reply:

@@ -18,7 +18,7 @@ from pipeline.errors import InputError, JobError
 from pipeline.io.fs import basename, is_uri
 from pipeline.reporting import charts
 from pipeline.reporting.html import cards, esc, img, money, page, table
-from pipeline.store.journal import Journal, RowStatus
+from pipeline.store.journal import RowStatus, read_only
 from pipeline.store.stats import JournalSummary, journal_summary
 
 
@@ -54,11 +54,8 @@ def write_report(job: Job) -> JournalReport:
         raise JobError("[output] path: required key is missing")
     if not journal_path.exists():
         raise InputError(f"no journal at {journal_path}: run the job (or pipeline eval) first")
-    journal = Journal(journal_path, readonly=True)
-    try:
+    with read_only(journal_path) as journal:
         stats = journal_summary(journal.conn, job.prompt.labels, job.prompt.column_prefix)
-    finally:
-        journal.close()
     images = draw(stats, job)
     # Beside a local output; beside the (local) journal for an s3:// one.
     local = journal_path.with_name(basename(out)) if is_uri(out) else Path(out)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.errors import JournalError, UserError
 from pipeline.store.journal import Journal, JournalRow
+from pipeline.store.meta import Meta
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +74,11 @@ class BatchStore:
 
     def adopted(self) -> list[str]:
         """Batches a run found at the provider (accepted before a crash) and adopted instead of paying twice."""
-        value = self.journal.get_meta("adopted_batches")
+        value = self.journal.get_meta(Meta.ADOPTED_BATCHES)
         return list(json.loads(value)) if value else []
 
     def note_adopted(self, batch_id: str) -> None:
-        self.journal.set_meta("adopted_batches", json.dumps([*self.adopted(), batch_id]))
+        self.journal.set_meta(Meta.ADOPTED_BATCHES, json.dumps([*self.adopted(), batch_id]))
 
     def pending_keys(self, keys: list[str]) -> set[str]:
         """The keys among ``keys`` that sit in a batch not yet collected."""

@@ -12,12 +12,13 @@ paid for without being journaled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import Field, dataclass, fields
 from enum import StrEnum
 from operator import attrgetter
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import IdentityError, JournalError, LockedError
+from pipeline.store.meta import Meta
 from pipeline.store.migrations import BATCH_SCHEMA, SCHEMA_VERSION, migrate
 
 
@@ -170,8 +172,8 @@ class Journal:
         self.conn.executescript(SCHEMA)
         if new:
             self.conn.executescript(BATCH_SCHEMA)
-            self.set_meta("schema_version", str(SCHEMA_VERSION))
-            self.set_meta("key_scheme", "content")
+            self.set_meta(Meta.SCHEMA_VERSION, str(SCHEMA_VERSION))
+            self.set_meta(Meta.KEY_SCHEME, "content")
         else:
             migrate(self.conn)
 
@@ -195,11 +197,11 @@ class Journal:
             set_aside(path)
         journal = cls(path)
         if carried:
-            journal.set_meta("spent_before_usd", repr(carried))
-        stored = journal.get_meta("identity")
+            journal.set_meta(Meta.SPENT_BEFORE_USD, repr(carried))
+        stored = journal.get_meta(Meta.IDENTITY)
         if stored is None:
-            journal.set_meta("identity", json.dumps(identity, sort_keys=True, default=str))
-            journal.set_meta("created", str(time.time()))
+            journal.set_meta(Meta.IDENTITY, json.dumps(identity, sort_keys=True, default=str))
+            journal.set_meta(Meta.CREATED, str(time.time()))
         else:
             changed = changed_keys(json.loads(stored), json.loads(json.dumps(identity, default=str)))
             if changed:
@@ -214,11 +216,11 @@ class Journal:
     def close(self) -> None:
         self.conn.close()
 
-    def get_meta(self, key: str) -> str | None:
+    def get_meta(self, key: Meta) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def set_meta(self, key: str, value: str) -> None:
+    def set_meta(self, key: Meta, value: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def has_rows(self) -> bool:
@@ -296,29 +298,16 @@ class Journal:
 
     def spent(self) -> float:
         """Everything billed into this journal, across runs."""
-        value = self.get_meta("spent_usd")
+        value = self.get_meta(Meta.SPENT_USD)
         return float(value) if value else 0.0
 
     def job_spent(self) -> float:
         """Everything the job has been billed, including journals set aside by ``--fresh``."""
-        before = self.get_meta("spent_before_usd")
+        before = self.get_meta(Meta.SPENT_BEFORE_USD)
         return self.spent() + (float(before) if before else 0.0)
 
     def any_cost_estimated(self) -> bool:
         return self.conn.execute("SELECT EXISTS (SELECT 1 FROM results WHERE cost_estimated)").fetchone()[0] == 1
-
-    def summary(self) -> dict[str, Any]:
-        """Counts, tokens and cost by status, for ``pipeline status``."""
-        by_status = dict(self.conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall())
-        tokens = self.conn.execute(
-            "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), MAX(updated) FROM results"
-        ).fetchone()
-        return {
-            "by_status": by_status,
-            "prompt_tokens": tokens[0],
-            "completion_tokens": tokens[1],
-            "last_update": tokens[2],
-        }
 
     def completion_token_sample(self, limit: int = 100_000) -> list[int]:
         rows = self.conn.execute(
@@ -328,16 +317,27 @@ class Journal:
         return [r[0] for r in rows]
 
 
-def read_meta(path: Path, key: str) -> str | None:
-    """One meta value of an existing journal, read without locking or migrating it."""
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[Journal]:
+    """An existing journal, opened read-only: no lock, no migration, no WAL switch; closed after.
+
+    For readers beside a run (``pipeline status``, reports, dry runs,
+    evaluations): a damaged or unreadable journal is a :class:`JournalError`.
+    """
     journal = Journal(path, readonly=True)
     try:
-        row = journal.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        yield journal
     finally:
         journal.close()
-    if row is None and key == "key_scheme":
+
+
+def read_meta(path: Path, key: Meta) -> str | None:
+    """One meta value of an existing journal, read without locking or migrating it."""
+    with read_only(path) as journal:
+        value = journal.get_meta(key)
+    if value is None and key == Meta.KEY_SCHEME:
         return "row_number"  # a journal from before schema version 3
-    return row[0] if row else None
+    return value
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

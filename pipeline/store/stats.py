@@ -140,3 +140,21 @@ def _labels(conn: sqlite3.Connection, labels: Sequence[str] | None, column_prefi
     if missing:
         counts[_NO_ANSWER] = missing
     return counts
+
+
+@dataclass(frozen=True)
+class StatusCounts:
+    """Rows by status, tokens and the last update, for ``pipeline status``."""
+
+    by_status: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+    last_update: float | None
+
+
+def status_counts(conn: sqlite3.Connection) -> StatusCounts:
+    by_status = dict(conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall())
+    prompt, completion, last = conn.execute(
+        "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), MAX(updated) FROM results"
+    ).fetchone()
+    return StatusCounts({str(k): v for k, v in by_status.items()}, prompt, completion, last)

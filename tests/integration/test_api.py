@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import signal
 import sqlite3
 import threading
@@ -180,3 +181,31 @@ def test_old_journal_with_row_number_keys_resumes(server: FakeServer, workdir: P
     with sqlite3.connect(journal) as conn:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
     assert meta["schema_version"] == str(SCHEMA_VERSION) and meta["key_scheme"] == "row_number"
+
+
+def test_status_from_python_is_what_the_cli_prints(
+    server: FakeServer, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli.app import main
+
+    journal = workdir / "api.journal.sqlite"
+    job = job_dict(server.base_url)
+    never = pipeline.status(job, journal=journal)
+    assert isinstance(never, pipeline.JobStatus) and not never.started and not never.active
+
+    pipeline.run(frame(range(12)), job, journal=journal, progress=False)
+    status = pipeline.status(job, journal=journal)
+    assert status.started and status.rows_total == 12 and status.rows_done == 12 and status.rows_pending == 0
+    assert status.cost_usd > 0 and status.prompt_tokens > 0 and status.batches_pending == []
+
+    # The CLI formats the same computation: its --json is this object's dict.
+    (workdir / "jobs" / "api.toml").write_text(
+        f'[input]\npath = "data/in.parquet"\n[prompt]\nuser = "{{text}}"\n'
+        f'[output]\npath = "data/out.parquet"\njournal = "{journal}"\n[model]\nbase_url = "{server.base_url}"\n'
+    )
+    capsys.readouterr()
+    assert main(["status", "api", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == status.to_dict()
+
+    with pytest.raises(pipeline.JobError, match="pass journal="):
+        pipeline.status(job)  # no [output] path and no journal: nothing to read

@@ -454,7 +454,7 @@ def test_request_body_is_the_dialects_json() -> None:
     import json
 
     from pipeline.config.job import ModelSpec
-    from pipeline.providers.base import Dialect
+    from pipeline.providers.dialect import Dialect
 
     spec = ModelSpec(params={"seed": 7, "provider": {"order": ["a"]}, "stop": ['"messages": null']})
     dialect = Dialect(spec, "m/x", {"provider": {"require_parameters": True}})

@@ -22,7 +22,7 @@ from pipeline.cli.app import main
 from pipeline.config.job import ModelSpec, load_job
 from pipeline.engine.plan import prepare
 from pipeline.providers import request_fields
-from pipeline.providers.base import Dialect
+from pipeline.providers.dialect import Dialect
 from tests.conftest import read_output, reviews, run_cli, spawn, write_job, write_parquet
 from tests.fakes.server import (
     LLAMACPP_SCHEMA_ERROR,

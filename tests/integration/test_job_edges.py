@@ -107,3 +107,15 @@ def test_bom_job_runs(server: FakeServer, workdir: Path) -> None:
     job.write_bytes(b"\xef\xbb\xbf" + job.read_bytes())
     assert main(["run", "job", "--quiet"]) == 0
     assert server.stats()["requests"] == 2
+
+
+def test_an_unknown_provider_is_exit_2_naming_the_known_ones(
+    workdir: Path, server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert server.base_url is not None
+    write_parquet(workdir / "data" / "in.parquet", reviews(3))
+    write_job(workdir, server.base_url, model={"provider": "bedrock"})
+    assert main(["run", "job", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown provider 'bedrock'" in err and "openrouter, mistral, openai, local" in err
+    assert server.stats()["requests"] == 0

@@ -184,7 +184,7 @@ CHAT_TEXTS = [
 @pytest.mark.parametrize("system", [None, "You are terse.", 'sys "quoted" 😀\n'])
 def test_chat_body_is_byte_for_byte_the_generic_body(system: str | None, user: str) -> None:
     from pipeline.config.job import ModelSpec
-    from pipeline.providers.base import Dialect
+    from pipeline.providers.dialect import Dialect
 
     dialect = Dialect(ModelSpec(params={"seed": 7}), "m/x", {})
     messages = [{"role": "user", "content": user}]

@@ -489,14 +489,13 @@ def test_request_fields_json_schema_profiles(profile: str) -> None:
         assert set(fields) == {"response_format"}
 
 
-@pytest.mark.parametrize("profile", ["local", "llamacpp"])
-def test_request_fields_llamacpp(profile: str) -> None:
+def test_request_fields_local() -> None:
     spec = schema_spec(CONTACT_SCHEMA)
-    assert request_fields(spec, profile) == {"response_format": {"type": "json_object", "schema": spec.schema}}
+    assert request_fields(spec, "local") == {"response_format": {"type": "json_object", "schema": spec.schema}}
 
 
 def test_request_fields_unknown_profile() -> None:
-    with pytest.raises(ValueError, match="bedrock"):
+    with pytest.raises(JobError, match="unknown provider 'bedrock'"):
         request_fields(labels_spec(), "bedrock")
 
 
@@ -509,7 +508,7 @@ def test_request_fields_are_copies() -> None:
 
 def test_request_fields_json_serialisable() -> None:
     spec = schema_spec(CONTACT_SCHEMA)
-    for profile in ("openrouter", "openai", "mistral", "local", "llamacpp"):
+    for profile in ("openrouter", "openai", "mistral", "local"):
         json.dumps(request_fields(spec, profile))
 
 

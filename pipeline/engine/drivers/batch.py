@@ -63,6 +63,7 @@ from pipeline.providers.batches import (
 )
 from pipeline.store.batches import BatchRow, BatchStore, KnownBatch, SubmittedRow
 from pipeline.store.journal import Journal, JournalRow, RowStatus
+from pipeline.store.meta import Meta
 
 if TYPE_CHECKING:
     from pipeline.engine.plan import Plan
@@ -79,25 +80,15 @@ _RANK = {ReplyKind.OK: 0, ReplyKind.FATAL: 1, ReplyKind.AUTH: 2, ReplyKind.RETRY
 
 def make_adapter(plan: Plan) -> BatchAdapter:
     """The batch API of the job's provider; a JobError for a provider without one."""
-    from pipeline.providers import provider_for
+    from pipeline.providers import batch_providers
 
-    spec = plan.job.model
-    name = provider_for(spec).name
-    if name == "openrouter":
-        from pipeline.providers.openrouter.batches import OpenRouterBatches
-
-        return OpenRouterBatches(spec.batch_url or f"{spec.base_url}/batches", plan.model_name)
-    if name == "mistral":
-        from pipeline.providers.mistral.batches import MistralBatches
-
-        return MistralBatches(spec.base_url, spec.batch_url, plan.model_name)
-    if name == "openai":
-        from pipeline.providers.openai.batches import OpenAIBatches
-
-        return OpenAIBatches(spec.base_url, spec.batch_url)
-    raise JobError(
-        f'[model] mode = "batch" needs a provider with a batch API (openrouter, openai or mistral), not {name}'
-    )
+    adapter = plan.provider.batches(plan.job.model, plan.model_name)
+    if adapter is None:
+        raise JobError(
+            f'[model] mode = "batch" needs a provider with a batch API ({", ".join(batch_providers())}), '
+            f"not {plan.provider.name}"
+        )
+    return adapter
 
 
 # ----------------------------------------------------------------------------- the journal's batch tables
@@ -166,7 +157,7 @@ class BatchRun:
         self._orphans: dict[str, str] | None = None  # rows digest -> id of batches no journal knows
         # Names this job's journal at the provider: its identity and when the journal was created,
         # so a journal started over (--fresh) never adopts the batches of the one set aside.
-        tag = f"{plan.identity_hash}:{journal.get_meta('created')}"
+        tag = f"{plan.identity_hash}:{journal.get_meta(Meta.CREATED)}"
         self._journal_tag = hashlib.sha256(tag.encode()).hexdigest()[:24]
 
     def _held(self, keys: list[str]) -> set[str]:

@@ -37,7 +37,7 @@ import aiohttp
 
 from pipeline.config.job import AUTO, LimitsSpec
 from pipeline.engine.limits.limiter import LearnedRate, LimitSource, RateLimiter, fixed_rate
-from pipeline.providers.base import Provider
+from pipeline.providers.provider import Provider
 from pipeline.providers.ratelimits import RateLimitInfo
 
 START_RPM = 600.0

@@ -6,8 +6,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from pipeline.providers.base import Provider
 from pipeline.providers.local.server import local_server
+from pipeline.providers.provider import Provider
 
 if TYPE_CHECKING:
     from pipeline.config.job import ModelSpec

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.providers.base import Provider
+from pipeline.providers.mistral.batches import MistralBatches
+from pipeline.providers.provider import Provider
+
+if TYPE_CHECKING:
+    from pipeline.config.job import ModelSpec
 
 
 class Mistral(Provider):
@@ -17,3 +21,6 @@ class Mistral(Provider):
         if "seed" in params:
             params["random_seed"] = params.pop("seed")
         return params
+
+    def batches(self, spec: ModelSpec, model_name: str) -> MistralBatches:
+        return MistralBatches(spec.base_url, spec.batch_url, model_name)

@@ -7,8 +7,17 @@ no cost, so cost is tokens x the model's price.
 
 from __future__ import annotations
 
-from pipeline.providers.base import Provider
+from typing import TYPE_CHECKING
+
+from pipeline.providers.openai.batches import OpenAIBatches
+from pipeline.providers.provider import Provider
+
+if TYPE_CHECKING:
+    from pipeline.config.job import ModelSpec
 
 
 class OpenAI(Provider):
     name = "openai"
+
+    def batches(self, spec: ModelSpec, model_name: str) -> OpenAIBatches:
+        return OpenAIBatches(spec.base_url, spec.batch_url)

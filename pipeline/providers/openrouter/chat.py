@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from pipeline.providers.base import Provider
+from pipeline.providers.openrouter.batches import OpenRouterBatches
+from pipeline.providers.provider import Provider
 from pipeline.providers.ratelimits import RateLimitInfo, fetch_key_limit
+
+if TYPE_CHECKING:
+    from pipeline.config.job import ModelSpec
 
 
 class OpenRouter(Provider):
     name = "openrouter"
-    reports_cost = True
 
     def matches(self, base_url: str) -> bool:
         return "openrouter.ai" in base_url
@@ -25,3 +28,6 @@ class OpenRouter(Provider):
         # Route only to endpoints that honour the schema; merged into any
         # [model.params] provider object rather than replacing it.
         return {**super().structured_fields(schema), "provider": {"require_parameters": True}}
+
+    def batches(self, spec: ModelSpec, model_name: str) -> OpenRouterBatches:
+        return OpenRouterBatches(spec.batch_url or f"{spec.base_url}/batches", model_name)

@@ -35,7 +35,7 @@ from pipeline.engine.prompts import PromptRenderer, RenderedBatch
 from pipeline.engine.tokens import TokenCounter, counter_for
 from pipeline.io import fs
 from pipeline.io.source import row_keys
-from pipeline.providers.base import Dialect
+from pipeline.providers.dialect import Dialect
 
 GRANT_BATCH = 16  # send times asked of the limiter actor per call, at most
 CACHED_ROW_GROUPS = 1  # row groups a worker keeps decoded (its units are usually consecutive)
