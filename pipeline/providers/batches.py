@@ -185,6 +185,26 @@ class BatchAdapter(Protocol):
         ...
 
 
+# Of several results for one custom_id, the best: an answer, then a final error, then the rest.
+_RANK = {ReplyKind.OK: 0, ReplyKind.FATAL: 1, ReplyKind.AUTH: 2, ReplyKind.RETRY: 3}
+
+
+def best_results(results: list[BatchResult]) -> list[tuple[BatchResult, float]]:
+    """One result per custom_id, the best of its copies (an answer over a malformed twin), in page order.
+
+    Each comes with what all its copies billed: a duplicate that was charged is still paid.
+    """
+    best: dict[str, BatchResult] = {}
+    billed: dict[str, float] = {}
+    for result in results:
+        cid = result.custom_id
+        billed[cid] = billed.get(cid, 0.0) + (result.reply.cost or 0.0)
+        held = best.get(cid)
+        if held is None or _RANK[result.reply.kind] < _RANK[held.reply.kind]:
+            best[cid] = result
+    return [(result, billed[cid]) for cid, result in best.items()]
+
+
 def custom_id_for(key: str) -> str:
     """The row key when it is a plain short id, else a digest of it (providers limit custom_id)."""
     if _SAFE_ID.fullmatch(key):

@@ -58,6 +58,7 @@ from pipeline.providers.batches import (
     BatchResult,
     BatchState,
     BatchStatus,
+    best_results,
     custom_id_for,
     submission_metadata,
 )
@@ -74,8 +75,6 @@ READ_TIMEOUT_S = 120.0  # a provider may take a while to accept a 200 MB batch
 ENVELOPE_BYTES = 4096  # room for the submission's own fields around the requests
 # A batch still running this long after its expires_at is not going to end by itself.
 EXPIRY_GRACE_S = 900.0
-# Of several results for one custom_id, the best: an answer, then a final error, then the rest.
-_RANK = {ReplyKind.OK: 0, ReplyKind.FATAL: 1, ReplyKind.AUTH: 2, ReplyKind.RETRY: 3}
 
 
 def make_adapter(plan: Plan) -> BatchAdapter:
@@ -404,7 +403,7 @@ class BatchRun:
         settled: list[tuple[Ticket, Settled]] = []
         custom_ids: list[str] = []
         now = time.time()
-        for result, billed in _best_results(results):
+        for result, billed in best_results(results):
             ref = rows.get(result.custom_id)
             if ref is None or ref.collected:
                 continue  # not ours, or journaled before (a rerun reading the page again)
@@ -460,22 +459,6 @@ class BatchRun:
         """A row to submit again (by this run while it has attempts left, else by the next run)."""
         self.transient[key] = error
         self._scan = True
-
-
-def _best_results(results: list[BatchResult]) -> list[tuple[BatchResult, float]]:
-    """One result per custom_id, the best of its copies (an answer over a malformed twin), in page order.
-
-    Each comes with what all its copies billed: a duplicate that was charged is still paid.
-    """
-    best: dict[str, BatchResult] = {}
-    billed: dict[str, float] = {}
-    for result in results:
-        cid = result.custom_id
-        billed[cid] = billed.get(cid, 0.0) + (result.reply.cost or 0.0)
-        held = best.get(cid)
-        if held is None or _RANK[result.reply.kind] < _RANK[held.reply.kind]:
-            best[cid] = result
-    return [(result, billed[cid]) for cid, result in best.items()]
 
 
 async def run_batch(plan: Plan, journal: Journal, options: RunOptions, controls: Controls) -> RunResult:
