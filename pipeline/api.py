@@ -2,11 +2,16 @@
 
 ``run`` and ``arun`` send what is not done yet and return a :class:`Result`;
 ``estimate`` is the dry run; ``status`` reads the journal; ``evaluate`` and
-``aevaluate`` score answers against a gold column. Library calls print nothing unless asked for a
-progress bar, install no signal handlers and leave no process-wide state
-behind. ``run`` works in a plain script, from a thread, and inside a running
-event loop (a notebook cell): there it runs the job on a helper thread with
-its own loop and waits for it.
+``aevaluate`` score answers against a gold column. ``run`` works in a plain
+script, from a thread, and inside a running event loop (a notebook cell):
+there it runs the job on a helper thread with its own loop and waits for it.
+
+Library calls print nothing unless asked for a progress bar, install no
+signal handlers and leave no process-wide state behind, except with
+``engine="ray"``: a Ray instance the call starts is shut down when it ends,
+but the ``ray`` logger stays at ERROR and ``RAY_USAGE_STATS_ENABLED=0`` and
+``RAY_IGNORE_UNHANDLED_ERRORS=1`` stay set (where the environment had not set
+them) for the rest of the process.
 
 Resume works as on the command line: every call journals its answers, so
 calling again on the same or overlapping data pays nothing twice for a row
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import html
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,7 +45,7 @@ from pydantic import ValidationError
 
 from pipeline.config.job import Job, describe_validation_error, load_job
 from pipeline.engine.plan import KeyScheme, Plan, prepare
-from pipeline.engine.reports import Estimate, JobStatus, RunSummary
+from pipeline.engine.reports import Estimate, JobStatus, RunSummary, html_table
 from pipeline.errors import ExitCode, JobError, UserError
 from pipeline.evaluation.evaluate import aevaluate_job
 from pipeline.evaluation.results import EvalOptions, Evaluation
@@ -84,6 +90,32 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.exit_code == ExitCode.OK
+
+    def __repr__(self) -> str:
+        return f"Result(rows={self.table.num_rows}, columns={self.table.num_columns}, summary={self.summary!r})"
+
+    def _repr_html_(self) -> str:
+        """The run's figures and the first rows, so that a notebook cell ending in ``result`` says what happened."""
+        preview = self.table.slice(0, _PREVIEW_ROWS).to_pylist()
+        head = "".join(f"<th>{html.escape(name)}</th>" for name in self.table.column_names)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row.values()) + "</tr>" for row in preview
+        )
+        more = self.table.num_rows - len(preview)
+        note = f"<p>{more:,} more rows: <code>result.to_pandas()</code></p>" if more > 0 else ""
+        return (
+            html_table("Result", self.summary.figures())
+            + f"<div style='overflow-x:auto'><table><tr>{head}</tr>{body}</table></div>{note}"
+        )
+
+
+_PREVIEW_ROWS = 5
+_CELL_CHARS = 60
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 1] + "…"
 
 
 def load(job: JobLike) -> Job:

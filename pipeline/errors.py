@@ -12,7 +12,8 @@
     │   ├── JournalError           the journal cannot be read
     │   └── IdentityError          the journal belongs to different settings
     ├── LocalServerError           exit 2: the local llama.cpp server did not start
-    └── StopRun                    exit 3: stopped early, resumable
+    ├── StopRun                    exit 3: stopped early, resumable
+    └── UnavailableError           exit 3: a service outside the job (the price list) failed; try again
 
 Provider failures are not exceptions: the HTTP boundary turns every response
 into a classified ``Reply`` value (see ``providers/base.py``), recorded per row.
@@ -92,6 +93,16 @@ class StopRun(PipelineError):
     """Sending stopped early (key rejected, out of credits, budget reached, signal).
 
     The run is resumable: rerunning the same command continues it.
+    """
+
+    exit_code = ExitCode.STOPPED
+
+
+class UnavailableError(PipelineError):
+    """Something outside any job could not be fetched or saved (``pipeline prices --refresh`` offline).
+
+    Exit 3, like a stop: nothing was changed, and the same command can simply be
+    run again later. (Exit 1 would claim that rows failed.)
     """
 
     exit_code = ExitCode.STOPPED

@@ -1,4 +1,4 @@
-"""The command line: argparse, signals, GC tuning and all printing. ``asyncio.run`` lives only here."""
+"""The command line: argparse, signals, GC tuning and all printing; a front end, like :mod:`pipeline.api`."""
 
 from pipeline.cli.app import main
 

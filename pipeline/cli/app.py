@@ -1,4 +1,8 @@
-"""The command line: ``pipeline run | status | eval | report | prices``. ``asyncio.run`` lives only here.
+"""The command line: ``pipeline run | status | eval | report | prices``.
+
+``asyncio.run`` is called only by the front ends: here and in the Python
+API's synchronous functions (:mod:`pipeline.api`); the engine never starts a
+loop.
 
 Exit codes: 0 every row succeeded; 1 finished, some rows failed; 2 usage,
 job or input error (nothing sent); 3 stopped early, resumable.
@@ -14,7 +18,7 @@ import json
 import os
 import sqlite3
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline.cli.signals import STOP_SIGNALS
 from pipeline.config.job import DEFAULT_BASE_URL, Job, load_job
@@ -36,8 +40,25 @@ EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = (
 DEFAULT_KEY_ENV = "OPENROUTER_API_KEY"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description="Run batches of LLM requests over datasets.")
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error can be raised as a :class:`UserError` (for ``--json``) instead of exiting."""
+
+    raise_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.raise_errors:
+            raise UserError(f"{self.prog}: {message}")
+        super().error(message)
+
+
+def build_parser(*, raise_errors: bool = False) -> argparse.ArgumentParser:
+    """The parser; ``raise_errors``: a usage error raises ``UserError`` instead of printing usage and exiting."""
+
+    class Parser(_Parser):
+        pass
+
+    Parser.raise_errors = raise_errors  # this call's parser and its subcommands' (argparse builds them of its class)
+    parser = Parser(prog="pipeline", description="Run batches of LLM requests over datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job (resumes where the last run stopped)")
     run.add_argument("job", help="a job file, or a name in jobs/ (NAME means jobs/NAME.toml)")
@@ -69,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_eval_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_eval_commands(sub: argparse._SubParsersAction[Any]) -> None:
     ev = sub.add_parser("eval", help="score the job's answers against a gold column; compare [[variants]]")
     ev.add_argument("job", help="a job file, or a name in jobs/")
     ev.add_argument("--gold", required=True, metavar="COLUMN", help="the input column holding the right answers")
@@ -93,28 +114,37 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    errors = _ErrorPrinter()
+    argv = sys.argv[1:] if argv is None else argv
+    # Known before parsing, so that a usage error is answered in JSON too: with
+    # --json, stdout holds exactly one JSON object on every exit (cron parses it).
+    as_json = "--json" in argv
+    errors = _ErrorPrinter(as_json)
     try:
+        args = build_parser(raise_errors=as_json).parse_args(argv)
         return _dispatch(args, errors)
     except UserError as exc:
-        errors.print(str(exc))
-        return EXIT_USAGE
+        return errors.fail(str(exc), EXIT_USAGE)
     except PipelineError as exc:
-        errors.print(str(exc))
-        return exc.exit_code
+        return errors.fail(str(exc), exc.exit_code)
     except sqlite3.Error as exc:
-        errors.print(f"journal error: {exc}")
-        return EXIT_STOPPED
+        return errors.fail(f"journal error: {exc}", EXIT_STOPPED)
     except KeyboardInterrupt:
-        errors.print("interrupted")
-        return EXIT_STOPPED
+        return errors.fail("interrupted", EXIT_STOPPED)
+    except Exception as exc:  # a bug: keep the traceback, but a script still gets its one JSON object
+        if as_json:
+            errors.fail(f"internal error: {type(exc).__name__}: {exc}", ExitCode.ROWS_FAILED)
+        raise
 
 
 class _ErrorPrinter:
-    """Prints an error as one line, with the job's key (once known) and any bearer token masked."""
+    """Prints an error as one line, with the job's key (once known) and any bearer token masked.
 
-    def __init__(self) -> None:
+    The line goes to stderr always (``--quiet`` promises errors); with ``--json``
+    stdout also gets ``{"error": ..., "exit_code": N}``, the command's one JSON object.
+    """
+
+    def __init__(self, as_json: bool = False) -> None:
+        self.as_json = as_json
         self.redactor = Redactor(os.environ.get(DEFAULT_KEY_ENV))
 
     def use_job(self, job: Job) -> None:
@@ -122,10 +152,13 @@ class _ErrorPrinter:
         # A value that looks like a key where the variable's name belongs is masked too.
         self.redactor = Redactor(os.environ.get(env) if env else None, env if env and looks_like_key(env) else None)
 
-    def print(self, message: str) -> None:
+    def fail(self, message: str, code: int) -> int:
         # One line, whatever the message quotes (a column name may hold a line break).
         text = self.redactor.redact(" ".join(message.split()))
+        if self.as_json:
+            print(json.dumps({"error": text, "exit_code": int(code)}))
         print(f"pipeline: error: {text}", file=sys.stderr)
+        return int(code)
 
 
 def _dispatch(args: argparse.Namespace, errors: _ErrorPrinter) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 
 from pipeline.cli.signals import STOP_SIGNALS
 from pipeline.config.job import Job
@@ -27,7 +28,16 @@ def eval_command(job: Job, args: argparse.Namespace) -> int:
         fresh=args.fresh,
     )
     evaluation = asyncio.run(_with_signals(job, options))
-    print(json.dumps(evaluation.to_dict()) if args.json else format_evaluation(evaluation, args.job))
+    stopped = f"{evaluation.job} stopped: {evaluation.stop_reason}; rerun to finish" if evaluation.stop_reason else None
+    if args.json:
+        fields = evaluation.to_dict()
+        if stopped:
+            fields["error"] = stopped
+        print(json.dumps(fields))
+    else:
+        print(format_evaluation(evaluation, args.job))
+    if stopped and (args.json or args.quiet):  # the error line on stderr too: scripts read stdout
+        print(f"pipeline: {stopped}", file=sys.stderr)
     return int(evaluation.exit_code)
 
 

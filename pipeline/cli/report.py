@@ -26,7 +26,11 @@ def print_summary(plan: Plan, result: RunResult, args: argparse.Namespace) -> No
         else:
             print("estimate for the full job from the sample:\n" + format_report(estimate))
     if args.json:
-        print(json.dumps(summary.to_dict()))  # one JSON object, for scripts
+        fields = summary.to_dict()
+        if summary.exit_code == ExitCode.STOPPED:
+            fields["error"] = _stopped(plan, summary)  # what stopped it, as for any other exit 3
+        print(json.dumps(fields))  # one JSON object, for scripts
+        _print_problems(plan, summary)  # and the error line on stderr, as with --quiet
         return
     if args.quiet:
         _print_problems(plan, summary)
@@ -108,14 +112,18 @@ def _stop_lines(s: RunSummary, job_arg: str) -> list[str]:
 
 
 def _print_problems(plan: Plan, s: RunSummary) -> None:
-    """``--quiet``: nothing on success; one line per problem on stderr."""
+    """``--quiet`` and ``--json``: nothing on success; one line per problem on stderr."""
     if s.exit_code == ExitCode.STOPPED:
-        print(f"pipeline: {plan.job.name} stopped: {s.stop_reason}; rerun to resume", file=sys.stderr)
+        print(f"pipeline: {_stopped(plan, s)}", file=sys.stderr)
     elif s.exit_code == ExitCode.ROWS_FAILED:
         print(
             f"pipeline: {plan.job.name}: {_rows_have_an_error(s)} (see the error column of {s.output})",
             file=sys.stderr,
         )
+
+
+def _stopped(plan: Plan, s: RunSummary) -> str:
+    return f"{plan.job.name} stopped: {s.stop_reason}; rerun to resume"
 
 
 def _rows_have_an_error(s: RunSummary) -> str:

@@ -29,7 +29,7 @@ from typing import Any, TypeGuard
 
 import aiohttp
 
-from pipeline.errors import PipelineError
+from pipeline.errors import UnavailableError
 
 __all__ = ["ModelInfo", "cache_path", "known_models", "model_info", "refresh_prices"]
 
@@ -267,7 +267,7 @@ async def refresh_prices(
     """Download every model's prices from ``GET {base_url}/models`` into the cache.
 
     Returns the cache file and the number of models written. Network and
-    HTTP failures raise :class:`PipelineError`; the old cache is then left
+    HTTP failures raise :class:`UnavailableError` (exit 3); the old cache is then left
     untouched.
     """
     base = base_url.rstrip("/")
@@ -292,7 +292,7 @@ async def refresh_prices(
 
 
 async def _fetch_json(url: str, timeout_s: float) -> Any:
-    """GET ``url`` and decode its JSON body, turning every failure into a PipelineError."""
+    """GET ``url`` and decode its JSON body, turning every failure into an UnavailableError."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with (
@@ -301,16 +301,18 @@ async def _fetch_json(url: str, timeout_s: float) -> Any:
         ):
             if response.status != 200:
                 snippet = (await response.text(errors="replace"))[:200]
-                raise PipelineError(f"could not refresh prices from {url}: HTTP {response.status} {snippet}".rstrip())
+                raise UnavailableError(
+                    f"could not refresh prices from {url}: HTTP {response.status} {snippet}".rstrip()
+                )
             # content_type=None: accept JSON even if served with another type.
             return await response.json(content_type=None)
     except TimeoutError as exc:
-        raise PipelineError(f"could not refresh prices from {url}: no answer within {timeout_s:g} s") from exc
+        raise UnavailableError(f"could not refresh prices from {url}: no answer within {timeout_s:g} s") from exc
     except aiohttp.ClientError as exc:
         reason = str(exc) or type(exc).__name__
-        raise PipelineError(f"could not refresh prices from {url}: {reason}") from exc
+        raise UnavailableError(f"could not refresh prices from {url}: {reason}") from exc
     except ValueError as exc:  # the body is not JSON
-        raise PipelineError(f"could not refresh prices from {url}: invalid JSON: {exc}") from exc
+        raise UnavailableError(f"could not refresh prices from {url}: invalid JSON: {exc}") from exc
 
 
 def _parse_models(body: Any, url: str) -> dict[str, _Entry]:
@@ -322,7 +324,7 @@ def _parse_models(body: Any, url: str) -> dict[str, _Entry]:
     """
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, list):
-        raise PipelineError(f"could not refresh prices from {url}: no 'data' list in the response")
+        raise UnavailableError(f"could not refresh prices from {url}: no 'data' list in the response")
     entries: dict[str, _Entry] = {}
     for item in data:
         parsed = _parse_model(item)
@@ -331,7 +333,7 @@ def _parse_models(body: Any, url: str) -> dict[str, _Entry]:
     if not entries:
         # Writing an empty cache would silently hide the built-in table's
         # figures behind a "refreshed" label; refuse instead.
-        raise PipelineError(f"could not refresh prices from {url}: no model with usable prices")
+        raise UnavailableError(f"could not refresh prices from {url}: no model with usable prices")
     return entries
 
 
@@ -378,4 +380,4 @@ def _write_atomically(path: Path, text: str) -> None:
             Path(tmp_name).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        raise PipelineError(f"could not write the price cache {path}: {exc}") from exc
+        raise UnavailableError(f"could not write the price cache {path}: {exc}") from exc

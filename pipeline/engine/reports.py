@@ -1,11 +1,14 @@
 """The typed reports a run hands to its front end (CLI or Python API).
 
 Frozen dataclasses: the CLI prints them or dumps them with ``asdict()`` for
-``--json``; the Python API returns them as they are.
+``--json``; the Python API returns them as they are. In a notebook they show
+as a short table (``_repr_html_``), and ``repr()`` is one short line: the
+full field list is ``to_dict()``.
 """
 
 from __future__ import annotations
 
+import html
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +72,38 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __repr__(self) -> str:
+        failed = self.rows_failed + self.rows_invalid
+        return (
+            f"RunSummary(job={self.job!r}, exit_code={int(self.exit_code)}, rows_ok={self.rows_ok}, "
+            f"rows_failed={failed}, requests={self.requests}, cost_usd={self.cost_usd:.6g}, wall_s={self.wall_s:.1f})"
+        )
+
+    def figures(self) -> list[tuple[str, str]]:
+        """The figures a person reads first, as (label, text) pairs."""
+        rows = f"{self.rows_ok:,} ok, {self.rows_failed + self.rows_invalid:,} failed, {self.rows_skipped:,} skipped"
+        out = [
+            ("job", self.job),
+            ("model", self.model),
+            ("exit code", f"{int(self.exit_code)} ({self.exit_code.name.lower().replace('_', ' ')})"),
+            ("rows", f"{rows}, {self.rows_resumed:,} already done"),
+            ("requests", f"{self.requests:,} in {self.wall_s:.1f} s"),
+            ("tokens", f"{self.prompt_tokens:,} in + {self.completion_tokens:,} out"),
+            ("cost", f"${self.cost_usd:.6f} (job total ${self.job_spent_usd:.6f})"),
+        ]
+        if self.stop_reason:
+            out.append(("stopped", self.stop_reason))
+        if self.errors:
+            out.append(("errors", ", ".join(f"{k} x{v}" for k, v in sorted(self.errors.items()))))
+        if self.batches_pending:
+            out.append(("batches pending", f"{self.batches_pending:,} ({self.rows_pending:,} rows)"))
+        if self.output:
+            out.append(("output", self.output))
+        return out
+
+    def _repr_html_(self) -> str:
+        return html_table("Run summary", self.figures())
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -109,6 +144,53 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"Estimate(model={self.model!r}, rows_to_send={self.rows_to_send}, rows_done={self.rows_done}, "
+            f"input_tokens={self.input_tokens}, cost_usd_expected={_usd(self.cost_usd_expected)}, "
+            f"cost_usd_max={_usd(self.cost_usd_max)})"
+        )
+
+    def figures(self) -> list[tuple[str, str]]:
+        """The figures a person reads first, as (label, text) pairs."""
+        exact = "exact" if self.tokens_exact else "approximate"
+        out = [
+            ("model", self.model),
+            ("rows to send", f"{self.rows_to_send:,} of {self.rows:,} ({self.rows_done:,} already done)"),
+            ("input tokens", f"{self.input_tokens:,} ({self.tokenizer}, {exact})"),
+            ("output tokens", f"{self.output_tokens_expected:,} expected, {self.output_tokens_max:,} at most"),
+            (
+                "cost",
+                f"{_usd(self.cost_usd_expected)} expected ({_usd(self.cost_usd_min)} to {_usd(self.cost_usd_max)}), "
+                f"prices from {self.price_source}",
+            ),
+        ]
+        if self.mode == "batch":
+            out.append(("time", "within the provider's batch window (usually minutes, at most 24 h)"))
+        elif self.requests_per_minute == "auto":
+            out.append(("time", 'requests_per_minute = "auto": the rate is learned while running'))
+        else:
+            out.append(("time", f"at least {self.duration_s_min:,.0f} s at the job's rate limits"))
+        if self.skipped:
+            out.append(("skipped", ", ".join(f"{k} x{v}" for k, v in sorted(self.skipped.items()))))
+        return out
+
+    def _repr_html_(self) -> str:
+        return html_table("Estimate (dry run)", self.figures())
+
+
+def _usd(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:.6f}"
+
+
+def html_table(title: str, figures: list[tuple[str, str]]) -> str:
+    """A small two-column table for a notebook: no styles of its own, so it follows the notebook's theme."""
+    rows = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
+        for k, v in figures
+    )
+    return f"<table><caption style='text-align:left'><b>{html.escape(title)}</b></caption>{rows}</table>"
 
 
 @dataclass(frozen=True)

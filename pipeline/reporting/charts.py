@@ -127,24 +127,51 @@ def variants_png(points: Sequence[VariantPoint]) -> bytes:
     return _png(fig)
 
 
-def throughput_png(minutes: Sequence[float], rows: Sequence[int]) -> bytes:
-    """Rows finished per minute, against minutes since the first row."""
+def throughput_png(
+    minutes: Sequence[float], rows: Sequence[int], bucket_s: float | None = None, last_bucket_s: float | None = None
+) -> bytes:
+    """Rows finished per minute, against minutes since the first row.
+
+    ``rows`` are rates. The run ends part-way through its last bucket, whose
+    rate is over the ``last_bucket_s`` seconds it covers (of ``bucket_s``):
+    that bar is drawn as wide as that time, hatched when it is a part.
+    """
     fig = Figure(figsize=(7.5, 3.6))
     ax = fig.subplots()
     if not rows:
         _empty(ax, "no rows answered yet")
     else:
         width = (minutes[1] - minutes[0]) if len(minutes) > 1 else 1.0
-        ax.bar(minutes, rows, width=width * 0.9, align="edge", color=_ACCENT)
+        share = last_bucket_s / bucket_s if bucket_s and last_bucket_s is not None and len(rows) > 1 else 1.0
+        ax.bar(minutes[:-1], rows[:-1], width=width * 0.9, align="edge", color=_ACCENT)
+        partial = share < 1.0
+        label = "the run's last part-bucket: rows per minute over the time it covers" if partial else None
+        ax.bar(
+            minutes[-1:],
+            rows[-1:],
+            width=width * share * 0.9,
+            align="edge",
+            color=_ACCENT,
+            alpha=0.45 if partial else 1.0,
+            hatch="//" if partial else None,
+            edgecolor=_ACCENT,
+            label=label,
+        )
+        if partial:
+            ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False, fontsize=8)
         ax.set_xlabel("minutes since the first row")
         ax.set_ylabel("rows per minute")
         ax.grid(axis="y", alpha=0.3)
-    ax.set_title("Throughput")
+    ax.set_title("Throughput", loc="right")
     return _png(fig)
 
 
 def latency_png(latencies: Sequence[float]) -> bytes:
-    """A histogram of request latency, with the median and 95th percentile marked."""
+    """A histogram of request latency, with the median and 95th percentile marked.
+
+    The two lines are named in a legend above the plot area, never on it, so a
+    label cannot cover a bar whatever the distribution's shape.
+    """
     fig = Figure(figsize=(7.5, 3.6))
     ax = fig.subplots()
     if not latencies:
@@ -152,17 +179,14 @@ def latency_png(latencies: Sequence[float]) -> bytes:
     else:
         ordered = sorted(latencies)
         ax.hist(ordered, bins=min(40, max(5, len(ordered) // 5)), color=_ACCENT)
-        for q, name, height in ((0.5, "median", 0.94), (0.95, "p95", 0.84)):
+        for q, name, color in ((0.5, "median", "#1a202c"), (0.95, "p95", _BAD)):
             value = ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-            ax.axvline(value, color=_BAD if name == "p95" else "#1a202c", linestyle="--", linewidth=1)
-            # Labels sit left of their line so the p95 one never runs off the right edge.
-            ax.annotate(f"{name} {value:.2f} s", (value, height), xycoords=("data", "axes fraction"), xytext=(-4, 0),
-                        textcoords="offset points", fontsize=9, ha="right",
-                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8})  # fmt: skip
+            ax.axvline(value, color=color, linestyle="--", linewidth=1, label=f"{name} {value:.2f} s")
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncols=2, frameon=False, fontsize=9)
         ax.set_xlabel("seconds (final attempt)")
         ax.set_ylabel("rows")
         ax.grid(axis="y", alpha=0.3)
-    ax.set_title("Latency")
+    ax.set_title("Latency", loc="right")
     return _png(fig)
 
 

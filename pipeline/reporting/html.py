@@ -1,7 +1,9 @@
 """A small HTML kit: one self-contained page, PNGs embedded as base64.
 
 Every piece of text that comes from data (labels, prompts, errors, paths) goes
-through :func:`esc`; the page loads nothing from anywhere, so it opens offline
+through :func:`esc`. Pages fit a phone (375 px) without sideways scrolling:
+no fixed width is wider, the chart grid drops to one column, long words
+break, and wide tables scroll inside their own box; the page loads nothing from anywhere, so it opens offline
 and can be mailed or attached to a ticket as one file.
 """
 
@@ -14,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 _CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1a202c;
-       max-width: 1100px; margin: 2em auto; padding: 0 1.2em; }
+       max-width: 1100px; margin: 2em auto; padding: 0 1.2em; overflow-wrap: anywhere; }
 h1 { font-size: 1.6em; margin-bottom: .2em; }
 h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #e2e8f0; padding-bottom: .2em; }
 .sub { color: #4a5568; margin-top: 0; }
@@ -23,7 +25,8 @@ h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #e2e8f0; padd
 .card .v { font-size: 1.5em; font-weight: 600; }
 .card .k { color: #4a5568; font-size: .85em; }
 .warn { background: #fffaf0; border: 1px solid #f6ad55; border-radius: 6px; padding: .5em .9em; }
-table { border-collapse: collapse; margin: .6em 0; }
+.scroll { overflow-x: auto; max-width: 100%; margin: .6em 0; }
+table { border-collapse: collapse; overflow-wrap: normal; }
 th, td { border: 1px solid #e2e8f0; padding: .3em .7em; text-align: right; }
 th { background: #f7fafc; }
 td.l, th.l { text-align: left; }
@@ -31,7 +34,8 @@ tr.best td { background: #f0fff4; font-weight: 600; }
 td.hit { background: #ebf8ff; font-weight: 600; }
 td.err { color: #c53030; }
 img { max-width: 100%; border: 1px solid #edf2f7; border-radius: 6px; margin: .4em 0; }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(460px, 1fr)); gap: 1em; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(460px, 100%), 1fr)); gap: 1em; }
+.grid > div { min-width: 0; }
 code { background: #f7fafc; padding: 0 .25em; border-radius: 3px; }
 footer { color: #718096; font-size: .85em; margin-top: 3em; }
 """
@@ -83,7 +87,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], left: int = 1,
             cells.append(f"<td class='{classes}'>{esc(text)}</td>" if classes else f"<td>{esc(text)}</td>")
         cls = row_class[n] if n < len(row_class) and row_class[n] else ""
         body.append(f"<tr class='{cls}'>" + "".join(cells) + "</tr>" if cls else "<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    # A wide table scrolls inside its own box: the page itself never scrolls sideways on a phone.
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
 def money(value: float | None) -> str:

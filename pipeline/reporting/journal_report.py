@@ -68,7 +68,9 @@ def write_report(job: Job) -> JournalReport:
 def draw(stats: JournalSummary, job: Job) -> dict[str, bytes]:
     """The charts, by title, in page order."""
     images = {
-        "Throughput": charts.throughput_png(stats.bucket_minutes, stats.bucket_rows),
+        "Throughput": charts.throughput_png(
+            stats.bucket_minutes, stats.bucket_rows, stats.bucket_s, stats.last_bucket_s
+        ),
         "Latency": charts.latency_png(stats.latencies),
         "Cumulative cost": charts.cumulative_cost_png(*_cost_curve(stats)),
         "Errors by class": charts.bars_png(stats.errors, "Errors by class", "no errors", color=charts.ERROR_COLOR),
@@ -83,7 +85,9 @@ def _cost_curve(stats: JournalSummary) -> tuple[list[float], list[float]]:
     if not stats.bucket_cost:
         return [], []
     step = stats.bucket_s / 60
-    return [0.0, *(m + step for m in stats.bucket_minutes)], [0.0, *stats.bucket_cost]
+    ends = [m + step for m in stats.bucket_minutes]
+    ends[-1] = stats.bucket_minutes[-1] + stats.last_bucket_s / 60  # the run ends part-way through its last bucket
+    return [0.0, *ends], [0.0, *stats.bucket_cost]
 
 
 def render(job: Job, journal_path: Path, stats: JournalSummary, images: dict[str, bytes]) -> str:

@@ -13,6 +13,7 @@ _BUCKETS = 60
 # At most about this many latencies are read for the histogram.
 _LATENCY_SAMPLE = 20_000
 _ROWS_PER_BUCKET = 5
+_MIN_LAST_SHARE = 0.25
 _NO_ANSWER = "(no answer)"
 
 
@@ -29,12 +30,14 @@ class JournalSummary:
     last: float | None
     bucket_s: float
     bucket_minutes: list[float]  # start of each bucket, minutes after the first answer
-    bucket_rows: list[int]
+    bucket_rows: list[int]  # rows per minute in each bucket, over the time the run covered of it
     bucket_cost: list[float]
     latencies: list[float]
     errors: dict[str, int]
     labels: dict[str, int] = field(default_factory=dict)
     models: dict[str, int] = field(default_factory=dict)  # the model as served, by rows
+    last_bucket_s: float = 0.0
+    """Seconds from the last bucket's start to the last answer: its rate is over this time (0.25 to 1.25 buckets)."""
 
     @property
     def rows(self) -> int:
@@ -65,6 +68,7 @@ def journal_summary(conn: sqlite3.Connection, labels: Sequence[str] | None, colu
     minutes: list[float] = []
     rows: list[int] = []
     costs: list[float] = []
+    last_bucket_s = 0.0
     if first is not None:
         buckets = dict(
             (b, (n, c))
@@ -74,13 +78,7 @@ def journal_summary(conn: sqlite3.Connection, labels: Sequence[str] | None, colu
                 (first, bucket_s),
             )
         )
-        running = 0.0
-        for b in range(max(buckets) + 1):
-            n, c = buckets.get(b, (0, 0.0))
-            running += c
-            minutes.append(b * bucket_s / 60)
-            rows.append(round(n * 60 / bucket_s))
-            costs.append(running)  # spent by the end of bucket b
+        minutes, rows, costs, last_bucket_s = _time_buckets(buckets, bucket_s, span)
     return JournalSummary(
         rows_by_status={str(k): v for k, v in by_status.items()},
         prompt_tokens=prompt,
@@ -93,6 +91,7 @@ def journal_summary(conn: sqlite3.Connection, labels: Sequence[str] | None, colu
         bucket_minutes=minutes,
         bucket_rows=rows,
         bucket_cost=costs,
+        last_bucket_s=last_bucket_s,
         latencies=_latencies(conn),
         errors=_error_classes(conn),
         labels=_labels(conn, labels, column_prefix),
@@ -102,6 +101,39 @@ def journal_summary(conn: sqlite3.Connection, labels: Sequence[str] | None, colu
             ).fetchall()
         ),
     )
+
+
+def _time_buckets(
+    buckets: dict[int, tuple[int, float]], bucket_s: float, span: float
+) -> tuple[list[float], list[int], list[float], float]:
+    """Start minutes, rows per minute and cost so far of each bucket, and the seconds the last one covers.
+
+    The run ends part-way through its last bucket, so that bucket's rate is
+    over the time it covers: over the whole width it would show a false drop
+    at the end of every run. A last bucket covering under a quarter of its
+    width (often just the final row) is folded into the one before, which then
+    covers more than its width: a rate over a moment would be noise.
+    """
+    final = max(buckets)
+    last_s = span - final * bucket_s
+    if final > 0 and last_s < _MIN_LAST_SHARE * bucket_s:
+        n, c = buckets.pop(final)
+        n_before, c_before = buckets.get(final - 1, (0, 0.0))
+        buckets[final - 1] = (n_before + n, c_before + c)
+        final -= 1
+        last_s += bucket_s
+    minutes: list[float] = []
+    rows: list[int] = []
+    costs: list[float] = []
+    running = 0.0
+    for b in range(final + 1):
+        n, c = buckets.get(b, (0, 0.0))
+        running += c
+        minutes.append(b * bucket_s / 60)
+        covered = last_s if b == final and final > 0 else bucket_s
+        rows.append(round(n * 60 / covered))
+        costs.append(running)  # spent by the end of bucket b
+    return minutes, rows, costs, last_s
 
 
 def _latencies(conn: sqlite3.Connection) -> list[float]:

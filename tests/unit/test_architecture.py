@@ -199,6 +199,24 @@ def test_sql_only_in_the_store() -> None:
     assert not found, "SQL outside pipeline/store/: " + ", ".join(found)
 
 
+def test_only_the_front_ends_start_an_event_loop() -> None:
+    """``asyncio.run`` in the CLI and the Python API's synchronous calls; the engine runs in their loop."""
+    front_ends = ("pipeline.cli", "pipeline.api")
+    found = []
+    for module in modules():
+        if module.name.startswith(front_ends):
+            continue
+        for node in ast.walk(ast.parse(module.path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "run"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "asyncio"
+            ):
+                found.append(f"{module.name}:{node.lineno}")
+    assert not found, "asyncio.run outside the front ends: " + ", ".join(found)
+
+
 def test_public_api_is_pinned() -> None:
     # Changing the public surface is a decision: update this list and the CHANGELOG together.
     assert sorted(pipeline.__all__) == [

@@ -25,7 +25,7 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "string"}}, "required":
 
 
 def test_the_registry_lists_each_provider_once_under_its_own_name() -> None:
-    assert NAMES == ("openrouter", "mistral", "openai", "local")
+    assert {"openrouter", "mistral", "openai", "local"} <= set(NAMES) and len(set(NAMES)) == len(NAMES)
     assert all(name == p.name and isinstance(p, Provider) for name, p in REGISTRY.items())
 
 
@@ -71,7 +71,7 @@ def test_a_batch_api_is_a_complete_adapter_or_none(provider: Provider) -> None:
 
 
 def test_the_providers_with_a_batch_api() -> None:
-    assert batch_providers() == ["openrouter", "mistral", "openai"]
+    assert {"openrouter", "mistral", "openai"} <= set(batch_providers()) and "local" not in batch_providers()
 
 
 @pytest.mark.parametrize("provider", ALL)
@@ -83,7 +83,7 @@ def test_a_provider_that_claims_a_url_is_guessed_from_it(provider: Provider) -> 
 
 
 def test_an_unknown_provider_is_a_job_error_naming_the_known_ones() -> None:
-    with pytest.raises(JobError, match=r"unknown provider 'bedrock' \(known: openrouter, mistral, openai, local\)"):
+    with pytest.raises(JobError, match=r"unknown provider 'bedrock' \(known: openrouter, mistral, openai, local"):
         providers.provider_for(ModelSpec(provider="bedrock"))
 
 
