@@ -25,7 +25,6 @@ from pipeline.errors import (
     LocalServerError,
     LockedError,
     PipelineError,
-    StopRun,
     UserError,
 )
 from pipeline.evaluation.metrics import LabelScore, Scores
@@ -49,7 +48,6 @@ __all__ = [
     "Result",
     "RunSummary",
     "Scores",
-    "StopRun",
     "UserError",
     "VariantEvaluation",
     "aevaluate",
@@ -62,3 +60,21 @@ __all__ = [
     "status",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # StopRun left the public surface: it was never raised (a stop is the result's
+    # exit_code 3 and summary.stop_reason). Still importable, with a warning, for a release.
+    if name == "StopRun":
+        import warnings
+
+        from pipeline.errors import StopRun
+
+        warnings.warn(
+            "pipeline.StopRun is deprecated and never raised: a stopped run returns exit_code 3 "
+            "and says why in summary.stop_reason",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return StopRun
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

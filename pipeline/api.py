@@ -201,6 +201,7 @@ async def arun(
     engine: Literal["default", "ray"] = "default",
     workers: int | None = None,
     address: str | None = None,
+    canary: bool = True,
 ) -> Result:
     """Run a job in the running event loop; see :func:`run`."""
     from pipeline.engine.run import run_plan
@@ -225,9 +226,10 @@ async def arun(
         seed=seed,
         notebook=True,
         wait=wait,
+        canary=canary,
     )
     if engine == "ray":
-        from pipeline.engine.drivers.ray.driver import DEFAULT_WORKERS, RaySettings
+        from pipeline.engine.drivers.ray.cluster import DEFAULT_WORKERS, RaySettings
 
         settings = RaySettings(workers or DEFAULT_WORKERS, address)
         result = await _steered(lambda controls: run_plan(prepared, options, controls, ray=settings))
@@ -309,6 +311,7 @@ def run(
     engine: Literal["default", "ray"] = "default",
     workers: int | None = None,
     address: str | None = None,
+    canary: bool = True,
 ) -> Result:
     """Send every row that is not done yet and return all rows with their answers.
 
@@ -327,6 +330,9 @@ def run(
     ``--no-wait``). ``engine="ray"`` sends the requests from ``workers`` Ray
     worker actors (default 2), on a local Ray instance or the cluster at
     ``address`` (or the Ray this program already started); see the README.
+    ``canary``: send a first slice of the rows alone and judge its answers
+    before paying for the rest (``[limits] canary_rows``); ``False`` sends
+    every row at once, as ``--no-canary`` does.
     Mistakes in the job or the data raise :class:`pipeline.UserError` before
     anything is sent.
     """
@@ -344,6 +350,7 @@ def run(
         engine=engine,
         workers=workers,
         address=address,
+        canary=canary,
     )
     return _run_sync(call)
 

@@ -12,8 +12,11 @@
     │   ├── JournalError           the journal cannot be read
     │   └── IdentityError          the journal belongs to different settings
     ├── LocalServerError           exit 2: the local llama.cpp server did not start
-    ├── StopRun                    exit 3: stopped early, resumable
     └── UnavailableError           exit 3: a service outside the job (the price list) failed; try again
+
+A run that stops early (a signal, the budget, a refused key, ...) raises
+nothing: it returns exit code 3 with a typed reason (``StopReason`` in
+``engine/settlement.py``; its message is ``RunSummary.stop_reason``).
 
 Provider failures are not exceptions: the HTTP boundary turns every response
 into a classified ``Reply`` value (see ``providers/base.py``), recorded per row.
@@ -90,9 +93,9 @@ class LocalServerError(PipelineError):
 
 
 class StopRun(PipelineError):
-    """Sending stopped early (key rejected, out of credits, budget reached, signal).
+    """Deprecated, never raised: a stopped run returns exit code 3 and its ``stop_reason``.
 
-    The run is resumable: rerunning the same command continues it.
+    Kept importable (``pipeline.StopRun`` warns) for one release; not in ``pipeline.__all__``.
     """
 
     exit_code = ExitCode.STOPPED

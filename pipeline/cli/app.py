@@ -27,7 +27,7 @@ from pipeline.io.fs import DataPath, parse_data_path
 from pipeline.secrets import Redactor, looks_like_key
 
 if TYPE_CHECKING:
-    from pipeline.engine.drivers.ray.driver import RaySettings
+    from pipeline.engine.drivers.ray.cluster import RaySettings
     from pipeline.engine.plan import Plan
     from pipeline.engine.session import RunOptions, RunResult
 
@@ -73,6 +73,11 @@ def build_parser(*, raise_errors: bool = False) -> argparse.ArgumentParser:
         "--no-wait",
         action="store_true",
         help="batch mode: submit, collect what has finished, write the output, exit 3 while batches are pending",
+    )
+    run.add_argument(
+        "--no-canary",
+        action="store_true",
+        help="send every row at once, without judging a first slice of them (the canary) before the rest",
     )
     run.add_argument(
         "--engine", choices=("default", "ray"), default="default", help="send from this process, or from Ray workers"
@@ -243,10 +248,15 @@ def _run(job: Job, args: argparse.Namespace) -> int:
     plan = prepare(job, output=_output(args))
     _tune_gc()
     options = RunOptions(
-        quiet=args.quiet, fresh=args.fresh, retry_failed=args.retry_failed, sample=args.sample, wait=not args.no_wait
+        quiet=args.quiet,
+        fresh=args.fresh,
+        retry_failed=args.retry_failed,
+        sample=args.sample,
+        wait=not args.no_wait,
+        canary=not args.no_canary,
     )
     if args.engine == "ray":
-        from pipeline.engine.drivers.ray.driver import DEFAULT_WORKERS, RaySettings
+        from pipeline.engine.drivers.ray.cluster import DEFAULT_WORKERS, RaySettings
 
         settings = RaySettings(args.workers or DEFAULT_WORKERS, args.address)
         # Ray prints some messages (a worker died, ...) on stdout; stdout is for the summary.

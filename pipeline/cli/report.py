@@ -6,8 +6,8 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import replace
 
+from pipeline.engine.canary import CanaryStatus
 from pipeline.engine.limits.limiter import LimitSource
 from pipeline.engine.plan import Plan
 from pipeline.engine.reports import RunSummary
@@ -17,14 +17,10 @@ from pipeline.errors import ExitCode
 
 def print_summary(plan: Plan, result: RunResult, args: argparse.Namespace) -> None:
     summary = result.summary
-    if args.sample:
-        from pipeline.engine.estimate import dry_run, format_report
+    if summary.estimate is not None and not args.json:  # --sample: the engine extrapolated the whole job
+        from pipeline.engine.estimate import format_report
 
-        estimate = dry_run(plan)  # extrapolates from the rows the sample just answered
-        if args.json:
-            summary = replace(summary, estimate=estimate)
-        else:
-            print("estimate for the full job from the sample:\n" + format_report(estimate))
+        print("estimate for the full job from the sample:\n" + format_report(summary.estimate))
     if args.json:
         fields = summary.to_dict()
         if summary.exit_code == ExitCode.STOPPED:
@@ -55,6 +51,7 @@ def format_summary(plan: Plan, s: RunSummary, job_arg: str) -> str:
             "counted tokens at the job's prices (and counted against budget_usd)"
         )
     lines += _rate_lines(s)
+    lines += _canary_lines(s)
     if s.errors:
         lines.append("  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items())))
     if s.mode == "batch":
@@ -88,6 +85,33 @@ def _rate_lines(s: RunSummary) -> list[str]:
         )
     if s.learned_tokens_per_minute is not None:
         lines.append(f"  tokens: the server stated a limit of {s.learned_tokens_per_minute:,} tokens/min")
+    return lines
+
+
+def _canary_lines(s: RunSummary) -> list[str]:
+    """The canary's verdict and what its replies used of max_tokens."""
+    c = s.canary
+    if c is None:
+        return []
+    if c.status == CanaryStatus.PASSED:
+        head = f"  canary: passed on its first {c.rows:,} rows"
+    elif c.status == CanaryStatus.FAILED:
+        head = f"  canary: failed ({c.failure}: {c.share or 0:.0%} of {c.answered:,} answered rows)"
+    elif c.status == CanaryStatus.PENDING:
+        head = f"  canary: a batch of {c.rows:,} rows waits to be judged"
+    else:
+        head = f"  canary: none of its {c.rows:,} rows was answered (transient errors): nothing to judge"
+    if c.completion_tokens_max is not None:
+        head += (
+            f"; completion tokens p50 {c.completion_tokens_p50:,}, p95 {c.completion_tokens_p95:,}, "
+            f"max {c.completion_tokens_max:,} of max_tokens {c.max_tokens:,}"
+        )
+    lines = [head]
+    if c.max_tokens_suggested is not None:
+        lines.append(
+            f"  max_tokens: replies use far less than {c.max_tokens:,}; [model] max_tokens = "
+            f"{c.max_tokens_suggested:,} would fit them and lower the worst case that budgets reserve"
+        )
     return lines
 
 

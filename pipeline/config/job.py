@@ -160,6 +160,13 @@ class LimitsSpec(_Section):
     timeout_s: StrictFloat = Field(default=60, gt=0)
     budget_usd: StrictFloat | None = Field(default=None, gt=0)
     stop_grace_s: StrictFloat = Field(default=30, ge=0)
+    # The canary (engine/canary.py): the first rows are sent alone and judged before the rest.
+    # None: 20 rows when at least 100 are to be sent; 0: no canary.
+    canary_rows: StrictInt | None = Field(default=None, ge=0)
+    canary_invalid_share: StrictFloat = Field(default=0.5, gt=0, le=1)
+    canary_truncated_share: StrictFloat = Field(default=0.5, gt=0, le=1)
+    canary_failed_share: StrictFloat = Field(default=0.5, gt=0, le=1)  # empty replies or permanent errors
+    canary_cost_factor: StrictFloat = Field(default=3.0, gt=1)  # x the dry run's expected cost per row
 
 
 class OutputSpec(_Section):

@@ -9,20 +9,23 @@ assumed, and the report says so.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config.job import AUTO
 from pipeline.engine.admission import Admission
+from pipeline.engine.expectations import TokenFigures
 from pipeline.engine.limits.adaptive import START_RPM
 from pipeline.engine.limits.limiter import estimated_duration_s
 from pipeline.engine.plan import Plan
 from pipeline.engine.reports import Estimate
 from pipeline.engine.selection import RowSelector
-from pipeline.store.journal import Journal
+from pipeline.store.journal import Journal, read_only
 
 if TYPE_CHECKING:
     from pipeline.store.batches import BatchStore
@@ -36,8 +39,7 @@ def dry_run(plan: Plan) -> Estimate:
     """
     started = time.perf_counter()
     rows = empty = too_long = input_tokens = done = to_send = 0
-    journal = _open_readonly(plan.journal_path)
-    try:
+    with _journal_if_any(plan.journal_path) as journal:
         waiting = _batch_store(journal)
         admission = Admission(
             plan,
@@ -55,9 +57,6 @@ def dry_run(plan: Plan) -> Estimate:
             too_long += admitted.too_long
             to_send += len(admitted.todo)
             input_tokens += sum(admitted.tokens)
-    finally:
-        if journal is not None:
-            journal.close()
     elapsed = time.perf_counter() - started
     report = _figures(plan, rows, to_send, input_tokens, sample)
     report["rows_done"] = done
@@ -94,10 +93,14 @@ def _batch_store(journal: Journal | None) -> BatchStore | None:
     return store if store.has_tables() else None
 
 
-def _open_readonly(journal_path: Path) -> Journal | None:
+@contextlib.contextmanager
+def _journal_if_any(journal_path: Path) -> Iterator[Journal | None]:
+    """The job's journal, read-only, when a run has made one."""
     if not journal_path.exists():
-        return None
-    return Journal(journal_path, readonly=True)
+        yield None
+        return
+    with read_only(journal_path) as journal:
+        yield journal
 
 
 def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: list[int]) -> dict[str, Any]:
@@ -114,7 +117,13 @@ def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: lis
     low = round(max(0.0, mean - half_width) * to_send)
     high = round(min(max_tokens, mean + half_width) * to_send)
     limits = plan.job.limits
+    # The same figures the canary reports: what answered rows used of max_tokens.
+    used = TokenFigures.of(sample, max_tokens)
     return {
+        "output_tokens_p50": used.p50,
+        "output_tokens_p95": used.p95,
+        "output_tokens_longest": used.max,
+        "max_tokens_suggested": used.suggested_max_tokens,
         "rows": rows,
         "rows_to_send": to_send,
         "input_tokens": input_tokens,
@@ -166,6 +175,13 @@ def format_report(estimate: Estimate) -> str:
         f"  prices: {report['model']} at {report['input_price_per_million']} / "
         f"{report['output_price_per_million']} USD per million tokens in/out, from {report['price_source']}",
     ]
+    if report["output_tokens_longest"] is not None:
+        lines[3] += (
+            f"; answered rows used p50 {report['output_tokens_p50']:,}, p95 {report['output_tokens_p95']:,}, "
+            f"longest {report['output_tokens_longest']:,}"
+        )
+        if report["max_tokens_suggested"] is not None:
+            lines[3] += f" (max_tokens = {report['max_tokens_suggested']:,} would fit them)"
     if report["mode"] == "batch":
         lines[4] += f" at the batch price ({report['batch_discount']:g} of the list price)"
         lines.append(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import ExitCode
 
 if TYPE_CHECKING:
+    from pipeline.engine.canary import CanaryVerdict
     from pipeline.engine.limits.limiter import LimitSource
 
 
@@ -68,6 +69,8 @@ class RunSummary:
     """Which engine sent the requests: ``default`` (this process) or ``ray``."""
     workers: int | None = None
     """With ``--engine ray``: the number of Ray worker actors."""
+    canary: CanaryVerdict | None = None
+    """The canary's verdict, completion-token figures and suggested max_tokens (None: no canary this run)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +144,12 @@ class Estimate:
     realtime_cost_usd_expected: float | None = None
     """Batch mode: what the expected cost would be in realtime mode."""
     realtime_cost_usd_max: float | None = None
+    output_tokens_p50: int | None = None
+    """Completion tokens of rows already answered (e.g. by ``--sample N``): median, 95th percentile, longest."""
+    output_tokens_p95: int | None = None
+    output_tokens_longest: int | None = None
+    max_tokens_suggested: int | None = None
+    """A max_tokens that fits the answered rows, when it would at least halve the job's (as the canary suggests)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,16 +6,18 @@ around the driver it picks. The drivers never import each other.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pipeline.engine.drivers.batch import run_batch
 from pipeline.engine.drivers.realtime import run_realtime
+from pipeline.engine.estimate import dry_run
 from pipeline.engine.plan import Plan
 from pipeline.engine.session import Controls, RunOptions, RunResult, opened
 from pipeline.store.batches import refuse_if_batches_pending
 
 if TYPE_CHECKING:
-    from pipeline.engine.drivers.ray.driver import RaySettings
+    from pipeline.engine.drivers.ray.cluster import RaySettings
 
 
 async def run_plan(
@@ -24,10 +26,19 @@ async def run_plan(
     """Lock, open the journal, send what is not done with the job's driver, write the output.
 
     ``ray``: send the rows from Ray workers (``--engine ray``) with these settings.
-    Ray is imported only then.
+    Ray is imported only then. With ``options.sample``, the summary carries the
+    dry-run estimate for the whole job, from the rows the sample answered.
     """
+    result = await _drive(plan, options, controls, ray)
+    if options.sample:
+        # After the lock is released: the estimate only reads the journal.
+        result = replace(result, summary=replace(result.summary, estimate=dry_run(plan)))
+    return result
+
+
+async def _drive(plan: Plan, options: RunOptions, controls: Controls | None, ray: RaySettings | None) -> RunResult:
     if ray is not None:
-        from pipeline.engine.drivers.ray.driver import check_ray
+        from pipeline.engine.drivers.ray.cluster import check_ray
 
         check_ray(plan)  # before the lock and the journal: a user error sends nothing
     with opened(plan, options) as journal:

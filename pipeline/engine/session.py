@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from pipeline.engine.admission import Admission, Hold
 from pipeline.engine.budget import Budget
+from pipeline.engine.canary import CanaryGate
 from pipeline.engine.plan import KeyScheme, Plan
 from pipeline.engine.progress import Tracker
 from pipeline.engine.recorder import Recorder
@@ -69,6 +70,7 @@ class RunOptions:
     # Exactly these row offsets (an evaluation's rows); overrides ``sample``.
     rows: frozenset[int] | None = None
     wait: bool = True  # batch mode: poll until every batch is collected (False: --no-wait)
+    canary: bool = True  # send and judge a first slice before the rest (False: --no-canary, pipeline eval)
 
 
 @dataclass
@@ -155,6 +157,9 @@ class Session:
         self.settlement = Settlement(
             recorder, self.budget, self.tracker, self.stops, journal, retry_invalid=plan.job.prompt.retry_invalid
         )
+        # The canary watches settled replies; a driver decides when to send it and waits on it.
+        self.canary = CanaryGate.for_plan(plan, options.canary)
+        self.settlement.observers.append(self.canary.observe)
 
     def over_budget(self) -> StopReason:
         """The stop for a request whose worst case the budget cannot hold."""
@@ -198,7 +203,7 @@ class Session:
             rows_with_error,
             table,
             price_factor=self.price_factor,
-            **extra,
+            **{"canary": self.canary.result, **extra},
         )
 
 

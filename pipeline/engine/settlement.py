@@ -63,6 +63,8 @@ class StopKind(StrEnum):
     WORKER_FAILED = "worker_failed"  # a Ray worker failed (not died: an error in it)
     WORKERS_DIED = "workers_died"  # more Ray workers died than the run replaces
     RATE_LIMITED = "rate_limited"  # a Retry-After longer than a run should wait
+    CANARY = "canary"  # the first rows' answers show the job does not work (engine/canary.py)
+    CANARY_PENDING = "canary_pending"  # batch mode: the canary batch is still at the provider
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +217,19 @@ class StopReason:
     def worker_input(cls, cause: str) -> StopReason:
         return cls(
             StopKind.INPUT_ERROR, f"a Ray worker could not read the input: {cause}; fix it and rerun", ExitCode.USAGE
+        )
+
+    @classmethod
+    def canary(cls, message: str) -> StopReason:
+        """A failed canary: ``message`` is its one line (what failed, the share, an example, what to change)."""
+        return cls(StopKind.CANARY, message)
+
+    @classmethod
+    def canary_pending(cls, batch_id: str) -> StopReason:
+        return cls(
+            StopKind.CANARY_PENDING,
+            f"the canary batch {batch_id} is pending at the provider: rerun to judge its answers "
+            "and submit the other rows (they are not submitted before it passes)",
         )
 
     @classmethod

@@ -159,7 +159,12 @@ async def aevaluate_job(
     exit_code = ExitCode.OK
     for target in targets:
         run_options = RunOptions(
-            quiet=options.quiet, fresh=options.fresh, rows=rows, write_output=False, notebook=options.notebook
+            quiet=options.quiet,
+            fresh=options.fresh,
+            rows=rows,
+            write_output=False,
+            notebook=options.notebook,
+            canary=False,  # an evaluation is itself a look at the first answers: no canary
         )
         result = await run_plan(target.plan, run_options, controls)
         runs.append(result.summary)

@@ -123,6 +123,24 @@ def submission_metadata(job: str, custom_ids: list[str]) -> dict[str, str]:
     return {"pipeline_job": job, "pipeline_rows": digest}
 
 
+async def find_orphans(
+    adapter: BatchAdapter, session: aiohttp.ClientSession, known: set[str], tag: str
+) -> dict[str, str]:
+    """Batches tagged ``tag`` that no journal recorded (accepted before a crash): rows digest -> batch id.
+
+    A listing that fails (a provider without the route) finds none.
+    """
+    try:
+        found = await adapter.list_batches(session)
+    except BatchApiError:
+        return {}
+    orphans: dict[str, str] = {}
+    for batch in reversed(found):  # newest last: it wins
+        if batch.id not in known and batch.metadata.get("pipeline_job") == tag:
+            orphans[batch.metadata.get("pipeline_rows", "")] = batch.id
+    return orphans
+
+
 def status_of(raw: str, words: dict[str, BatchStatus]) -> BatchStatus:
     """A provider's status word, normalised; a word nobody documented is UNKNOWN, not pending."""
     return words.get(raw, BatchStatus.UNKNOWN)

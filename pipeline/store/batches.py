@@ -104,9 +104,15 @@ class BatchStore:
         return {cid: BatchRow(key, h, bool(done)) for cid, key, h, done in rows}
 
     def record_submission(
-        self, batch_id: str, provider: str, chunk: list[SubmittedRow], worst: float, markers: list[JournalRow]
+        self,
+        batch_id: str,
+        provider: str,
+        chunk: list[SubmittedRow],
+        worst: float,
+        markers: list[JournalRow],
+        canary: bool = False,
     ) -> None:
-        """The commit that makes a batch known: its id, its rows, and their pending markers."""
+        """The commit that makes a batch known: its id, its rows, their pending markers (and that it is the canary)."""
         now = time.time()
 
         def also(conn: sqlite3.Connection) -> None:
@@ -119,6 +125,8 @@ class BatchStore:
                 "INSERT INTO batch_rows (batch_id, custom_id, key, prompt_hash) VALUES (?, ?, ?, ?)",
                 [(batch_id, r.custom_id, r.key, r.prompt_hash) for r in chunk],
             )
+            if canary:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (Meta.CANARY_BATCH, batch_id))
 
         self.journal.write_now(markers, 0.0, also)
 
@@ -147,6 +155,14 @@ class BatchStore:
             )
 
         self.journal.write_now(unanswered, 0.0, also)
+
+    def canary_batch(self) -> str | None:
+        """The canary batch waiting to be judged, if any."""
+        return self.journal.get_meta(Meta.CANARY_BATCH)
+
+    def forget_canary(self) -> None:
+        """The canary batch was judged."""
+        self.conn.execute("DELETE FROM meta WHERE key = ?", (Meta.CANARY_BATCH,))
 
     def set_status(self, batch_id: str, status: str) -> None:
         self.conn.execute("UPDATE batches SET status = ?, updated = ? WHERE id = ?", (status, time.time(), batch_id))

@@ -209,3 +209,16 @@ def test_status_from_python_is_what_the_cli_prints(
 
     with pytest.raises(pipeline.JobError, match="pass journal="):
         pipeline.status(job)  # no [output] path and no journal: nothing to read
+
+
+def test_a_sample_returns_the_estimate_for_the_whole_job(server: FakeServer, workdir: Path) -> None:
+    """``run(sample=N)`` extrapolates in the engine, as ``--sample`` does: the estimate is on the summary."""
+    job = job_dict(server.base_url)
+    df = frame(range(40))
+    result = pipeline.run(df, job, sample=5, progress=False)
+    assert result.summary.requests == 5
+    estimate = result.summary.estimate
+    assert estimate is not None
+    assert estimate.rows == 40 and estimate.rows_done == 5 and estimate.rows_to_send == 35
+    assert estimate.output_tokens_basis == "mean of 5 answered rows in the journal"
+    assert pipeline.run(df, job, progress=False).summary.estimate is None  # a full run has none

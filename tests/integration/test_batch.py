@@ -193,9 +193,9 @@ def test_results_only_in_pages(workdir: Path) -> None:
 
 def test_5000_requests_per_batch_at_most(workdir: Path) -> None:
     with fake() as server:
-        data = batch_job(workdir, server, 5_001)
+        data = batch_job(workdir, server, 5_021)
         assert run_cli("job") == 0
-        assert [n for _, n in server.submissions] == [5_000, 1]
+        assert [n for _, n in server.submissions] == [20, 5_000, 1]  # the canary, then batches of 5,000 at most
         assert server.rejected == []
         assert_all_answered(data, server)
 
@@ -270,7 +270,7 @@ def test_budget_reserves_each_batch_worst_case_before_submitting(workdir: Path) 
             workdir,
             server.base_url,
             model={"mode": "batch", "provider": "openrouter", "batch_poll_s": 0.05},
-            limits={"budget_usd": 0.025},
+            limits={"budget_usd": 0.025, "canary_rows": 0},  # batches of 5,000 from the start
         )
         # --no-wait: the second batch does not fit beside the first one's reservation.
         assert run_cli("job", "--no-wait") == 3
@@ -285,7 +285,7 @@ def test_budget_reserves_each_batch_worst_case_before_submitting(workdir: Path) 
             server.base_url,
             name="small",
             model={"mode": "batch", "provider": "openrouter", "batch_poll_s": 0.05},
-            limits={"budget_usd": 0.01},
+            limits={"budget_usd": 0.01, "canary_rows": 0},
         )
         assert main(["run", "small", "--quiet"]) == 3
         assert len(server.submissions) == 2

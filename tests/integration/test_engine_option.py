@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.engine.drivers.ray import driver as ray_engine
+from pipeline.engine.drivers.ray import cluster as ray_engine
 from tests.conftest import reviews, run_cli, write_job, write_parquet
 from tests.fakes.server import FakeServer
 

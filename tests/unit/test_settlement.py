@@ -213,3 +213,14 @@ def test_commit_now_writes_several_rows_in_one_commit(tmp_path: Path) -> None:
     assert h.settlement.commit_now(settled)
     assert set(h.journal.results(["a", "b"])) == {"a", "b"} and h.journal.spent() == pytest.approx(0.02)
     h.journal.close()
+
+
+def test_stop_run_left_the_public_surface_but_still_resolves() -> None:
+    import pipeline
+    from pipeline.errors import StopRun
+
+    assert "StopRun" not in pipeline.__all__
+    with pytest.warns(DeprecationWarning, match="never raised"):
+        assert pipeline.StopRun is StopRun
+    with pytest.raises(AttributeError):
+        pipeline.NoSuchThing  # noqa: B018

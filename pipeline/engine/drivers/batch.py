@@ -7,26 +7,19 @@ against ``budget_usd`` first. Each batch id and its rows are committed to the
 journal in the transaction that marks those rows ``not_run: pending in batch
 ...``: from then on a rerun, after any crash, polls the batch instead of
 submitting its rows again. A kill between the provider accepting a batch and
-that commit loses the id, not the batch: every submission carries metadata
-(the job's identity and a digest of its rows), and the next run lists the
-provider's recent batches and adopts the one that matches the batch it is
-about to submit, instead of paying for it twice (``pipeline status`` names
-adopted batches).
+that commit loses the id, not the batch: submissions carry metadata, and the
+next run adopts the listed batch that matches what it is about to submit.
 
 The run then polls its pending batches every ``batch_poll_s`` seconds and
 journals each terminal batch's results page by page, each page in one
 transaction that also marks its rows collected, so a rerun that reads a page
 again skips what it already has. Rows a batch never answered (it expired,
 failed or was cancelled) are journaled as transient errors and submitted again
-in a new batch; so are results that carry a transient error. Of several
-results for one ``custom_id`` the best wins (an answer over an error). A
-result without ``usage`` is charged from counted tokens (the prompt counted
-again from the input, the completion from its text, at most ``max_tokens``).
-A status word the provider never documented, or a batch still running well
-past its ``expires_at``, ends polling with a clear line (the batch stays in
-the journal). With ``wait=False`` (``--no-wait``) the run submits, collects
-what has finished, writes the output and ends with exit code 3 while
-batches are pending.
+in a new batch; so are results that carry a transient error. A result
+without ``usage`` is charged from counted tokens. An undocumented status
+word, or a batch running past its ``expires_at``, ends polling with one line.
+With ``wait=False`` (``--no-wait``) the run submits, collects what has
+finished, writes the output and ends with exit code 3 while batches are pending.
 
 No chat request is ever sent in this mode, and rate caps do not apply: batches
 do not count against the providers' rate limits.
@@ -43,7 +36,8 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from pipeline.engine.admission import Ticket, count_rows
+from pipeline.engine.admission import Ticket, count_keys
+from pipeline.engine.canary import BatchCanary
 from pipeline.engine.client import Attempted, backoff_delay, request_headers
 from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.selection import RowSelector
@@ -60,6 +54,7 @@ from pipeline.providers.batches import (
     BatchStatus,
     best_results,
     custom_id_for,
+    find_orphans,
     submission_metadata,
 )
 from pipeline.store.batches import BatchRow, BatchStore, KnownBatch, SubmittedRow
@@ -141,6 +136,7 @@ class BatchRun:
         self.budget = session.budget
         self.admission = session.admission
         self.settlement = session.settlement
+        self.canary = BatchCanary(session.canary, self.store, journal)
         if self.budget.limit is not None:
             # Batches of earlier runs still hold their worst case until collected.
             self.budget.reserved = sum(b.worst_usd for b in self.store.pending())
@@ -150,7 +146,7 @@ class BatchRun:
         self.transient: dict[str, str] = {}  # rows whose last result was transient: key -> error
         self.collected: set[str] = set()  # rows this run journaled a final result for
         self._scan = True  # rows may need submitting: read the input (again)
-        self._first_scan = True
+        self._counted_upto = 0  # input rows whose resumed rows the bar has counted
         self._poll_failures: dict[str, int] = {}
         self._budget_blocked = False  # a batch waits for pending batches to release their reservations
         self._orphans: dict[str, str] | None = None  # rows digest -> id of batches no journal knows
@@ -179,7 +175,8 @@ class BatchRun:
         async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
             while True:
                 await self._collect_finished(session)
-                if self._scan and not self.stopper.stopped:
+                self._judge_canary()
+                if self._scan and not self.stopper.stopped and self.canary.batch_id is None:
                     self._scan = False
                     await self._submit_new(session)
                 pending = self.store.pending()
@@ -187,6 +184,8 @@ class BatchRun:
                 if not pending or self.stopper.stopped or not self.options.wait:
                     break
                 await self.stopper.sleep(self.spec.batch_poll_s)
+        if self.canary.batch_id is not None:
+            self.stops.stop(StopReason.canary_pending(self.canary.batch_id))
         for error in self.transient.values():
             self.tracker.row_done(RowStatus.TRANSIENT, error)  # not answered, and not submitted again
         self.tracker.close()
@@ -195,43 +194,77 @@ class BatchRun:
         rows = sum(b.rows for b in pending)
         self.tracker.set_note(f"{len(pending)} batches pending ({rows:,} rows)" if pending else "")
 
+    def _judge_canary(self) -> None:
+        """Once the canary batch is collected: judge it; the rest is submitted only if it passes."""
+        if self.stopper.stopped or (verdict := self.canary.judge(self.store.pending())) is None:
+            return
+        if verdict.failed:
+            self.stops.stop(StopReason.canary(verdict.message or "canary failed"))
+        self._scan = not verdict.failed
+
     # -- submitting ---------------------------------------------------------------------
 
     async def _submit_new(self, session: aiohttp.ClientSession) -> None:
-        """Read the input and submit every row that needs a request and is in no pending batch."""
+        """Read the input and submit every row that needs a request and is in no pending batch.
+
+        With a canary, its rows go alone in a small batch: the rest follows once it is collected and passes.
+        """
         chunk: list[Queued] = []
         size = 0
         offset = 0
+        held: list[Queued] = []  # rows read while the canary's size is not known yet
+        gate = self.canary.gate
         limit = self.adapter.max_bytes - ENVELOPE_BYTES
         most = min(self.adapter.max_requests, self.spec.batch_max_requests or self.adapter.max_requests)
+
+        async def add(items: list[Queued]) -> bool:
+            nonlocal chunk, size
+            for item in items:
+                item_size = self.adapter.request_size(item.request)
+                if chunk and (len(chunk) >= most or size + item_size > limit):
+                    if not await self._submit(session, chunk):
+                        return False
+                    chunk, size = [], 0
+                chunk.append(item)
+                size += item_size
+            return True
+
         try:
             for batch, keys, rendered in self.plan.batches():
-                for item in await self._batch_items(keys, rendered, offset):
-                    item_size = self.adapter.request_size(item.request)
-                    if chunk and (len(chunk) >= most or size + item_size > limit):
-                        if not await self._submit(session, chunk):
-                            return
-                        chunk, size = [], 0
-                    chunk.append(item)
-                    size += item_size
+                items = await self._batch_items(keys, rendered, offset)
                 offset += batch.num_rows
-                if self.stopper.stopped:
+                if gate.deciding:
+                    held += items
+                    if (split := gate.split(held, final=False)) is None:
+                        continue
+                    (canary, items), held = split, []
+                    if canary:
+                        return await self._submit_canary(session, canary)
+                if not await add(items) or self.stopper.stopped:
                     return
-            if chunk:
+            split = gate.split(held, final=True) if gate.deciding else None
+            canary, held = split or ([], held)
+            if canary:
+                return await self._submit_canary(session, canary)
+            if await add(held) and chunk:
                 await self._submit(session, chunk)
         except InputError as exc:
             self.stops.stop(StopReason.input_error(exc))
-        finally:
-            self._first_scan = False
+
+    async def _submit_canary(self, session: aiohttp.ClientSession, chunk: list[Queued]) -> None:
+        if not await self._submit(session, chunk, canary=True) and self.canary.batch_id is None:
+            self.canary.gate.deciding = True  # not submitted (the budget waits for pending batches): decide again
 
     async def _batch_items(self, keys: list[str], rendered: RenderedBatch, offset: int) -> list[Queued]:
         """Admission decides what still needs a request; the transport's part is the batch request."""
         admitted = await self.admission.admit(keys, rendered, offset)
-        if self._first_scan and admitted.selection is not None:
-            # Done before this run; rows this run collected already count in the bar.
+        if offset >= self._counted_upto and admitted.selection is not None:
+            # Done before this run, counted once per input row however often the input is
+            # read; rows this run collected already count in the bar.
             looked_at = set(admitted.selection.todo) | set(admitted.selection.blank)
             fresh = sum(1 for i, key in enumerate(keys) if i not in looked_at and key in self.collected)
             self.tracker.resumed(admitted.done - fresh)
+            self._counted_upto = offset + len(keys)
         hashes = admitted.hashes
         chat_body = self.dialect.chat_body
         return [
@@ -244,7 +277,7 @@ class BatchRun:
             for i, t in zip(admitted.todo, admitted.tokens, strict=True)
         ]
 
-    async def _submit(self, session: aiohttp.ClientSession, chunk: list[Queued]) -> bool:
+    async def _submit(self, session: aiohttp.ClientSession, chunk: list[Queued], canary: bool = False) -> bool:
         """Submit one batch and journal it; False when the run must submit no more."""
         # The most a batch can cost: every prompt plus a full max_tokens reply, at the batch price.
         worst = self.admission.reserve_batch([q.tokens for q in chunk], self.spec.batch_discount)
@@ -286,7 +319,7 @@ class BatchRun:
             row.updated = now
         try:
             submitted = [SubmittedRow(q.request.custom_id, q.key, q.prompt_hash) for q in chunk]
-            self.store.record_submission(batch_id, self.adapter.name, submitted, worst, markers)
+            self.store.record_submission(batch_id, self.adapter.name, submitted, worst, markers, canary)
         except sqlite3.Error as exc:
             self.stops.stop(StopReason.journal_write(self.journal.path, exc, batch_id))
             return False
@@ -294,6 +327,8 @@ class BatchRun:
             self.sent[q.key] = self.sent.get(q.key, 0) + 1
             self.transient.pop(q.key, None)
         self.batches_submitted += 1
+        if canary:
+            self.canary.submitted(batch_id, len(chunk))
         self.tracker.requests(len(chunk), 0.0, None, None)
         return not self.stopper.stopped  # a stop (Ctrl-C) during the upload: submit nothing more
 
@@ -304,16 +339,7 @@ class BatchRun:
         submission; a listing that fails (a provider without the route) finds none.
         """
         if self._orphans is None:
-            self._orphans = {}
-            try:
-                listed = await self.adapter.list_batches(session)
-            except BatchApiError:
-                listed = []
-            known = self.store.known_ids()
-            job = self._journal_tag
-            for batch in reversed(listed):  # newest last: it wins
-                if batch.id not in known and batch.metadata.get("pipeline_job") == job:
-                    self._orphans[batch.metadata.get("pipeline_rows", "")] = batch.id
+            self._orphans = await find_orphans(self.adapter, session, self.store.known_ids(), self._journal_tag)
         batch_id = self._orphans.pop(rows_digest, None)
         if batch_id is not None:
             self.store.note_adopted(batch_id)
@@ -428,32 +454,14 @@ class BatchRun:
 
     async def _prompt_tokens(self, results: list[BatchResult], rows: dict[str, BatchRow]) -> dict[str, int]:
         """Prompt tokens of answers that came without usage, counted again from the input (off the loop)."""
-        keys = {
-            rows[r.custom_id].key
-            for r in results
-            if r.reply.kind == ReplyKind.OK
-            and r.reply.cost is None
-            and r.reply.prompt_tokens is None
-            and r.custom_id in rows
-            and not rows[r.custom_id].collected
-        }
+        new = [r for r in results if r.custom_id in rows and not rows[r.custom_id].collected]
+        keys = {rows[r.custom_id].key for r in new if r.reply.kind == ReplyKind.OK and r.reply.prompt_tokens is None}
         if not keys:
             return {}
         try:
-            return await asyncio.to_thread(self._count_prompts, keys)
+            return await asyncio.to_thread(count_keys, self.plan, keys)
         except InputError:
             return {}  # the input changed since: the completion is still charged
-
-    def _count_prompts(self, keys: set[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for _, batch_keys, rendered in self.plan.batches():
-            wanted = [i for i, key in enumerate(batch_keys) if key in keys and key not in found]
-            if wanted:
-                counted = count_rows(self.plan.counter, rendered, wanted)
-                found.update((batch_keys[i], t) for i, t in zip(wanted, counted, strict=True))
-            if len(found) == len(keys):
-                break
-        return found
 
     def _transient(self, key: str, error: str) -> None:
         """A row to submit again (by this run while it has attempts left, else by the next run)."""
@@ -482,4 +490,5 @@ async def run_batch(plan: Plan, journal: Journal, options: RunOptions, controls:
         batches_submitted=run.batches_submitted,
         batches_pending=len(pending),
         rows_pending=sum(b.rows for b in pending),
+        canary=run.canary.verdict,
     )

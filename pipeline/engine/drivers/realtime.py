@@ -47,6 +47,7 @@ class RealtimeRun:
         self.tracker = session.tracker
         self.admission = session.admission
         self.settlement = session.settlement
+        self.canary = session.canary
         self.queue: WorkQueue[Ticket] = WorkQueue(low_water=2 * self.job.limits.concurrency)
         self.dialect = self.plan.dialect()
         self.produced_all = False
@@ -97,25 +98,61 @@ class RealtimeRun:
 
     async def _produce(self) -> None:
         offset = 0
-        step = max(64, self.job.limits.concurrency)
+        held: list[Ticket] = []  # rows read while the canary's size is not known yet
         try:
-            for batch, keys, rendered in self.plan.batches():
-                tickets = await self._tickets(keys, rendered, offset)
-                offset += batch.num_rows
-                for start in range(0, len(tickets), step):
-                    if self.stopper.stopped:
+            try:
+                for batch, keys, rendered in self.plan.batches():
+                    tickets = await self._tickets(keys, rendered, offset)
+                    offset += batch.num_rows
+                    if self.canary.deciding:
+                        held += tickets
+                        tickets, held = await self._after_canary(held, final=False)
+                    if not await self._put(tickets):
                         return
-                    await self.queue.put_many(tickets[start : start + step])
-                if self.stopper.stopped:
-                    return
+            finally:
+                if held:  # the input ended (or a bad record stopped it) before the canary's size was known
+                    await self._put((await self._after_canary(held, final=True))[0])
         except InputError as exc:
             # A bad record deep in the input: the rows before it are sent as usual,
             # then the run stops (exit 2) and a rerun on the fixed file pays nothing twice.
             self.input_error = StopReason.input_error(exc)
             self.queue.close()
             return
-        self.produced_all = True
+        self.produced_all = not self.stopper.stopped
         self.queue.close()
+
+    async def _put(self, tickets: list[Ticket]) -> bool:
+        """Queue rows for the workers, a slice at a time; False when the run stopped."""
+        step = max(64, self.job.limits.concurrency)
+        for start in range(0, len(tickets), step):
+            if self.stopper.stopped:
+                return False
+            await self.queue.put_many(tickets[start : start + step])
+        return not self.stopper.stopped
+
+    async def _after_canary(self, held: list[Ticket], final: bool) -> tuple[list[Ticket], list[Ticket]]:
+        """(Rows to queue, rows still held): once the canary's size is known, it is sent alone and judged first.
+
+        Settlement reports its rows to the gate; a failed canary stops the run
+        (exit 3), its rows journaled like any others.
+        """
+        split = self.canary.split(held, final)
+        if split is None:
+            return [], held
+        canary, rest = split
+        if not canary:
+            return rest, []
+        # The dry run's basis for the cost check: rows answered before the canary.
+        self.canary.start([t.key for t in canary], self.session.journal.completion_token_sample())
+        self.tracker.set_note(f"canary: {len(canary)} rows first")
+        if not await self._put(canary) or not await self.canary.wait(self.stopper.event):
+            return [], []
+        self.tracker.set_note("")
+        verdict = self.canary.verdict()
+        if verdict.failed:
+            self.stops.stop(StopReason.canary(verdict.message or "canary failed"))
+            return [], []
+        return rest, []
 
     async def _tickets(self, keys: list[str], rendered: RenderedBatch, offset: int) -> list[Ticket]:
         """Admission decides what still needs a request; the transport's part is the request body."""

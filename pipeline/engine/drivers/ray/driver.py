@@ -10,13 +10,13 @@ caps hold for all workers together, and a 429 seen by one pauses all.
 Flow of one unit (a slice of a Parquet row group):
 
 1. a worker loads it and returns each row's key, prompt hash and blank flag;
-2. the driver decides, with the journal, which rows still need a request
-   (exactly as the default engine does), journals skipped rows, and has the
-   worker count prompt tokens where a limit needs them;
+2. the driver's admission (the same as the realtime driver's) decides, with
+   the journal, which rows still need a request and journals skipped rows;
+   the worker counts prompt tokens where a limit needs them, by admission's rule;
 3. the driver dispatches rows while fewer than ``concurrency`` are in flight
    across all workers, reserving each row's worst cost against the budget;
-4. workers report finished rows in batches (``poll``); the driver journals
-   them with the same recorder as the default engine and dispatches more.
+4. workers report finished rows in batches (``poll``); the driver settles
+   them through the shared settlement, in one journal commit, and dispatches more.
 
 A row counts as in flight from dispatch until its result is committed to the
 journal, so a crash of the driver re-pays at most ``concurrency`` requests. A
@@ -30,19 +30,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
-import os
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.config.job import AUTO
 from pipeline.engine.admission import Admitted, Ticket
+from pipeline.engine.drivers.ray.cluster import (
+    RaySettings,
+    cause,
+    fixed_caps,
+    is_ray_error,
+    ray_session,
+    worker_gone,
+)
+from pipeline.engine.drivers.ray.units import Reported, UnitState, WorkerState, plan_units
 from pipeline.engine.drivers.ray.worker import (
     Dispatch,
     LimiterActor,
@@ -52,67 +56,14 @@ from pipeline.engine.drivers.ray.worker import (
     UnitRows,
     WorkerSpec,
 )
-from pipeline.engine.limits.limiter import fixed_rate
 from pipeline.engine.plan import KeyScheme, Plan, content_keys
-from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.session import Controls, RunOptions, RunResult, Session
 from pipeline.engine.settlement import Settled, StopReason
-from pipeline.errors import CredentialsError, InputError, UserError
-from pipeline.io import fs
+from pipeline.errors import CredentialsError, InputError
 from pipeline.store.journal import Journal
+from pipeline.store.stats import status_counts
 
-DEFAULT_WORKERS = 2
-UNIT_ROWS = 1024  # rows per unit at most: small enough to spread a file over the workers
 POLL_WAIT_S = 0.2  # a worker's poll returns at once with results, or after this long without
-LOCAL_CPUS = 1  # the actors ask for no CPU (they wait on the network); Ray needs a number
-LOCAL_OBJECT_STORE = 128 * 1024**2  # bytes: only CSV/JSON Lines batches pass through it
-
-
-@dataclass(frozen=True)
-class RaySettings:
-    workers: int = DEFAULT_WORKERS
-    address: str | None = None  # None: start a local Ray instance
-
-
-@dataclass
-class _UnitState:
-    unit: Unit
-    keys: list[str]
-    hashes: list[str]
-    rows: dict[int, Ticket]  # rows this run still has to finish
-    pending: deque[int]  # ready to dispatch
-    sent: set[int] = field(default_factory=set)  # dispatched, not reported yet
-    worker: _Worker | None = None
-
-
-@dataclass
-class _Worker:
-    handle: Any
-    number: int
-    in_flight: int = 0
-    alive: bool = True
-    units: list[_UnitState] = field(default_factory=list)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def pending(self) -> int:
-        return sum(len(u.pending) for u in self.units)
-
-
-def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def check_ray(plan: Plan) -> None:
-    """What the Ray driver refuses, before the lock and the journal (a user error sends nothing)."""
-    if not ray_available():
-        raise UserError("--engine ray needs Ray: pip install 'pipeline[ray]'")
-    if plan.job.model.mode == "batch":
-        raise UserError('--engine ray sends rows in realtime: run it without [model] mode = "batch"')
-    fixed_caps(plan)
 
 
 async def run_ray(
@@ -130,41 +81,6 @@ async def run_ray(
     return session.result(rows, errors, table, engine="ray", workers=settings.workers)
 
 
-def fixed_caps(plan: Plan) -> tuple[int, int]:
-    """The job's caps as numbers, for the limiter actor.
-
-    A rate learned from the server (``"auto"``) is learned inside one process
-    (``engine/limits/adaptive.py``); across workers the cap must be set. A provider
-    without rate limits (a local server) has nothing to learn: no cap.
-    """
-    limits = plan.job.limits
-    for key, value in (
-        ("requests_per_minute", limits.requests_per_minute),
-        ("tokens_per_minute", limits.tokens_per_minute),
-    ):
-        if value == AUTO and plan.provider.rate_limited:
-            raise UserError(
-                f'[limits] {key} = "auto" is learned by one process: with --engine ray set it to a number '
-                "(the provider's limit for your account; pipeline run without --engine ray shows the learned rate)"
-            )
-    return fixed_rate(limits.requests_per_minute), fixed_rate(limits.tokens_per_minute)
-
-
-class _Reported(RenderedBatch):
-    """A unit's rows as its worker reported them: prompt hashes and blank flags.
-
-    The prompts stay on the worker; the driver's row selection and content
-    keys need only these two, so they are given this stand-in for a batch.
-    """
-
-    def __init__(self, hashes: list[str], blank: list[bool]) -> None:
-        super().__init__([""] * len(hashes), None, blank)
-        self.hashes = hashes
-
-    def prompt_hash(self, i: int) -> str:
-        return self.hashes[i]
-
-
 class RayRun:
     """A run whose requests go out from Ray worker actors; the journal, admission and settlement stay here."""
 
@@ -177,12 +93,14 @@ class RayRun:
         self.tracker = session.tracker
         self.admission = session.admission
         self.settlement = session.settlement
+        self.canary = session.canary
+        self._canary_left: int | None = None  # canary rows still to dispatch (None: no canary under way)
         self.dialect = self.plan.dialect()
         self.produced_all = False
         self.settings = settings
-        self.pool: list[_Worker] = []
-        self.states: dict[int, _UnitState] = {}
-        self.retry_units: deque[Unit | _UnitState] = deque()
+        self.pool: list[WorkerState] = []
+        self.states: dict[int, UnitState] = {}
+        self.retry_units: deque[Unit | UnitState] = deque()
         self.in_flight = 0
         self.loading = 0
         self.replacements = 0
@@ -210,7 +128,7 @@ class RayRun:
             self._spec = self._worker_spec()
             self.pool = [self._new_worker(n) for n in range(self.settings.workers)]
             await self._check_workers()
-            self._units = self._plan_units()
+            self._units = plan_units(self.plan.source, self._spec.schema.names)
             await self._drive()
         self.tracker.close()
 
@@ -237,10 +155,10 @@ class RayRun:
             connections=job.limits.concurrency + 4,
         )
 
-    def _new_worker(self, number: int) -> _Worker:
+    def _new_worker(self, number: int) -> WorkerState:
         handle = self._worker_class.options(name=None).remote(self._spec, self.limiter_actor)
         self.limiter_actor.register.remote(handle)
-        return _Worker(handle, number)
+        return WorkerState(handle, number)
 
     async def _check_workers(self) -> None:
         """Every worker must start (it reads the key from its node's environment) before anything is sent."""
@@ -249,9 +167,9 @@ class RayRun:
         try:
             await asyncio.gather(*(w.handle.pid.remote() for w in self.pool))
         except ray.exceptions.RayError as exc:
-            raise CredentialsError(f"--engine ray: a worker could not start: {_cause(exc)}") from None
+            raise CredentialsError(f"--engine ray: a worker could not start: {cause(exc)}") from None
 
-    def _start_tasks(self, worker: _Worker, tg: asyncio.TaskGroup) -> None:
+    def _start_tasks(self, worker: WorkerState, tg: asyncio.TaskGroup) -> None:
         for coro in (self._feed(worker), self._poll(worker)):
             task = tg.create_task(coro)
             self._tasks.add(task)
@@ -266,34 +184,7 @@ class RayRun:
 
     # -- units ---------------------------------------------------------------------------
 
-    def _plan_units(self) -> Iterator[Unit]:
-        """Slices of the input: Parquet row groups from metadata; text formats read here."""
-        source = self.plan.source
-        offset = 0
-        number = 0
-        if source.format == "parquet":
-            for file in fs.parquet_files(fs.absolute(source.path)):
-                meta = pq.ParquetFile(fs.readable(file)).metadata
-                for group in range(meta.num_row_groups):
-                    size = meta.row_group(group).num_rows
-                    for start in range(0, size, UNIT_ROWS):
-                        rows = min(UNIT_ROWS, size - start)
-                        yield Unit(number, offset + start, rows, str(file), group, start)
-                        number += 1
-                    offset += size
-            return
-        import ray
-
-        # CSV and JSON Lines cannot be split without reading them: the driver reads
-        # them in batches and hands each over through Ray's object store.
-        for batch in source.batches(self._spec.schema.names):
-            for start in range(0, batch.num_rows, UNIT_ROWS):
-                part = batch.slice(start, UNIT_ROWS)
-                yield Unit(number, offset + start, part.num_rows, batch=ray.put(part))
-                number += 1
-            offset += batch.num_rows
-
-    def _next_unit(self) -> Unit | _UnitState | None:
+    def _next_unit(self) -> Unit | UnitState | None:
         if self.retry_units:
             return self.retry_units.popleft()
         if self._units is None or self.units_exhausted:
@@ -308,7 +199,7 @@ class RayRun:
             self.units_exhausted = True
         return unit
 
-    async def _feed(self, worker: _Worker) -> None:
+    async def _feed(self, worker: WorkerState) -> None:
         """Keep ``concurrency`` rows ready on this worker (loaded, not sent)."""
         low_water = self.job.limits.concurrency
         while worker.alive and not self.stopper.stopped:
@@ -322,20 +213,20 @@ class RayRun:
             try:
                 await self._load(worker, item)
             except Exception as exc:
-                if not _is_ray_error(exc):
+                if not is_ray_error(exc):
                     raise
-                if _worker_gone(exc):
+                if worker_gone(exc):
                     self.retry_units.appendleft(item)
                     self._worker_died(worker)
                 else:  # a bad record, an unreadable file: the run cannot go on
-                    self.stops.stop(StopReason.worker_input(_cause(exc)))
+                    self.stops.stop(StopReason.worker_input(cause(exc)))
                 return
             finally:
                 self.loading -= 1
                 self.wake.set()
 
-    async def _load(self, worker: _Worker, item: Unit | _UnitState) -> None:
-        if isinstance(item, _UnitState):
+    async def _load(self, worker: WorkerState, item: Unit | UnitState) -> None:
+        if isinstance(item, UnitState):
             # A dead worker's unit: render it again here; its rows are decided already.
             await worker.handle.load.remote(item.unit)
             item.worker = worker
@@ -351,7 +242,7 @@ class RayRun:
         admitted = self.admission.fit(admitted, tokens)
         keys, hashes = admitted.keys, admitted.hashes
         tickets = {i: Ticket(keys[i], hashes[i], t) for i, t in zip(admitted.todo, admitted.tokens, strict=True)}
-        state = _UnitState(item, keys, hashes, tickets, deque(admitted.todo))
+        state = UnitState(item, keys, hashes, tickets, deque(admitted.todo))
         if not state.rows:
             worker.handle.release.remote(item.id)
             return
@@ -361,11 +252,11 @@ class RayRun:
 
     async def _decide(self, unit: Unit, rows: UnitRows) -> Admitted:
         """Keys, and admission's selection of the rows to send (blank rows are journaled)."""
-        reported = _Reported(rows.hashes, rows.blank)
+        reported = Reported(rows.hashes, rows.blank)
         keys = await self._keys(unit, rows, reported)
         return self.admission.select(keys, reported, unit.offset)
 
-    async def _keys(self, unit: Unit, rows: UnitRows, reported: _Reported) -> list[str]:
+    async def _keys(self, unit: Unit, rows: UnitRows, reported: Reported) -> list[str]:
         """The journal keys of a unit's rows, as the default engine makes them."""
         if self.plan.key_scheme == KeyScheme.ID and rows.ids is not None:
             return rows.ids
@@ -430,8 +321,8 @@ class RayRun:
             await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
 
     def _dispatch(self) -> None:
-        """Hand ready rows to workers while fewer than ``concurrency`` are in flight."""
-        if self.stopper.stopped:
+        """Hand ready rows to workers while fewer than ``concurrency`` are in flight (the canary's alone first)."""
+        if self.stopper.stopped or self._canary_room() == 0:
             return
         alive = [w for w in self.pool if w.alive]
         if not alive:
@@ -444,6 +335,8 @@ class RayRun:
                     return
                 free = self.job.limits.concurrency - self.in_flight
                 room = min(free, share - worker.in_flight) if even else free
+                if self._canary_left is not None:
+                    room = min(room, self._canary_left)
                 rows = self._take(worker, room)
                 if rows:
                     worker.handle.send.remote(rows)
@@ -451,7 +344,7 @@ class RayRun:
                     self.in_flight += len(rows)
                     worker.wake.set()  # it may want its next unit now
 
-    def _take(self, worker: _Worker, room: int) -> list[Dispatch]:
+    def _take(self, worker: WorkerState, room: int) -> list[Dispatch]:
         taken: list[Dispatch] = []
         for state in worker.units:
             while state.pending and len(taken) < room:
@@ -463,29 +356,63 @@ class RayRun:
                 state.pending.popleft()
                 state.sent.add(index)
                 taken.append(Dispatch(state.unit.id, index, row.tokens))
+                if self._canary_left is not None and row.key not in self.canary.keys:  # not a retry
+                    self.canary.add(row.key)
+                    self._canary_left -= 1
         return taken
 
-    async def _poll(self, worker: _Worker) -> None:
+    def _canary_room(self) -> int | None:
+        """Rows the canary lets out now (None: any number): its own rows first, then none until it is judged.
+
+        Workers load only a few units ahead, so the canary's size is decided on the
+        rows the run may send (the input less rows the journal has done), not on rows loaded.
+        """
+        gate = self.canary
+        if gate.deciding:
+            size = gate.size(self._rows_to_send(), final=True)
+            if size:
+                gate.start([], self.session.journal.completion_token_sample(), expected=size)
+                self._canary_left = size
+        if self._canary_left is None or self._canary_left > 0:
+            return self._canary_left
+        if not gate.settled.is_set():
+            return 0
+        self._canary_left = None
+        verdict = gate.verdict()
+        if verdict.failed:
+            self.stops.stop(StopReason.canary(verdict.message or "canary failed"))
+            return 0
+        return None
+
+    def _rows_to_send(self) -> int:
+        options = self.session.options
+        if options.rows is not None or options.sample:
+            return len(options.rows) if options.rows is not None else options.sample or 0
+        done = status_counts(self.session.journal.conn).by_status
+        finished = ("ok", "skipped") if options.retry_failed else ("ok", "skipped", "failed", "invalid")
+        return self.plan.total_rows - sum(done.get(status, 0) for status in finished)
+
+    async def _poll(self, worker: WorkerState) -> None:
         while worker.alive:
             try:
                 outcomes: list[Outcome] = await worker.handle.poll.remote(POLL_WAIT_S)
             except Exception as exc:
-                if not _is_ray_error(exc):
+                if not is_ray_error(exc):
                     raise
-                if _worker_gone(exc):
+                if worker_gone(exc):
                     self._worker_died(worker)
                 else:
-                    self.stops.stop(StopReason.worker_failed(_cause(exc)))
+                    self.stops.stop(StopReason.worker_failed(cause(exc)))
                 return
             if outcomes:
                 self._record(worker, outcomes)
 
     # -- results -------------------------------------------------------------------------
 
-    def _record(self, worker: _Worker, outcomes: list[Outcome]) -> None:
+    def _record(self, worker: WorkerState, outcomes: list[Outcome]) -> None:
         """Settle a batch of finished rows: one journal commit, then each row as the realtime driver does."""
         settlement = self.settlement
-        written: list[tuple[_UnitState, int, Settled]] = []
+        written: list[tuple[UnitState, int, Settled]] = []
         for outcome in outcomes:
             state = self.states[outcome.unit]
             ticket = state.rows[outcome.index]
@@ -519,7 +446,7 @@ class RayRun:
                 self._release(state)
         self.wake.set()
 
-    def _release(self, state: _UnitState) -> None:
+    def _release(self, state: UnitState) -> None:
         self.states.pop(state.unit.id, None)
         worker = state.worker
         if worker is not None:
@@ -528,7 +455,7 @@ class RayRun:
                 worker.handle.release.remote(state.unit.id)
             worker.wake.set()
 
-    def _worker_died(self, worker: _Worker) -> None:
+    def _worker_died(self, worker: WorkerState) -> None:
         """Its rows in flight go back to be sent again; its units to another worker."""
         if not worker.alive:
             return
@@ -552,65 +479,3 @@ class RayRun:
         for other in self.pool:
             other.wake.set()
         self.wake.set()
-
-
-def _is_ray_error(exc: BaseException) -> bool:
-    import ray
-
-    return isinstance(exc, ray.exceptions.RayError)
-
-
-def _worker_gone(exc: BaseException) -> bool:
-    """The actor died (its process was killed, its node lost), as opposed to an error in its code."""
-    import ray
-
-    return isinstance(exc, ray.exceptions.RayActorError)
-
-
-def _cause(exc: BaseException) -> str:
-    """The first line that says what went wrong, without Ray's traceback around it."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error:" in line:
-            return line[:300]
-    return lines[-1][:300] if lines else type(exc).__name__
-
-
-@contextlib.contextmanager
-def ray_session(settings: RaySettings) -> Iterator[None]:
-    """Join a cluster (``address``) or start a local Ray instance, watched by a watchdog."""
-    import ray
-
-    if ray.is_initialized():
-        yield  # the caller's own Ray (the Python API inside a Ray program): theirs to stop
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
-    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # a dead worker is handled, not printed
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    watchdog = None
-    if settings.address is None:
-        from pipeline.engine.drivers.ray import watchdog as ray_watchdog
-
-        watchdog = ray_watchdog.start(os.getpid())
-    try:
-        if settings.address is None:
-            ray.init(
-                num_cpus=LOCAL_CPUS,
-                object_store_memory=LOCAL_OBJECT_STORE,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-                namespace="pipeline",
-                _node_ip_address="127.0.0.1",
-            )
-        else:
-            ray.init(address=settings.address, log_to_driver=False, logging_level=logging.ERROR)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-    finally:
-        if watchdog is not None:
-            from pipeline.engine.drivers.ray import watchdog as ray_watchdog
-
-            ray_watchdog.stop(watchdog)
