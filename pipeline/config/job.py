@@ -88,6 +88,11 @@ class ModelSpec(_Section):
     headers: dict[str, str] = Field(default_factory=dict)
     input_price_per_million: StrictFloat | None = Field(default=None, ge=0)
     output_price_per_million: StrictFloat | None = Field(default=None, ge=0)
+    # Prompt-cache prices (USD per million tokens read from / written to the provider's cache).
+    cached_input_price_per_million: StrictFloat | None = Field(default=None, ge=0)
+    cache_write_price_per_million: StrictFloat | None = Field(default=None, ge=0)
+    # OpenAI's service tier, sent with every request ("flex": batch prices, slower, may answer 429).
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
     context_length: StrictInt | None = Field(default=None, gt=0)
     path: Path | None = None  # local GGUF file (provider = "local")
     n_ctx: StrictInt = Field(default=4096, gt=0)  # local server context size

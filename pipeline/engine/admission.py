@@ -54,6 +54,7 @@ class Ticket:
     tries: int = 0  # replies asked again because they did not fit the schema
     prior_cost: float = 0.0  # what those earlier replies cost
     prior_attempts: int = 0  # and the requests they took
+    prior_costs: list[float] = field(default_factory=list)  # what each of their requests cost
 
 
 @dataclass(slots=True)

@@ -35,8 +35,10 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, TypeVar
 
 from pipeline.engine.expectations import TokenFigures, expected_output_tokens, expected_row_cost
+from pipeline.engine.settlement import StopReason, Stops
 from pipeline.secrets import Redactor
 from pipeline.store.journal import JournalRow, RowStatus
+from pipeline.store.stats import status_counts
 
 if TYPE_CHECKING:
     from pipeline.config.job import LimitsSpec
@@ -400,3 +402,58 @@ class BatchCanary:
         self.batch_id = None
         self.store.forget_canary()  # judged: a later run sends its own canary (of rows not answered yet)
         return self.verdict
+
+
+class DispatchCanary:
+    """The canary of a driver that hands rows out itself (the Ray driver): its rows first, then none until judged.
+
+    Workers load only a few units ahead, so its size is decided on the rows the run
+    may send (``chosen`` rows, else the input less the rows the journal has done).
+    """
+
+    def __init__(
+        self, gate: CanaryGate, stops: Stops, journal: Journal, total: int, *, chosen: int | None, retry_failed: bool
+    ) -> None:
+        self.gate = gate
+        self.stops = stops
+        self.journal = journal
+        self.total = total
+        self.chosen = chosen  # --sample N, or an evaluation's rows
+        self.retry_failed = retry_failed
+        self.left: int | None = None  # canary rows still to hand out (None: no canary under way)
+
+    def room(self) -> int | None:
+        """Rows that may go out now (None: any number); a failed canary stops the run."""
+        gate = self.gate
+        if gate.deciding:
+            size = gate.size(self._rows_to_send(), final=True)
+            if size:
+                gate.start([], self.journal.completion_token_sample(), expected=size)
+                self.left = size
+        if self.left is None or self.left > 0:
+            return self.left
+        if not gate.settled.is_set():
+            return 0
+        self.left = None
+        verdict = gate.verdict()
+        if verdict.failed:
+            self.stops.stop(StopReason.canary(verdict.message or "canary failed"))
+            return 0
+        return None
+
+    def cap(self, room: int) -> int:
+        """``room`` rows, or fewer while the canary's own rows go out."""
+        return room if self.left is None else min(room, self.left)
+
+    def sent(self, key: str) -> None:
+        """A row handed out (a row asked again for an invalid reply is not a new canary row)."""
+        if self.left is not None and key not in self.gate.keys:
+            self.gate.add(key)
+            self.left -= 1
+
+    def _rows_to_send(self) -> int:
+        if self.chosen:
+            return self.chosen
+        done = status_counts(self.journal.conn).by_status
+        finished = ("ok", "skipped") if self.retry_failed else ("ok", "skipped", "failed", "invalid")
+        return self.total - sum(done.get(status, 0) for status in finished)

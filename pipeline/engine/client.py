@@ -12,15 +12,18 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
+from pipeline.engine.limits.inflight import InFlightWindow
 from pipeline.engine.limits.limiter import RateLimiter
+from pipeline.engine.warmup import PrefixWarmer, prefix_key
 from pipeline.providers.base import Reply, ReplyKind, parse_response
 from pipeline.providers.dialect import Dialect
 from pipeline.secrets import Redactor
 
+MAX_IN_FLIGHT = 4096  # [limits] concurrency's own maximum
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0
 RETRY_AFTER_CAP_S = 600.0
@@ -61,6 +64,7 @@ class Attempted:
     attempts: int
     latency_s: float
     cost: float  # billed across all attempts, when the server reports it
+    costs: list[float] = field(default_factory=list)  # what each attempt was billed (0.0 where none was reported)
 
 
 def backoff_delay(attempt: int, retry_after: float | None) -> float:
@@ -90,43 +94,68 @@ class ChatClient:
         self.max_attempts = max_attempts
         self.timeout_s = timeout_s
         self.on_pause: Callable[[float], None] | None = None  # told of each server-requested pause
+        # Requests in flight under the provider's in-flight budget: cut on its 402s, regrown on answers.
+        self.window = InFlightWindow(MAX_IN_FLIGHT)
+        # Requests sharing a start wait for the first of them to finish: it writes the prompt cache.
+        self.warmer = PrefixWarmer()
         # Whatever a server echoes, the key never reaches a Reply (and so the journal or a screen).
         self._redactor = Redactor.for_headers(session.headers)
 
     async def complete(self, body: bytes, tokens: int = 0) -> Attempted | None:
         """Send until success, a permanent error, or attempts run out.
 
-        Returns None when the run is stopping before the first attempt went out.
+        The first request of each shared start goes alone; the others with that
+        start wait for its first attempt to finish, so they read the provider's
+        prompt cache instead of all writing it. Returns None when the run is
+        stopping before the first attempt went out.
         """
-        cost = 0.0
+        key = prefix_key(self.dialect.messages_start(body))
+        warming = await self.warmer.enter(key)
+        try:
+            return await self._complete(body, tokens, key if warming else None)
+        finally:
+            if warming:
+                self.warmer.leave(key)  # a no-op when the first attempt already let the others go
+
+    async def _complete(self, body: bytes, tokens: int, warming: bytes | None) -> Attempted | None:
+        costs: list[float] = []
         attempt = 0
         latency = 0.0
         reply: Reply | None = None
+        window = self.window
         while attempt < self.max_attempts and not self.stopper.stopped:
             # The slot (auto rate limits) bounds requests in flight, the wait for the rate included.
             # Waiting for it is not raced with a stop: a slot frees within one request's latency.
-            async with self.limiter.slot():
+            async with self.limiter.slot(), window.gate:
                 # Without caps there is nothing to wait for: no coroutine on every request.
                 if not self.limiter.unlimited and not await self._acquire(tokens):
                     break
                 attempt += 1
+                epoch = window.epoch
                 started = time.perf_counter()
                 reply = await self._send_once(body)
                 latency = time.perf_counter() - started
+            if warming is not None:
+                self.warmer.leave(warming)  # the first attempt finished: the prompt cache holds the start
+                warming = None
             self.limiter.observe(reply.status, latency, reply.limits, reply.retry_after)
-            cost += reply.cost or 0.0
+            costs.append(reply.cost or 0.0)
+            if reply.credit is not None and reply.kind == ReplyKind.RETRY:
+                window.refused(epoch)  # the in-flight budget is full: fewer at once
+            elif reply.kind == ReplyKind.OK:
+                window.answered()
             if reply.kind != ReplyKind.RETRY or attempt >= self.max_attempts or self._final(reply):
-                return Attempted(reply, attempt, latency, cost)
+                return Attempted(reply, attempt, latency, sum(costs), costs)
             delay = backoff_delay(attempt, reply.retry_after)
             if reply.status == 429:
                 self.limiter.cool_down(delay)
                 if self.on_pause is not None:
                     self.on_pause(delay)
             if not await self.stopper.sleep(delay):
-                return Attempted(reply, attempt, latency, cost)
+                return Attempted(reply, attempt, latency, sum(costs), costs)
         if reply is None:
             return None  # stopped before the first attempt went out
-        return Attempted(reply, attempt, 0.0, cost)
+        return Attempted(reply, attempt, 0.0, sum(costs), costs)
 
     @staticmethod
     def _final(reply: Reply) -> bool:

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config.job import AUTO
 from pipeline.engine.admission import Admission
+from pipeline.engine.caching import CachedEstimate, SharedPrefixes, cache_rule
 from pipeline.engine.expectations import TokenFigures
+from pipeline.engine.lanes import LaneTokens, cheapest, price_lanes
 from pipeline.engine.limits.adaptive import START_RPM
 from pipeline.engine.limits.limiter import estimated_duration_s
 from pipeline.engine.plan import Plan
@@ -39,6 +41,7 @@ def dry_run(plan: Plan) -> Estimate:
     """
     started = time.perf_counter()
     rows = empty = too_long = input_tokens = done = to_send = 0
+    prefixes = SharedPrefixes()
     with _journal_if_any(plan.journal_path) as journal:
         waiting = _batch_store(journal)
         admission = Admission(
@@ -57,11 +60,19 @@ def dry_run(plan: Plan) -> Estimate:
             too_long += admitted.too_long
             to_send += len(admitted.todo)
             input_tokens += sum(admitted.tokens)
+            todo = admitted.todo
+            prefixes.add(
+                [rendered.systems[i] for i in todo] if rendered.systems is not None else [None] * len(todo),
+                [rendered.users[i] for i in todo],
+            )
     elapsed = time.perf_counter() - started
-    report = _figures(plan, rows, to_send, input_tokens, sample)
+    caching = _caching(plan, prefixes)
+    report = _figures(plan, rows, to_send, input_tokens, sample, caching.cached_tokens)
+    report.update(_cache_report(plan, caching))
     report["rows_done"] = done
     report["skipped"] = {"empty_prompt": empty, "over_context": too_long, "total": empty + too_long}
     report["rows_per_s"] = round(rows / elapsed) if elapsed > 0 else None
+    _lanes(plan, report)
     if plan.job.model.mode == "batch":
         _batch_prices(plan, report)
     return Estimate(**report)
@@ -103,7 +114,60 @@ def _journal_if_any(journal_path: Path) -> Iterator[Journal | None]:
         yield journal
 
 
-def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: list[int]) -> dict[str, Any]:
+def _caching(plan: Plan, prefixes: SharedPrefixes) -> CachedEstimate:
+    """What the prompt cache is expected to serve: nothing in batch mode (no warm-up there)."""
+    rule = cache_rule(plan.model_name, plan.provider.name)
+    estimate = prefixes.estimate(plan.counter, rule)
+    if plan.job.model.mode == "batch":
+        return CachedEstimate(0, 0, estimate.prefix_tokens, "batch mode: no cache discount assumed")
+    return estimate
+
+
+def _cache_report(plan: Plan, caching: CachedEstimate) -> dict[str, Any]:
+    info = plan.info
+    saved = None
+    if info.input_per_million is not None:
+        saved = round(caching.cached_tokens * (info.input_per_million - info.cached_price) / 1_000_000, 10)
+    return {
+        "cached_tokens_expected": caching.cached_tokens,
+        "shared_prefix_tokens": caching.prefix_tokens,
+        "shared_prefixes": caching.groups,
+        "cache_rule": caching.rule,
+        "cache_saved_usd_expected": saved,
+        "cached_input_price_per_million": info.cached_input_per_million,
+        "cache_write_price_per_million": info.cache_write_per_million,
+        "missing_prices": [
+            f"{f.name.replace('_', ' ')} price: set [model] {f.key}"
+            for f in info.missing()
+            if f.name in ("input", "output") or (f.name == "cached_input" and caching.cached_tokens)
+        ],
+    }
+
+
+def _lanes(plan: Plan, report: dict[str, Any]) -> None:
+    """The job priced in each lane the provider offers, and the cheapest."""
+    tokens = LaneTokens(
+        report["input_tokens"],
+        report["cached_tokens_expected"],
+        report["output_tokens_expected"],
+        report["output_tokens_max"],
+    )
+    info = plan.info
+    lanes = price_lanes(
+        info.tier(),
+        tokens,
+        plan.provider.name,
+        batch=info.batch,
+        flex=info.flex,
+        batch_discount=plan.job.model.batch_discount,
+    )
+    report["lanes"] = lanes
+    report["cheapest_lane"] = cheapest(lanes)
+
+
+def _figures(
+    plan: Plan, rows: int, to_send: int, input_tokens: int, sample: list[int], cached: int = 0
+) -> dict[str, Any]:
     info = plan.info
     max_tokens = plan.job.model.max_tokens
     if sample:
@@ -131,10 +195,10 @@ def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: lis
         "output_tokens_expected": expected,
         "output_tokens_interval": [low, high],
         "output_tokens_basis": basis,
-        "cost_usd_min": _cost(plan, input_tokens, 0),
-        "cost_usd_expected": _cost(plan, input_tokens, expected),
-        "cost_usd_interval": [_cost(plan, input_tokens, low), _cost(plan, input_tokens, high)],
-        "cost_usd_max": _cost(plan, input_tokens, to_send * max_tokens),
+        "cost_usd_min": _cost(plan, input_tokens, 0, cached),
+        "cost_usd_expected": _cost(plan, input_tokens, expected, cached),
+        "cost_usd_interval": [_cost(plan, input_tokens, low, cached), _cost(plan, input_tokens, high, cached)],
+        "cost_usd_max": _cost(plan, input_tokens, to_send * max_tokens, cached),
         # The token cap is charged prompt + max_tokens per request, as the limiter does.
         "duration_s_min": estimated_duration_s(
             to_send, limits.requests_per_minute, input_tokens + to_send * max_tokens, limits.tokens_per_minute
@@ -150,8 +214,8 @@ def _figures(plan: Plan, rows: int, to_send: int, input_tokens: int, sample: lis
     }
 
 
-def _cost(plan: Plan, prompt_tokens: int, completion_tokens: int) -> float | None:
-    cost = plan.info.cost(prompt_tokens, completion_tokens)
+def _cost(plan: Plan, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> float | None:
+    cost = plan.info.cost(prompt_tokens, completion_tokens, cached)
     return None if cost is None else round(cost, 10)
 
 
@@ -161,20 +225,20 @@ def format_report(estimate: Estimate) -> str:
     approx = "" if report["tokens_exact"] else " (approximate)"
     skipped = report["skipped"]
     money = _money
+    context = report["context_length"]
+    window = f"{context:,}-token context window" if context else "context window (unknown: set [model] context_length)"
     lines = [
         f"dry run: {report['rows']:,} rows, {report['rows_done']:,} already done, "
         f"{report['rows_to_send']:,} would be sent; nothing was sent",
-        f"  skipped: {skipped['empty_prompt']:,} empty prompt, {skipped['over_context']:,} over the "
-        f"{report['context_length'] or '?'}-token context window",
+        f"  skipped: {skipped['empty_prompt']:,} empty prompt, {skipped['over_context']:,} over the {window}",
         f"  input tokens: {report['input_tokens']:,}{approx} ({report['tokenizer']})",
         f"  output tokens: max {report['output_tokens_max']:,}, expected {report['output_tokens_expected']:,} "
         f"({report['output_tokens_basis']})",
-        f"  cost: min {money(report['cost_usd_min'])}, expected {money(report['cost_usd_expected'])} "
-        f"(interval {money(report['cost_usd_interval'][0])} to {money(report['cost_usd_interval'][1])}), "
-        f"max {money(report['cost_usd_max'])}",
-        f"  prices: {report['model']} at {report['input_price_per_million']} / "
-        f"{report['output_price_per_million']} USD per million tokens in/out, from {report['price_source']}",
+        _cost_line(report),
+        _prices_line(report),
+        _cache_line(report),
     ]
+    lines += [f"  missing price: {text}" for text in report["missing_prices"]]
     if report["output_tokens_longest"] is not None:
         lines[3] += (
             f"; answered rows used p50 {report['output_tokens_p50']:,}, p95 {report['output_tokens_p95']:,}, "
@@ -191,7 +255,50 @@ def format_report(estimate: Estimate) -> str:
         lines.append("  time: within the provider's batch window (usually minutes, at most 24 h); no rate limits")
     else:
         lines.append(_time_line(report))
+    if report["cheapest_lane"] is not None:
+        lanes = ", ".join(f"{lane['lane']} {money(lane['cost_usd_expected'])}" for lane in report["lanes"])
+        lines.append(f"  lanes (expected cost): {lanes}; cheapest: {report['cheapest_lane']}")
     return "\n".join(lines)
+
+
+def _cost_line(report: dict[str, Any]) -> str:
+    if report["cost_usd_min"] is None:
+        return "  cost: unknown: the model's prices are missing (see below)"
+    money = _money
+    return (
+        f"  cost: min {money(report['cost_usd_min'])}, expected {money(report['cost_usd_expected'])} "
+        f"(interval {money(report['cost_usd_interval'][0])} to {money(report['cost_usd_interval'][1])}), "
+        f"max {money(report['cost_usd_max'])}"
+    )
+
+
+def _price(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:g}"
+
+
+def _prices_line(report: dict[str, Any]) -> str:
+    cached = report["cached_input_price_per_million"]
+    cached_text = f", cached input {_price(cached)}" if cached is not None else ""
+    return (
+        f"  prices: {report['model']} at {_price(report['input_price_per_million'])} / "
+        f"{_price(report['output_price_per_million'])} USD per million tokens in/out{cached_text}, "
+        f"from {report['price_source']}"
+    )
+
+
+def _cache_line(report: dict[str, Any]) -> str:
+    cached = report["cached_tokens_expected"]
+    if not cached:
+        return (
+            f"  prompt cache: nothing expected from it (shared prefix {report['shared_prefix_tokens']:,} tokens; "
+            f"{report['cache_rule']})"
+        )
+    saved = report["cache_saved_usd_expected"]
+    return (
+        f"  prompt cache: {cached:,} of {report['input_tokens']:,} input tokens expected from it "
+        f"({report['shared_prefixes']:,} shared prefix(es), longest {report['shared_prefix_tokens']:,} tokens, each "
+        f"warmed by one request; {report['cache_rule']}), saving {_money(saved)}"
+    )
 
 
 def _time_line(report: dict[str, Any]) -> str:

@@ -85,7 +85,7 @@ class Plan:
             spec = spec.model_copy(update={"base_url": base_url})
         provider = self.provider
         fields = provider.structured_fields(copy.deepcopy(self.structured.schema)) if self.structured else {}
-        return Dialect(spec, self.model_name, fields, provider)
+        return Dialect(spec, self.model_name, fields, provider, cache_key=f"pipeline-{self.identity_hash}")
 
     def identity(self) -> dict[str, Any]:
         return self.job.identity(self.structured.identity() if self.structured else None, self.provider.name)
@@ -199,6 +199,10 @@ def prepare(
         free=provider.free,
         input_price=job.model.input_price_per_million,
         output_price=job.model.output_price_per_million,
+        cached_input_price=job.model.cached_input_price_per_million,
+        cache_write_price=job.model.cache_write_price_per_million,
+        provider=provider.name,
+        service_tier=job.model.service_tier,
     )
     if job.limits.budget_usd is not None and (info.input_per_million is None or info.output_per_million is None):
         raise JobError(

@@ -1,15 +1,22 @@
 """Model prices and context windows, without network access at run time.
 
-Where a model's figures come from, most trusted first:
+Each figure (input, output, cached input, cache write) comes from the most
+trusted source that has it:
 
-1. the job file (``input_price`` / ``output_price``, each on its own);
+1. the job file (``input_price_per_million``, ``output_price_per_million``,
+   ``cached_input_price_per_million``, ``cache_write_price_per_million``);
 2. a local model: free, and its context window is the server's ``n_ctx``;
-3. the price cache written by :func:`refresh_prices` (``pipeline prices --refresh``);
-4. the built-in table ``prices.json`` shipped with the package;
-5. unknown: prices ``None``, so no cost can be computed.
+3. the price cache written by :func:`refresh_prices` (``pipeline prices --refresh``:
+   OpenRouter's ``GET /models``, cache prices included);
+4. the snapshot of pydantic's ``genai-prices`` installed with the package
+   (``engine/price_catalog.py``): every model it knows, with cache prices and
+   service tiers such as OpenAI's ``flex``;
+5. the built-in table ``prices.json`` shipped with the package;
+6. unknown: ``None``. A dry run names the missing price and the key that sets it.
 
-The context length always comes from the cache or table, even when the job
-file overrides the prices.
+With ``[model] service_tier = "flex"``, the catalog's flex prices replace the
+list prices of sources 3 to 5 (the job file still wins). The context length
+comes from the job, the cache, the catalog or the table, in that order.
 """
 
 from __future__ import annotations
@@ -20,24 +27,48 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeGuard
 
-import aiohttp
-
+from pipeline.engine.price_catalog import CatalogPrices, TierPrices, catalog_prices, catalog_version
 from pipeline.errors import UnavailableError
+from pipeline.providers.openrouter.models import ListedModel, fetch_models
 
-__all__ = ["ModelInfo", "cache_path", "known_models", "model_info", "refresh_prices"]
+__all__ = ["ModelInfo", "PriceFigure", "cache_path", "known_models", "model_info", "refresh_prices"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 CACHE_FILE = "prices.json"
 _PER_MILLION = 1_000_000
+JOB_FILE = "job file"
+
+# Each priced figure, the job key that sets it, and its words in reports.
+PRICE_KEYS = {
+    "input": "input_price_per_million",
+    "output": "output_price_per_million",
+    "cached_input": "cached_input_price_per_million",
+    "cache_write": "cache_write_price_per_million",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PriceFigure:
+    """One price (USD per million tokens) and where it comes from."""
+
+    name: str
+    """``input``, ``output``, ``cached_input`` or ``cache_write``."""
+    value: float | None
+    source: str
+
+    @property
+    def key(self) -> str:
+        """The ``[model]`` key that sets it."""
+        return PRICE_KEYS[self.name]
 
 
 @dataclass(frozen=True)
@@ -52,12 +83,54 @@ class ModelInfo:
     context_length: int | None
     source: str
     """Where the prices come from, for reports: "job file", "built-in table (2026-11)", ..."""
+    cached_input_per_million: float | None = None
+    """USD per million prompt tokens read from the provider's cache; None when unknown."""
+    cache_write_per_million: float | None = None
+    """USD per million prompt tokens written to the cache; None when unknown (then: the input price)."""
+    figures: tuple[PriceFigure, ...] = field(default=(), compare=False)
+    """Each price with its own source."""
+    flex: TierPrices | None = field(default=None, compare=False)
+    """The catalog's ``service_tier = "flex"`` prices, when the model has them (the dry run's lanes)."""
+    batch: TierPrices | None = field(default=None, compare=False)
+    """The catalog's batch-API prices, when it lists them."""
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
-        """USD for the given tokens, or None when either price is unknown."""
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached: int = 0, cache_write: int = 0) -> float | None:
+        """USD for the given tokens, or None when the input or output price is unknown.
+
+        ``cached`` and ``cache_write`` are parts of ``prompt_tokens``. A cached or
+        write price that is unknown counts those tokens at the input price, the
+        most they can cost.
+        """
         if self.input_per_million is None or self.output_per_million is None:
             return None
-        return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / _PER_MILLION
+        cached_price = self.cached_price
+        write_price = self.cache_write_per_million
+        if write_price is None:
+            write_price = self.input_per_million
+        uncached = prompt_tokens - cached - cache_write
+        return (
+            uncached * self.input_per_million
+            + cached * cached_price
+            + cache_write * write_price
+            + completion_tokens * self.output_per_million
+        ) / _PER_MILLION
+
+    @property
+    def cached_price(self) -> float:
+        """The cached input price, or the input price when it is unknown (0 when both are)."""
+        if self.cached_input_per_million is not None:
+            return self.cached_input_per_million
+        return self.input_per_million or 0.0
+
+    def missing(self) -> list[PriceFigure]:
+        """Prices nobody knows (the dry run names the key that sets each one)."""
+        return [f for f in self.figures if f.value is None]
+
+    def tier(self) -> TierPrices:
+        """The prices as one lane's (the dry run's realtime lanes)."""
+        return TierPrices(
+            self.input_per_million, self.output_per_million, self.cached_input_per_million, self.cache_write_per_million
+        )
 
 
 @dataclass(frozen=True)
@@ -67,10 +140,21 @@ class _Entry:
     input_per_million: float
     output_per_million: float
     context_length: int | None
+    cached_input_per_million: float | None = None
+    cache_write_per_million: float | None = None
 
 
 # --------------------------------------------------------------------------
 # Lookup.
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """One source's figures for a model (None: it has no such price)."""
+
+    name: str
+    prices: TierPrices
+    context_length: int | None = None
 
 
 def model_info(
@@ -79,60 +163,107 @@ def model_info(
     free: bool = False,
     input_price: float | None = None,
     output_price: float | None = None,
+    cached_input_price: float | None = None,
+    cache_write_price: float | None = None,
+    provider: str = "openrouter",
+    service_tier: str | None = None,
     cache_dir: Path | None = None,
 ) -> ModelInfo:
-    """Prices and context window of ``model``, following the precedence above.
+    """Prices and context window of ``model`` at ``provider``, following the precedence above.
 
-    ``input_price`` and ``output_price`` are the job file's overrides in USD
-    per million tokens; each one replaces only its own price.
+    The price arguments are the job file's keys in USD per million tokens;
+    each one replaces only its own price.
     """
+    job = _Source(JOB_FILE, TierPrices(input_price, output_price, cached_input_price, cache_write_price))
+    catalog = None if free else catalog_prices(model, provider)
     if free:
-        entry: _Entry | None = _Entry(0.0, 0.0, None)
-        base_source = "local model (free)"
+        sources = [job, _Source("local model (free)", TierPrices(0.0, 0.0))]
     else:
-        entry, base_source = _lookup(model, cache_dir)
-    source = _describe_source(base_source, input_price is not None, output_price is not None)
-    if input_price is None and entry is not None:
-        input_price = entry.input_per_million
-    if output_price is None and entry is not None:
-        output_price = entry.output_per_million
+        sources = [job, *_stored_sources(model, cache_dir, catalog, service_tier)]
+    figures = tuple(_figure(name, sources) for name in PRICE_KEYS)
+    context = next((s.context_length for s in sources if s.context_length), None)
+    values = {f.name: f.value for f in figures}
     return ModelInfo(
         model=model,
-        input_per_million=input_price,
-        output_per_million=output_price,
-        context_length=entry.context_length if entry else None,
-        source=source,
+        input_per_million=values["input"],
+        output_per_million=values["output"],
+        context_length=context,
+        source=_describe(figures),
+        cached_input_per_million=values["cached_input"],
+        cache_write_per_million=values["cache_write"],
+        figures=figures,
+        flex=catalog.flex if catalog else None,
+        batch=catalog.batch if catalog else None,
     )
 
 
-def _describe_source(base_source: str, input_overridden: bool, output_overridden: bool) -> str:
-    """ "job file" when both prices come from it, both sources when it sets just one."""
-    if input_overridden and output_overridden:
-        return "job file"
-    if input_overridden:
-        return f"job file (input price), {base_source} (output price)"
-    if output_overridden:
-        return f"job file (output price), {base_source} (input price)"
-    return base_source
-
-
-def _lookup(model: str, cache_dir: Path | None) -> tuple[_Entry | None, str]:
-    """The model's entry from the price cache, else the built-in table, else unknown."""
+def _stored_sources(
+    model: str, cache_dir: Path | None, catalog: CatalogPrices | None, service_tier: str | None
+) -> list[_Source]:
+    """The price cache, the genai-prices catalog and the built-in table's figures for ``model``."""
+    sources: list[_Source] = []
+    if service_tier == "flex" and catalog is not None and catalog.flex is not None:
+        # Flex prices replace every list price; the list figures stay behind them for what flex lacks.
+        name = f"{catalog_version()} ({catalog.provider_id}, flex)"
+        sources.append(_Source(name, catalog.flex, catalog.context_window))
     cached = _read_cache(cache_path(cache_dir))
     if cached is not None:
         entries, source = cached
         entry = _find(entries, model)
         if entry is not None:
-            return entry, source
+            sources.append(_entry_source(source, entry))
+    if catalog is not None:
+        name = f"{catalog_version()} ({catalog.provider_id})"
+        sources.append(_Source(name, catalog.standard, catalog.context_window))
     table = _builtin_table()
     entry = _find(table.entries, model, table.aliases)
     if entry is not None:
-        return entry, f"built-in table ({table.as_of})"
-    return None, "unknown"
+        sources.append(_entry_source(f"built-in table ({table.as_of})", entry))
+    return sources
+
+
+def _entry_source(name: str, entry: _Entry) -> _Source:
+    prices = TierPrices(
+        entry.input_per_million, entry.output_per_million, entry.cached_input_per_million, entry.cache_write_per_million
+    )
+    return _Source(name, prices, entry.context_length)
+
+
+_TIER_FIELDS = {"input": "input", "output": "output", "cached_input": "cache_read", "cache_write": "cache_write"}
+
+
+def _figure(name: str, sources: list[_Source]) -> PriceFigure:
+    for source in sources:
+        value = getattr(source.prices, _TIER_FIELDS[name])
+        if value is not None:
+            return PriceFigure(name, value, source.name)
+    return PriceFigure(name, None, "unknown")
+
+
+def _describe(figures: tuple[PriceFigure, ...]) -> str:
+    """The input and output prices' source ("job file first" when they differ), then other figures' own."""
+    by_name = {f.name: f for f in figures}
+    sources = {by_name["input"].source, by_name["output"].source}
+    if len(sources) == 1:
+        text = sources.pop()
+    else:
+        pair = sorted((by_name["input"], by_name["output"]), key=lambda f: f.source != JOB_FILE)
+        text = ", ".join(f"{f.source} ({f.name} price)" for f in pair)
+    main = {by_name["input"].source, by_name["output"].source}
+    extra = [
+        f"{f.name.replace('_', ' ')} price: {f.source}"
+        for f in figures
+        if f.name not in ("input", "output") and f.value is not None and f.source not in main
+    ]
+    return "; ".join([text, *extra])
 
 
 def known_models(cache_dir: Path | None = None) -> list[ModelInfo]:
-    """Every model with known prices, sorted by id: the cache's, then the built-in table's others."""
+    """Every model with known prices, sorted by id: the cache's, then the built-in table's others.
+
+    The genai-prices catalog knows thousands more (``pipeline prices MODEL``
+    looks one up).
+    """
     found: dict[str, ModelInfo] = {}
     cached = _read_cache(cache_path(cache_dir))
     if cached is not None:
@@ -146,7 +277,15 @@ def known_models(cache_dir: Path | None = None) -> list[ModelInfo]:
 
 
 def _info(model: str, entry: _Entry, source: str) -> ModelInfo:
-    return ModelInfo(model, entry.input_per_million, entry.output_per_million, entry.context_length, source)
+    return ModelInfo(
+        model,
+        entry.input_per_million,
+        entry.output_per_million,
+        entry.context_length,
+        source,
+        entry.cached_input_per_million,
+        entry.cache_write_per_million,
+    )
 
 
 def _find(entries: dict[str, _Entry], model: str, aliases: dict[str, str] | None = None) -> _Entry | None:
@@ -191,7 +330,14 @@ def _parse_entry(fields: Any) -> _Entry | None:
     input_price, output_price = fields.get("input_per_million"), fields.get("output_per_million")
     if not (_valid_price(input_price) and _valid_price(output_price)):
         return None
-    return _Entry(float(input_price), float(output_price), _context_length(fields.get("context_length")))
+    cached, written = fields.get("cached_input_per_million"), fields.get("cache_write_per_million")
+    return _Entry(
+        float(input_price),
+        float(output_price),
+        _context_length(fields.get("context_length")),
+        float(cached) if _valid_price(cached) else None,
+        float(written) if _valid_price(written) else None,
+    )
 
 
 def _context_length(value: object) -> int | None:
@@ -264,105 +410,35 @@ async def refresh_prices(
     timeout_s: float = 30,
     cache_dir: Path | None = None,
 ) -> tuple[Path, int]:
-    """Download every model's prices from ``GET {base_url}/models`` into the cache.
+    """Download every model's prices from OpenRouter's ``GET {base_url}/models`` into the cache.
 
-    Returns the cache file and the number of models written. Network and
-    HTTP failures raise :class:`UnavailableError` (exit 3); the old cache is then left
-    untouched.
+    Cache read and write prices are kept where the listing has them. Returns
+    the cache file and the number of models written. Network and HTTP
+    failures raise :class:`UnavailableError` (exit 3); the old cache is then left untouched.
     """
     base = base_url.rstrip("/")
-    url = f"{base}/models"
-    body = await _fetch_json(url, timeout_s)
-    entries = _parse_models(body, url)
+    models = await fetch_models(base, timeout_s)
     payload = {
         "source": base,
         "refreshed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "models": {
-            model: {
-                "input_per_million": entry.input_per_million,
-                "output_per_million": entry.output_per_million,
-                "context_length": entry.context_length,
-            }
-            for model, entry in sorted(entries.items())
-        },
+        "models": {model.id: _cache_fields(model) for model in sorted(models, key=lambda m: m.id)},
     }
     path = cache_path(cache_dir)
     await asyncio.to_thread(_write_atomically, path, json.dumps(payload, indent=1))
-    return path, len(entries)
+    return path, len(payload["models"])
 
 
-async def _fetch_json(url: str, timeout_s: float) -> Any:
-    """GET ``url`` and decode its JSON body, turning every failure into an UnavailableError."""
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(url, headers={"Accept": "application/json"}) as response,
-        ):
-            if response.status != 200:
-                snippet = (await response.text(errors="replace"))[:200]
-                raise UnavailableError(
-                    f"could not refresh prices from {url}: HTTP {response.status} {snippet}".rstrip()
-                )
-            # content_type=None: accept JSON even if served with another type.
-            return await response.json(content_type=None)
-    except TimeoutError as exc:
-        raise UnavailableError(f"could not refresh prices from {url}: no answer within {timeout_s:g} s") from exc
-    except aiohttp.ClientError as exc:
-        reason = str(exc) or type(exc).__name__
-        raise UnavailableError(f"could not refresh prices from {url}: {reason}") from exc
-    except ValueError as exc:  # the body is not JSON
-        raise UnavailableError(f"could not refresh prices from {url}: invalid JSON: {exc}") from exc
-
-
-def _parse_models(body: Any, url: str) -> dict[str, _Entry]:
-    """OpenRouter's ``{"data": [{"id", "context_length", "pricing": {...}}]}`` as entries.
-
-    Prices there are USD per token, as strings. Entries whose prices cannot be
-    parsed or are negative are skipped: OpenRouter lists variable-price
-    routers (such as ``openrouter/auto``) with ``"-1"``.
-    """
-    data = body.get("data") if isinstance(body, dict) else None
-    if not isinstance(data, list):
-        raise UnavailableError(f"could not refresh prices from {url}: no 'data' list in the response")
-    entries: dict[str, _Entry] = {}
-    for item in data:
-        parsed = _parse_model(item)
-        if parsed is not None:
-            entries[parsed[0]] = parsed[1]
-    if not entries:
-        # Writing an empty cache would silently hide the built-in table's
-        # figures behind a "refreshed" label; refuse instead.
-        raise UnavailableError(f"could not refresh prices from {url}: no model with usable prices")
-    return entries
-
-
-def _parse_model(item: Any) -> tuple[str, _Entry] | None:
-    """One ``data[]`` item as ``(id, entry)``, or None when it is unusable."""
-    if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-        return None
-    pricing = item.get("pricing")
-    if not isinstance(pricing, dict):
-        return None
-    prompt = _per_million(pricing.get("prompt"))
-    completion = _per_million(pricing.get("completion"))
-    if prompt is None or completion is None:
-        return None
-    return item["id"], _Entry(prompt, completion, _context_length(item.get("context_length")))
-
-
-def _per_million(per_token: Any) -> float | None:
-    """ "0.0000001" (USD per token) -> 0.1 (USD per million), None if unusable."""
-    if isinstance(per_token, bool) or not isinstance(per_token, str | int | float):
-        return None
-    try:
-        value = float(per_token)
-    except ValueError:
-        return None
-    if not math.isfinite(value) or value < 0:
-        return None
-    # Round away float noise such as 0.1 * 1e6 / 1e6 -> 0.09999999999999999.
-    return round(value * _PER_MILLION, 9)
+def _cache_fields(model: ListedModel) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "input_per_million": model.input_per_million,
+        "output_per_million": model.output_per_million,
+        "context_length": model.context_length,
+    }
+    if model.cached_input_per_million is not None:
+        fields["cached_input_per_million"] = model.cached_input_per_million
+    if model.cache_write_per_million is not None:
+        fields["cache_write_per_million"] = model.cache_write_per_million
+    return fields
 
 
 def _write_atomically(path: Path, text: str) -> None:

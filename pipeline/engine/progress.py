@@ -35,6 +35,8 @@ class Counters:
     cost_usd: float = 0.0
     cost_estimated: bool = False
     errors: dict[str, int] = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens read from the provider's cache
+    cache_saved_usd: float = 0.0  # what that saved against the input price
 
 
 class Tracker:
@@ -78,6 +80,11 @@ class Tracker:
         c.prompt_tokens += prompt_tokens or 0
         c.completion_tokens += completion_tokens or 0
         c.cost_usd += cost
+
+    def cached(self, tokens: int, saved_usd: float) -> None:
+        """Prompt tokens a reply read from the provider's cache, and what they saved."""
+        self.counters.cached_tokens += tokens
+        self.counters.cache_saved_usd += saved_usd
 
     def row_done(self, status: RowStatus, error: str | None) -> None:
         c = self.counters

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +77,7 @@ class Recorder:
         server_counted = reply.prompt_tokens is not None and reply.completion_tokens is not None
         p = reply.prompt_tokens if reply.prompt_tokens is not None else self._prompt_tokens(prompt_tokens, body)
         c = reply.completion_tokens if reply.completion_tokens is not None else self._completion_tokens(reply.content)
-        priced = self.info.cost(p, c)
+        priced = self.info.cost(p, c, reply.cached_tokens or 0, reply.cache_write_tokens or 0)
         if server_counted:
             return Charge(billed + (priced or 0.0) * self.discount)
         return Charge(billed + (priced or 0.0) * self.discount, True, p, c)
@@ -93,6 +93,13 @@ class Recorder:
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
         user = next(m["content"] for m in messages if m["role"] == "user")
         return self.counter().count_chat([system], [user])[0]
+
+    def cache_saving(self, cached_tokens: int) -> float:
+        """What reading ``cached_tokens`` from the cache saved against the input price."""
+        info = self.info
+        if info.input_per_million is None:
+            return 0.0
+        return cached_tokens * (info.input_per_million - info.cached_price) / 1_000_000 * self.discount
 
     def status(self, reply: Reply) -> tuple[RowStatus, str | None, dict[str, Any] | None]:
         if reply.kind == ReplyKind.OK:
@@ -116,10 +123,18 @@ class Recorder:
         prior_cost: float = 0.0,
         prior_attempts: int = 0,
         tries: int = 0,
+        attempt_costs: Sequence[float] = (),
+        prior_costs: Sequence[float] = (),
     ) -> JournalRow:
-        """The journal row for a reply; cost and attempts include earlier tries of this row."""
+        """The journal row for a reply; cost and attempts include earlier tries of this row.
+
+        ``attempt_costs`` are what each attempt of this reply was billed (the
+        client's list), ``prior_costs`` those of earlier tries of the row: the
+        row keeps them all, with this reply's priced cost on its last attempt.
+        """
         status, error, parsed = self.status(reply)
         total = prior_cost + charge.usd
+        costs = every_attempt(prior_costs, attempt_costs, charge.usd)
         # Null, not a misleading 0, when nothing is known to have been billed.
         known = reply.kind == ReplyKind.OK and (reply.cost is not None or self.info.input_per_million is not None)
         return JournalRow(
@@ -143,7 +158,17 @@ class Recorder:
             invalid_tries=tries,
             cost_estimated=charge.estimated,
             updated=time.time(),
+            cached_tokens=reply.cached_tokens,
+            cache_write_tokens=reply.cache_write_tokens,
+            attempt_costs=json.dumps(costs) if costs else None,
         )
+
+
+def every_attempt(prior: Sequence[float], attempts: Sequence[float], charged: float) -> list[float]:
+    """The cost of every attempt of a row: earlier tries', then this reply's, priced on its last attempt."""
+    these = list(attempts) or [0.0]
+    these[-1] += charged - sum(attempts)  # what was priced from tokens, beyond what the server reported
+    return [*prior, *(round(cost, 12) for cost in these)]
 
 
 def _first(value: int | None, fallback: int | None) -> int | None:

@@ -16,6 +16,7 @@ from pipeline.errors import ExitCode
 
 if TYPE_CHECKING:
     from pipeline.engine.canary import CanaryVerdict
+    from pipeline.engine.lanes import LaneCost
     from pipeline.engine.limits.limiter import LimitSource
 
 
@@ -71,6 +72,10 @@ class RunSummary:
     """With ``--engine ray``: the number of Ray worker actors."""
     canary: CanaryVerdict | None = None
     """The canary's verdict, completion-token figures and suggested max_tokens (None: no canary this run)."""
+    cached_tokens: int = 0
+    """Prompt tokens this run read from the provider's prompt cache (billed at the cached price)."""
+    cache_saved_usd: float = 0.0
+    """What reading them from the cache saved against the input price."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +155,23 @@ class Estimate:
     output_tokens_longest: int | None = None
     max_tokens_suggested: int | None = None
     """A max_tokens that fits the answered rows, when it would at least halve the job's (as the canary suggests)."""
+    cached_tokens_expected: int = 0
+    """Input tokens expected to be read from the provider's prompt cache (priced at the cached price above)."""
+    shared_prefix_tokens: int = 0
+    """The longest prefix the rows share, in tokens."""
+    shared_prefixes: int = 0
+    """Shared prefixes worth caching: each is warmed by one request before its other rows go."""
+    cache_rule: str = ""
+    """The provider's caching rule applied (minimum length, granularity)."""
+    cache_saved_usd_expected: float | None = None
+    """What caching is expected to save against the list price."""
+    cached_input_price_per_million: float | None = None
+    cache_write_price_per_million: float | None = None
+    missing_prices: list[str] = field(default_factory=list)
+    """Prices nobody knows, each with the [model] key that sets it."""
+    lanes: list[LaneCost] = field(default_factory=list)
+    """The job priced in each lane the provider offers (realtime, with cache, batch, flex)."""
+    cheapest_lane: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

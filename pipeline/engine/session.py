@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from pipeline.engine.admission import Admission, Hold
 from pipeline.engine.budget import Budget
-from pipeline.engine.canary import CanaryGate
+from pipeline.engine.canary import CanaryGate, DispatchCanary
 from pipeline.engine.plan import KeyScheme, Plan
 from pipeline.engine.progress import Tracker
 from pipeline.engine.recorder import Recorder
@@ -161,6 +161,18 @@ class Session:
         self.canary = CanaryGate.for_plan(plan, options.canary)
         self.settlement.observers.append(self.canary.observe)
 
+    def dispatch_canary(self) -> DispatchCanary:
+        """The canary for a driver that hands rows out itself (Ray), on this session's gate."""
+        o = self.options
+        return DispatchCanary(
+            self.canary,
+            self.stops,
+            self.journal,
+            self.plan.total_rows,
+            chosen=len(o.rows) if o.rows is not None else o.sample,
+            retry_failed=o.retry_failed,
+        )
+
     def over_budget(self) -> StopReason:
         """The stop for a request whose worst case the budget cannot hold."""
         return StopReason.budget(self.budget.spent, self.budget.limit or 0.0)
@@ -254,7 +266,7 @@ def build_result(
         code = ExitCode.ROWS_FAILED
     else:
         code = ExitCode.OK
-    priced = plan.info.cost(c.prompt_tokens, c.completion_tokens)
+    priced = plan.info.cost(c.prompt_tokens, c.completion_tokens, c.cached_tokens)
     elapsed = tracker.elapsed_s
     summary = RunSummary(
         job=plan.job.name,
@@ -272,6 +284,8 @@ def build_result(
         cost_usd=round(c.cost_usd, 8),
         cost_usd_estimated=None if priced is None else round(priced * price_factor, 8),
         cost_estimated=c.cost_estimated,
+        cached_tokens=c.cached_tokens,
+        cache_saved_usd=round(c.cache_saved_usd, 10),
         job_spent_usd=round(spent, 8),
         price_source=plan.info.source,
         wall_s=round(elapsed, 2),

@@ -23,6 +23,7 @@ sender watches; later reasons are ignored, as a later signal is.
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
@@ -50,6 +51,7 @@ class StopKind(StrEnum):
     USER = "user"  # a front end asked (Ctrl-C, SIGTERM, Controls.stop)
     BUDGET = "budget"  # the next request's worst case would pass budget_usd
     KEY_REFUSED = "key_refused"  # 401/402/403 on the key: no request can succeed
+    CREDIT_LIMIT = "credit_limit"  # a request too big for the in-flight budget, or a spent key budget
     JOB_REFUSED = "job_refused"  # 403/404 on the model before any success
     UNREACHABLE = "unreachable"  # every attempt of the first rows a connection error
     JOURNAL_WRITE = "journal_write"  # the journal cannot be written
@@ -121,6 +123,13 @@ class StopReason:
             f"the provider asks to wait {seconds:,.0f} s (Retry-After, until about {when}) before the next "
             f"request ({error}); come back then: rerun after {when} (nothing done is paid again)",
         )
+
+    @classmethod
+    def refused(cls, reply: Reply, max_tokens: int | None = None) -> StopReason:
+        """An ``auth`` reply's stop: the credit limit it names (never "a refused key"), else a refused key."""
+        if reply.credit is not None:
+            return cls(StopKind.CREDIT_LIMIT, f"{reply.credit.advice(max_tokens)} ({reply.error})")
+        return cls.key_refused(reply.error)
 
     @classmethod
     def key_refused(cls, error: str | None) -> StopReason:
@@ -358,6 +367,8 @@ class Settlement:
             prior_cost=ticket.prior_cost,
             prior_attempts=ticket.prior_attempts,
             tries=ticket.tries,
+            attempt_costs=attempted.costs,
+            prior_costs=ticket.prior_costs,
         )
         return Settled(row, charge, reply, attempted.attempts)
 
@@ -389,6 +400,8 @@ class Settlement:
         row = settled.row
         self.budget.settle(0.0, charge.usd)
         self.tracker.requests(settled.requests, charge.usd, row.prompt_tokens, row.completion_tokens)
+        if row.cached_tokens:
+            self.tracker.cached(row.cached_tokens, self.recorder.cache_saving(row.cached_tokens))
         if charge.estimated:
             self.tracker.counters.cost_estimated = True
         for observe in self.observers:
@@ -404,6 +417,7 @@ class Settlement:
         ticket.tries += 1
         ticket.prior_cost += settled.charge.usd
         ticket.prior_attempts += settled.requests
+        ticket.prior_costs = json.loads(settled.row.attempt_costs) if settled.row.attempt_costs else []
         return True
 
     def close(self, ticket: Ticket, settled: Settled, *, done: bool = True) -> None:
@@ -412,7 +426,7 @@ class Settlement:
         if done:
             self.tracker.row_done(settled.row.status, settled.row.error)
         if settled.reply.kind == ReplyKind.AUTH:
-            self.stops.stop(StopReason.key_refused(settled.reply.error))
+            self.stops.stop(StopReason.refused(settled.reply, self.recorder.max_tokens))
 
     def release(self, ticket: Ticket, billed: float = 0.0) -> None:
         """Give back the row's reservation; ``billed``: what a reply that is not journaled cost."""

@@ -274,3 +274,13 @@ def count_text(text: str) -> int:
     if _text_counter is None:
         _text_counter = _text_token_counter()
     return _text_counter(text)
+
+
+def encode_text(text: str) -> list[int]:
+    """The Tekken tokens of a plain text (the dry run compares rows' starts token by token)."""
+    tekken = _mistral_tokenizer().instruct_tokenizer.tokenizer
+    encoding = getattr(tekken, "_model", None)
+    encode_ordinary = getattr(encoding, "encode_ordinary", None)
+    if encode_ordinary is not None and not getattr(encoding, "_special_tokens", None):
+        return list(encode_ordinary(text))
+    return list(tekken.encode(text, bos=False, eos=False))

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import email.utils
 import json
-import math
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from pipeline.providers.credit import CreditLimit, LimitKind, credit_limit
 from pipeline.providers.ratelimits import RateLimitInfo, rate_limit_info
+from pipeline.providers.usage import parse_usage
 
 if TYPE_CHECKING:
     pass
@@ -59,6 +60,9 @@ class Reply:
     provider: str | None = None
     generation_id: str | None = None
     limits: RateLimitInfo | None = None  # what the server said about its rate limits, if anything
+    cached_tokens: int | None = None  # prompt tokens read from the provider's prompt cache (part of prompt_tokens)
+    cache_write_tokens: int | None = None  # prompt tokens written to it
+    credit: CreditLimit | None = None  # a credit limit the error stated (in-flight budget, weight, spent budget)
 
 
 def parse_response(status: int, body: bytes, headers: Any) -> Reply:
@@ -75,6 +79,12 @@ def parse_response(status: int, body: bytes, headers: Any) -> Reply:
     message = _error_message(data, body)
     if status == 200:
         return Reply(ReplyKind.RETRY, status, f"HTTP 200 with an unreadable body: {message}", limits=limits)
+    credit = credit_limit(status, data)
+    if credit is not None:
+        # The in-flight budget is back-pressure (retry after Retry-After, fewer at once); a request
+        # too big for it, or a spent budget, stops the run like a refused key, with its own reason.
+        kind = ReplyKind.RETRY if credit.kind is LimitKind.IN_FLIGHT else ReplyKind.AUTH
+        return Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits, credit=credit)
     kind = classify_status(status, message)
     reply = Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits)
     if isinstance(data, dict):
@@ -117,31 +127,27 @@ def _parse_success(data: dict[str, Any]) -> Reply:
         # Nothing came back: a provider hiccup, not an answer (and not an empty string).
         reply = Reply(ReplyKind.RETRY, 200, "HTTP 200 with no content (message.content is null)", finish_reason=finish)
         return _unanswered(reply, usage)
-    prompt_tokens = usage.get("prompt_tokens")
-    completion_tokens = usage.get("completion_tokens")
-    cost: Any = usage.get("cost")
+    used = parse_usage(usage)
     return Reply(
         ReplyKind.OK,
         200,
         content=content,
         finish_reason=finish,
-        # Checked inline (this runs once per row): ints for tokens, a number for cost.
-        prompt_tokens=prompt_tokens if type(prompt_tokens) is int else None,
-        completion_tokens=completion_tokens if type(completion_tokens) is int else None,
-        cost=float(cost) if type(cost) in (int, float) else _cost(cost),
+        prompt_tokens=used.prompt_tokens,
+        completion_tokens=used.completion_tokens,
+        cost=used.cost,
         model=data.get("model"),
         provider=data.get("provider"),
         generation_id=data.get("id"),
+        cached_tokens=used.cached_tokens,
+        cache_write_tokens=used.cache_write_tokens,
     )
 
 
 def _read_usage(reply: Reply, usage: Any) -> Reply:
     """Tokens and cost from a ``usage`` object, whatever else the reply carries."""
-    if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        reply.prompt_tokens = prompt if type(prompt) is int else None
-        reply.completion_tokens = completion if type(completion) is int else None
-        reply.cost = _cost(usage.get("cost"))
+    used = parse_usage(usage)
+    reply.prompt_tokens, reply.completion_tokens, reply.cost = used.prompt_tokens, used.completion_tokens, used.cost
     return reply
 
 
@@ -162,22 +168,6 @@ def _unanswered(reply: Reply, usage: Any) -> Reply:
             "max_tokens thinking: raise [model] max_tokens); --retry-failed asks again"
         )
     return reply
-
-
-def _cost(value: Any) -> float | None:
-    """``usage.cost`` as a number: a JSON number, or a decimal string such as ``"0.002"``."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
 
 
 def parse_retry_after(value: str | None) -> float | None:

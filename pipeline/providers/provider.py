@@ -29,6 +29,7 @@ class Provider:
     needs_key: ClassVar[bool] = True
     free: ClassVar[bool] = False  # no price to pay (a model on this machine)
     rate_limited: ClassVar[bool] = True  # a limit for requests_per_minute = "auto" to learn
+    prompt_cache_key: ClassVar[bool] = False  # routes requests sharing a prefix to one cache by this key
 
     async def stated_rate_limit(self, session: aiohttp.ClientSession, base_url: str) -> RateLimitInfo | None:
         """A rate limit the provider states outside replies (asked once per run, best effort)."""

@@ -69,6 +69,9 @@ class JournalRow:
     invalid_tries: int = 0
     cost_estimated: bool = False  # cost counted from tokens: the server reported no usage
     updated: float = 0.0
+    cached_tokens: int | None = None  # prompt tokens read from the provider's prompt cache
+    cache_write_tokens: int | None = None  # prompt tokens written to it
+    attempt_costs: str | None = None  # JSON list: USD of every attempt of the row, failed and invalid ones included
 
 
 _NOT_NULL = {"key": "TEXT PRIMARY KEY", "prompt_hash": "TEXT NOT NULL", "status": "TEXT NOT NULL"}

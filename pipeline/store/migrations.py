@@ -62,8 +62,16 @@ def _v4_batches(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
+def _v5_cache_and_attempts(conn: sqlite3.Connection) -> None:
+    """Prompt-cache token counts and the cost of every attempt of a row (cost truth, provenance)."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+    for name, kind in (("cached_tokens", "INTEGER"), ("cache_write_tokens", "INTEGER"), ("attempt_costs", "TEXT")):
+        if name not in present:
+            conn.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
+
+
 # MIGRATIONS[i] takes a journal from version i + 1 to version i + 2.
-MIGRATIONS: list[Migration] = [_v2_cost_estimated, _v3_row_number_keys, _v4_batches]
+MIGRATIONS: list[Migration] = [_v2_cost_estimated, _v3_row_number_keys, _v4_batches, _v5_cache_and_attempts]
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 

@@ -51,6 +51,16 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from tests.fakes.billing import (
+    InFlightBudget,
+    PrefixCache,
+    Refusal,
+    budget_403_body,
+    in_flight_body,
+    weight_body,
+    word_tokens,
+)
+
 JSON = dict[str, Any]
 
 DEFAULT_PRICE_PER_TOKEN = 0.1e-6
@@ -375,11 +385,13 @@ class FakeConfig:
     # with OpenRouter's body), "echo_auth" / "echo_auth:NNN" (an answer quoting the
     # request's Authorization header: an error with status NNN, default 400, or with
     # 200 a billed completion), "retry_after_date", "hang", "drop", "error200",
-    # "finish_error", "invalid_json", "wrong_label", "empty", "null_content", "no_choices".
-    # A behaviour ending in "+cost" ("null_content+cost", "no_choices+cost", "error200+cost",
-    # "500+cost", "empty+cost", ...) answers the same way but bills the request (prompt plus a
-    # full max_tokens of hidden reasoning) and reports it in usage (as a reasoning model that
-    # spent max_tokens thinking does); stats count it as a billed completion.
+    # "finish_error", "invalid_json", "wrong_label", "empty", "null_content", "no_choices",
+    # "in_flight_402", "weight_402", "budget_403" (OpenRouter's credit-limit bodies, see
+    # tests/fakes/billing.py). A behaviour ending in "+cost" ("null_content+cost",
+    # "no_choices+cost", "error200+cost", "500+cost", "empty+cost", ...) answers the same way
+    # but bills the request (prompt plus a full max_tokens of hidden reasoning) and reports it
+    # in usage (as a reasoning model that spent max_tokens thinking does); stats count it as a
+    # billed completion.
     script: dict[str, list[str]] = field(default_factory=dict)
     # Fraction of unscripted requests answered with fail_kind (a behaviour), seeded.
     fail_rate: float = 0.0
@@ -411,6 +423,19 @@ class FakeConfig:
     # How enum values (labels) are chosen: "hash" of the user message, or "text": the
     # label the message names (see expected_label), for tests with known answers.
     label_mode: str = "hash"
+    # Prompt caching as providers bill it in 2026: the leading tokens a request shares with a
+    # request that already FINISHED are billed at cache_read_factor x the price and reported as
+    # usage.prompt_tokens_details.cached_tokens; cacheable from cache_min_tokens on, in
+    # cache_step-token steps (OpenAI: 1024 and 128). See tests/fakes/billing.py.
+    prompt_caching: bool = False
+    cache_read_factor: float = 0.1
+    cache_min_tokens: int = 0
+    cache_step: int = 1
+    # OpenRouter's in-flight spending budget in USD: each running request holds its worst case,
+    # (prompt + max_tokens) x price; past it, 402 in_flight_budget_exhausted with Retry-After
+    # (in_flight_retry_after), and 402 weight_exceeds_budget for a request that alone passes it.
+    in_flight_budget_usd: float | None = None
+    in_flight_retry_after: str = "1"
 
 
 class _Stats:
@@ -436,6 +461,11 @@ class _Stats:
         self.in_flight = 0
         self.max_in_flight = 0
         self.client_pids: dict[int, int] = {}
+        self.cached_tokens = 0  # prompt tokens billed at the cached price
+        self.cached_per_completion: list[int] = []  # cached tokens of each billed completion, in order
+        self.prompt_cost = 0.0  # what the prompts of billed completions cost (cached part included)
+        self.in_flight_refused = 0  # 402 in_flight_budget_exhausted answers
+        self.weight_refused = 0  # 402 weight_exceeds_budget answers
 
     def snapshot(self, full: bool = True) -> JSON:
         """A plain-dict copy; ``full=False`` omits the bulky ``bodies`` and ``arrivals``."""
@@ -456,6 +486,11 @@ class _Stats:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "client_pids": dict(self.client_pids),
+            "cached_tokens": self.cached_tokens,
+            "cached_per_completion": list(self.cached_per_completion),
+            "prompt_cost": self.prompt_cost,
+            "in_flight_refused": self.in_flight_refused,
+            "weight_refused": self.weight_refused,
         }
         if full:
             out["arrivals"] = list(self.arrivals)
@@ -530,6 +565,9 @@ class FakeServer:
         # Connections of requests currently hanging, so stopping can cut them off.
         self._hanging: set[asyncio.Transport] = set()
         self._pid_by_port: dict[int, int] = {}
+        self._prefix_cache: PrefixCache | None = None
+        self._in_flight: InFlightBudget | None = None
+        self._arrivals: dict[int, tuple[list[Any], int]] = {}  # prompt tokens and cached count at arrival
 
     # -- public helpers -------------------------------------------------------------------
 
@@ -567,6 +605,8 @@ class FakeServer:
             self._bucket_rps = None
             self._rng = random.Random(self.config.seed)
             self._rng_seed = self.config.seed
+            self._prefix_cache = None
+            self._in_flight = None
 
     def _set_config(self, name: str, value: Any) -> None:
         if name not in {f.name for f in dataclasses.fields(FakeConfig)}:
@@ -682,7 +722,6 @@ class FakeServer:
             counts[status] = counts.get(status, 0) + 1
 
     async def _answer_chat(self, request: web.Request, trace: dict[str, str]) -> web.StreamResponse:
-        cfg = self.config
         body = await self._parse_body(request)
         self._check_auth(request)
         self._check_rate_limit()
@@ -690,7 +729,53 @@ class FakeServer:
         u = last_user_content(messages)
         fmt_type, schema = self._parse_response_format(body.get("response_format"))
         max_tokens = self._parse_max_tokens(body)
+        if self.config.prompt_caching:
+            # Cached is what FINISHED requests had written when this one arrived.
+            tokens = self._prompt_token_list(messages)
+            self._arrivals[id(body)] = (tokens, self._cache().cached(tokens))
+        try:
+            held = await self._hold_in_flight(messages, max_tokens)
+            try:
+                return await self._answer_held(request, trace, body, u, fmt_type, schema, max_tokens)
+            finally:
+                if held and self._in_flight is not None:
+                    self._in_flight.release(held)
+        finally:
+            self._arrivals.pop(id(body), None)
 
+    async def _hold_in_flight(self, messages: list[JSON], max_tokens: int | None) -> float:
+        """Hold this request's worst case against the in-flight budget (0: none), or refuse it with a 402."""
+        budget = self.config.in_flight_budget_usd
+        if budget is None:
+            return 0.0
+        with self._lock:
+            if self._in_flight is None or self._in_flight.budget_usd != budget:
+                self._in_flight = InFlightBudget(budget)
+            tracker = self._in_flight
+        worst = (await self._prompt_tokens(messages) + (max_tokens or 4096)) * self.config.price_per_token
+        refusal = tracker.hold(worst)
+        if refusal is None:
+            return worst
+        with self._lock:
+            if refusal is Refusal.WEIGHT:
+                self._stats.weight_refused += 1
+            else:
+                self._stats.in_flight_refused += 1
+        if refusal is Refusal.WEIGHT:
+            raise _Reply(402, weight_body())
+        raise _Reply(402, in_flight_body(), {"Retry-After": str(self.config.in_flight_retry_after)})
+
+    async def _answer_held(
+        self,
+        request: web.Request,
+        trace: dict[str, str],
+        body: JSON,
+        u: str,
+        fmt_type: str | None,
+        schema: JSON | None,
+        max_tokens: int | None,
+    ) -> web.StreamResponse:
+        cfg = self.config
         behaviour = self._next_behaviour(u)
         trace["behaviour"] = behaviour
         if cfg.latency_s > 0 or cfg.latency_jitter_s > 0:
@@ -869,6 +954,23 @@ class FakeServer:
             # mistral-common rejects malformed conversations (pydantic errors are ValueErrors).
             raise _Reply(400, error_body(400, f"Invalid messages: {exc}")) from None
 
+    def _cache(self) -> PrefixCache:
+        cfg = self.config
+        with self._lock:
+            cache = self._prefix_cache
+            if cache is None or (cache.min_tokens, cache.step) != (cfg.cache_min_tokens, max(1, cfg.cache_step)):
+                cache = self._prefix_cache = PrefixCache(cfg.cache_min_tokens, cfg.cache_step)
+            return cache
+
+    def _prompt_token_list(self, messages: list[JSON]) -> list[Any]:
+        """The prompt's tokens, as many as ``count_prompt_tokens`` counts (for prefix caching)."""
+        if self.config.tokenizer == "tekken":
+            from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+            request = ChatCompletionRequest.from_openai(list(messages))
+            return list(get_tekken().encode_chat_completion(request).tokens)
+        return word_tokens(messages)
+
     async def _complete(
         self,
         body: JSON,
@@ -880,21 +982,33 @@ class FakeServer:
         """Answer a billed 200 completion and account for it."""
         cfg = self.config
         prompt = await self._prompt_tokens(body["messages"])
+        cache, tokens, cached = None, [], 0
+        if cfg.prompt_caching:
+            cache = self._cache()
+            tokens, cached = self._arrivals.pop(id(body), None) or (self._prompt_token_list(body["messages"]), 0)
         content, completion, truncated = fit_completion(content, max_tokens, cfg.tokenizer)
         if truncated:
             finish_reason = "length"
-        cost = (prompt + completion) * cfg.price_per_token
+        prompt_cost = ((prompt - cached) + cached * cfg.cache_read_factor) * cfg.price_per_token
+        cost = prompt_cost + completion * cfg.price_per_token
         usage: JSON = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
+        if cfg.prompt_caching:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         if cfg.include_cost:
             usage["cost"] = str(cost) if cfg.cost_as_string else cost
         payload = self._envelope(body, content, finish_reason, usage)
         h16 = content_hash(u)[:16]
+        if cache is not None:
+            cache.finished(tokens)  # the cache is written when the request finishes
         with self._lock:
             st = self._stats
+            st.cached_tokens += cached
+            st.cached_per_completion.append(cached)
+            st.prompt_cost += prompt_cost
             st.ok += 1
             st.completed.append(time.monotonic() - self._t0)
             st.prompt_tokens += prompt
@@ -954,6 +1068,13 @@ class FakeServer:
                 return await self._complete(body, u, f"as requested, your header was Authorization: {echoed}", None)
             message = f"Invalid request. Headers received: Authorization: {echoed}; key={echoed.split()[-1]}"
             raise _Reply(status, error_body(status, message))
+        if behaviour == "in_flight_402":
+            raise _Reply(402, in_flight_body(), {"Retry-After": str(self.config.in_flight_retry_after)})
+        if behaviour == "weight_402":
+            raise _Reply(402, weight_body())
+        if behaviour == "budget_403":
+            resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+            raise _Reply(403, budget_403_body(resets))
         if behaviour == "error200":
             raise _Reply(200, error_body(502, "Provider returned error"))
         if behaviour == "null_content":

@@ -484,6 +484,9 @@ class Simulated:
 class Dialect:
     url: str = "http://sim/v1/chat/completions"
 
+    def messages_start(self, body: bytes, size: int = 1024) -> bytes:
+        return body[:size]
+
 
 def simulate(
     rows: int,

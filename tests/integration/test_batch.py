@@ -488,7 +488,7 @@ def test_journals_of_schema_3_gain_the_batch_tables(tmp_path: Path) -> None:
     try:
         tables = {r[0] for r in journal.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"batches", "batch_rows"} <= tables
-        assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
+        assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
     finally:
         journal.close()
 

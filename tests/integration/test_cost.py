@@ -166,6 +166,6 @@ def test_summary_puts_estimate_beside_actual_cost(workdir, server, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["cost_usd"] == pytest.approx(server.stats()["cost"])
     assert summary["cost_usd_estimated"] == pytest.approx(server.stats()["cost"])
-    assert "built-in" in summary["price_source"]
+    assert "genai-prices" in summary["price_source"]
     table = pq.read_table(Path("data/out/job.parquet"))
     assert table.num_rows == 2

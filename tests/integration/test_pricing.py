@@ -34,7 +34,12 @@ OPENROUTER_MODELS: dict[str, Any] = {
         {
             "id": "openai/gpt-4o-mini",
             "context_length": 128000,
-            "pricing": {"prompt": "0.00000015", "completion": "0.0000006"},
+            "pricing": {
+                "prompt": "0.00000015",
+                "completion": "0.0000006",
+                "input_cache_read": "0.000000075",
+                "input_cache_write": "0.0000001875",
+            },
         },
         {
             "id": "meta-llama/llama-3.2-1b-instruct:free",
@@ -93,6 +98,13 @@ async def openrouter() -> AsyncIterator[FakeOpenRouter]:
 def _no_ambient_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Never read or write the real user cache, whatever a test forgets to pass."""
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "ambient-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _no_catalog(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache and table tests see no genai-prices catalog (tests named ..._catalog_... do)."""
+    if "catalog" not in request.node.name:
+        monkeypatch.setattr(pricing, "catalog_prices", lambda model, provider: None)
 
 
 # --------------------------------------------------------------------------
@@ -263,6 +275,8 @@ async def test_refresh_parses_openrouter_listing(openrouter: FakeOpenRouter, tmp
             "input_per_million": 0.15,
             "output_per_million": 0.6,
             "context_length": 128000,
+            "cached_input_per_million": 0.075,
+            "cache_write_per_million": 0.1875,
         },
         "meta-llama/llama-3.2-1b-instruct:free": {
             "input_per_million": 0.0,
@@ -359,3 +373,65 @@ async def test_refresh_unwritable_cache_dir(openrouter: FakeOpenRouter, tmp_path
     blocker.write_text("a file, not a directory")
     with pytest.raises(PipelineError, match="could not write the price cache"):
         await refresh_prices(openrouter.base_url, cache_dir=blocker)
+
+
+# --------------------------------------------------------------------------
+# The genai-prices catalog: every model it knows, offline, with cache prices and tiers.
+
+
+def test_catalog_prices_models_the_table_lacks(tmp_path: Path) -> None:
+    info = model_info("openai/gpt-4o-mini", cache_dir=tmp_path)
+    assert (info.input_per_million, info.output_per_million, info.cached_input_per_million) == (0.15, 0.6, 0.075)
+    assert info.source.startswith("genai-prices") and info.context_length == 128000
+    claude = model_info("anthropic/claude-sonnet-4.5", cache_dir=tmp_path)
+    assert (claude.input_per_million, claude.cached_input_per_million, claude.cache_write_per_million) == (
+        3.0,
+        0.3,
+        3.75,
+    )
+    assert claude.cost(1_000_000, 0, cached=900_000) == pytest.approx(0.1 * 3.0 + 0.9 * 0.3)
+
+
+def test_catalog_beats_table_and_the_table_keeps_the_context(tmp_path: Path) -> None:
+    info = model_info(MINISTRAL, cache_dir=tmp_path)
+    assert (info.input_per_million, info.context_length) == (0.10, 131072)
+    assert info.source.startswith("genai-prices")
+    assert [f.key for f in info.missing()] == ["cached_input_price_per_million", "cache_write_price_per_million"]
+
+
+def test_catalog_job_cache_prices_beat_the_catalog(tmp_path: Path) -> None:
+    info = model_info("openai/gpt-4o-mini", cached_input_price=0.01, cache_dir=tmp_path)
+    assert info.cached_input_per_million == 0.01 and info.input_per_million == 0.15
+    assert "cached input price: job file" in info.source
+
+
+def test_catalog_flex_tier_prices(tmp_path: Path) -> None:
+    standard = model_info("gpt-5-mini", provider="openai", cache_dir=tmp_path)
+    flex = model_info("gpt-5-mini", provider="openai", service_tier="flex", cache_dir=tmp_path)
+    assert flex.input_per_million == pytest.approx(standard.input_per_million / 2)
+    assert "flex" in flex.source and standard.flex is not None
+
+
+def test_catalog_refreshed_cache_beats_the_catalog(tmp_path: Path) -> None:
+    path = cache_path(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"input_per_million": 0.2, "output_per_million": 0.7, "cached_input_per_million": 0.02}
+    path.write_text(json.dumps({"source": "x", "refreshed_at": "2026-12-01", "models": {"openai/gpt-4o-mini": entry}}))
+    info = model_info("openai/gpt-4o-mini", cache_dir=tmp_path)
+    assert (info.input_per_million, info.cached_input_per_million) == (0.2, 0.02)
+    assert info.source.startswith("price cache") and info.context_length == 128000
+
+
+def test_cost_prices_cached_and_written_tokens() -> None:
+    info = ModelInfo("m", 1.0, 2.0, None, "job file", cached_input_per_million=0.1, cache_write_per_million=1.25)
+    assert info.cost(1_000_000, 0, cached=600_000, cache_write=200_000) == pytest.approx(0.2 + 0.06 + 0.25)
+    unknown = ModelInfo("m", 1.0, 2.0, None, "job file")
+    assert unknown.cost(1_000_000, 0, cached=600_000) == pytest.approx(1.0)  # never less than it may cost
+
+
+async def test_refresh_keeps_cache_read_and_write_prices(openrouter: FakeOpenRouter, tmp_path: Path) -> None:
+    await refresh_prices(openrouter.base_url, cache_dir=tmp_path)
+    info = model_info("openai/gpt-4o-mini", cache_dir=tmp_path)
+    assert (info.cached_input_per_million, info.cache_write_per_million) == (0.075, 0.1875)
+    assert info.source.startswith("price cache")
+    assert model_info(MINISTRAL, cache_dir=tmp_path).cached_input_per_million is None

@@ -347,7 +347,7 @@ class BatchRun:
 
     def _submission_failed(self, reply: Reply) -> None:
         if reply.kind == ReplyKind.AUTH:
-            self.stops.stop(StopReason.key_refused(reply.error))
+            self.stops.stop(StopReason.refused(reply, self.plan.job.model.max_tokens))
         elif reply.kind == ReplyKind.FATAL and reply.status is not None and 400 <= reply.status < 500:
             self.stops.stop(StopReason.batch_refused(reply.error))
         else:
@@ -378,7 +378,7 @@ class BatchRun:
         failures = self._poll_failures.get(known.id, 0) + 1
         self._poll_failures[known.id] = failures
         if reply.kind == ReplyKind.AUTH:
-            self.stops.stop(StopReason.key_refused(reply.error))
+            self.stops.stop(StopReason.refused(reply, self.plan.job.model.max_tokens))
         elif failures >= self.job.limits.max_attempts:
             self.stops.stop(StopReason.batch_read(known.id, failures, reply.error))
 

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 class Mistral(Provider):
     name = "mistral"
+    prompt_cache_key = True
 
     def matches(self, base_url: str) -> bool:
         return "api.mistral.ai" in base_url

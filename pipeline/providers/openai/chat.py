@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 class OpenAI(Provider):
     name = "openai"
+    prompt_cache_key = True
 
     def batches(self, spec: ModelSpec, model_name: str) -> OpenAIBatches:
         return OpenAIBatches(spec.base_url, spec.batch_url)

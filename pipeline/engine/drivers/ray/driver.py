@@ -61,7 +61,6 @@ from pipeline.engine.session import Controls, RunOptions, RunResult, Session
 from pipeline.engine.settlement import Settled, StopReason
 from pipeline.errors import CredentialsError, InputError
 from pipeline.store.journal import Journal
-from pipeline.store.stats import status_counts
 
 POLL_WAIT_S = 0.2  # a worker's poll returns at once with results, or after this long without
 
@@ -93,8 +92,7 @@ class RayRun:
         self.tracker = session.tracker
         self.admission = session.admission
         self.settlement = session.settlement
-        self.canary = session.canary
-        self._canary_left: int | None = None  # canary rows still to dispatch (None: no canary under way)
+        self.canary = session.dispatch_canary()  # the canary's rows go out alone first
         self.dialect = self.plan.dialect()
         self.produced_all = False
         self.settings = settings
@@ -321,8 +319,8 @@ class RayRun:
             await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
 
     def _dispatch(self) -> None:
-        """Hand ready rows to workers while fewer than ``concurrency`` are in flight (the canary's alone first)."""
-        if self.stopper.stopped or self._canary_room() == 0:
+        """Hand ready rows to workers while fewer than ``concurrency`` are in flight."""
+        if self.stopper.stopped or self.canary.room() == 0:
             return
         alive = [w for w in self.pool if w.alive]
         if not alive:
@@ -335,9 +333,7 @@ class RayRun:
                     return
                 free = self.job.limits.concurrency - self.in_flight
                 room = min(free, share - worker.in_flight) if even else free
-                if self._canary_left is not None:
-                    room = min(room, self._canary_left)
-                rows = self._take(worker, room)
+                rows = self._take(worker, self.canary.cap(room))
                 if rows:
                     worker.handle.send.remote(rows)
                     worker.in_flight += len(rows)
@@ -356,41 +352,8 @@ class RayRun:
                 state.pending.popleft()
                 state.sent.add(index)
                 taken.append(Dispatch(state.unit.id, index, row.tokens))
-                if self._canary_left is not None and row.key not in self.canary.keys:  # not a retry
-                    self.canary.add(row.key)
-                    self._canary_left -= 1
+                self.canary.sent(row.key)
         return taken
-
-    def _canary_room(self) -> int | None:
-        """Rows the canary lets out now (None: any number): its own rows first, then none until it is judged.
-
-        Workers load only a few units ahead, so the canary's size is decided on the
-        rows the run may send (the input less rows the journal has done), not on rows loaded.
-        """
-        gate = self.canary
-        if gate.deciding:
-            size = gate.size(self._rows_to_send(), final=True)
-            if size:
-                gate.start([], self.session.journal.completion_token_sample(), expected=size)
-                self._canary_left = size
-        if self._canary_left is None or self._canary_left > 0:
-            return self._canary_left
-        if not gate.settled.is_set():
-            return 0
-        self._canary_left = None
-        verdict = gate.verdict()
-        if verdict.failed:
-            self.stops.stop(StopReason.canary(verdict.message or "canary failed"))
-            return 0
-        return None
-
-    def _rows_to_send(self) -> int:
-        options = self.session.options
-        if options.rows is not None or options.sample:
-            return len(options.rows) if options.rows is not None else options.sample or 0
-        done = status_counts(self.session.journal.conn).by_status
-        finished = ("ok", "skipped") if options.retry_failed else ("ok", "skipped", "failed", "invalid")
-        return self.plan.total_rows - sum(done.get(status, 0) for status in finished)
 
     async def _poll(self, worker: WorkerState) -> None:
         while worker.alive:

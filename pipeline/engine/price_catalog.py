@@ -1,0 +1,146 @@
+"""Prices from pydantic's ``genai-prices`` snapshot: every model it knows, offline.
+
+``genai-prices`` ships a dated database of input, output, cache-read and
+cache-write prices, with variants for service tiers (OpenAI's ``flex``) and
+batch processing. The pipeline reads the snapshot inside the installed
+package only: it never starts the package's updater, so nothing is
+downloaded at run time. Loading the snapshot takes about half a second, so it
+is imported only when a price is looked up.
+
+A model is looked up at the run's provider first (``openrouter``, ``openai``,
+``mistral``), then by the model id alone (the package finds a provider whose
+models match it), then among OpenRouter's models, whose ``vendor/model`` ids
+cover most models any OpenAI-compatible server serves under that name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any
+
+__all__ = ["CatalogPrices", "TierPrices", "catalog_prices", "catalog_version"]
+
+log = logging.getLogger(__name__)
+
+# The pipeline's provider names -> genai-prices provider ids.
+_PROVIDER_IDS = {"openrouter": "openrouter", "openai": "openai", "mistral": "mistral"}
+FLEX = {"service_tier": "flex"}
+BATCH = {"processing": "batch"}
+
+
+@dataclass(frozen=True, slots=True)
+class TierPrices:
+    """USD per million tokens in one lane (None: the catalog has no such price)."""
+
+    input: float | None
+    output: float | None
+    cache_read: float | None = None
+    cache_write: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogPrices:
+    """One model's prices in the catalog."""
+
+    model_id: str
+    provider_id: str
+    standard: TierPrices
+    context_window: int | None
+    flex: TierPrices | None = None
+    """OpenAI's ``service_tier = "flex"`` prices, when the model has them."""
+    batch: TierPrices | None = None
+    """Batch API prices, when the catalog lists them."""
+
+
+def catalog_version() -> str:
+    """``genai-prices 0.2.5`` (or "genai-prices (not installed)")."""
+    try:
+        from importlib.metadata import version
+
+        return f"genai-prices {version('genai-prices')}"
+    except Exception:  # not installed
+        return "genai-prices (not installed)"
+
+
+def catalog_prices(model: str, provider: str) -> CatalogPrices | None:
+    """The catalog's prices of ``model`` as served by ``provider``, or None when it has none."""
+    return _cached_lookup(model.strip().lower(), provider)
+
+
+@lru_cache(maxsize=64)
+def _cached_lookup(model: str, provider: str) -> CatalogPrices | None:
+    snapshot = _snapshot()
+    if snapshot is None:
+        return None
+    now = datetime.now(UTC)
+    for provider_id in _candidates(provider):
+        try:
+            found_provider, info = snapshot.find_provider_model(model, None, provider_id, None)
+        except LookupError:
+            continue
+        standard = _tier(info.get_prices(now))
+        if standard.input is None or standard.output is None:
+            continue
+        own = any(candidate is info for candidate in found_provider.models)
+        return CatalogPrices(
+            model_id=info.id,
+            provider_id=found_provider.id,
+            standard=standard,
+            context_window=info.context_window,
+            flex=_variant(info, now, FLEX) if own else None,
+            batch=_variant(info, now, BATCH) if own else None,
+        )
+    return None
+
+
+def _candidates(provider: str) -> list[str | None]:
+    own = _PROVIDER_IDS.get(provider)
+    candidates: list[str | None] = [own] if own else []
+    candidates.append(None)  # any provider whose models match the id
+    if own != "openrouter":
+        candidates.append("openrouter")
+    return candidates
+
+
+def _snapshot() -> Any:
+    """The snapshot bundled with the installed package (never an auto-updated one)."""
+    try:
+        from genai_prices import data_snapshot
+    except ImportError:
+        log.debug("genai-prices is not installed: no catalog prices")
+        return None
+    return data_snapshot._bundled_snapshot()
+
+
+def _variant(info: Any, now: datetime, when: dict[str, str]) -> TierPrices | None:
+    """Prices of a variant (flex, batch) the model really has, not the standard ones returned for a miss."""
+    for variant in info.price_variants or ():
+        if variant.when != when:
+            continue
+        if variant.constraint is not None and not variant.constraint.active(now):
+            continue
+        return _tier(info.get_prices(now, when))
+    return None
+
+
+def _tier(price: Any) -> TierPrices:
+    return TierPrices(
+        input=_per_million(getattr(price, "input_mtok", None)),
+        output=_per_million(getattr(price, "output_mtok", None)),
+        cache_read=_per_million(getattr(price, "cache_read_mtok", None)),
+        cache_write=_per_million(getattr(price, "cache_write_mtok", None)),
+    )
+
+
+def _per_million(value: Any) -> float | None:
+    """A price per million tokens; tiered prices give their base (the price below the first tier)."""
+    if value is None:
+        return None
+    base = getattr(value, "base", value)
+    if isinstance(base, Decimal | int | float):
+        return float(base)
+    return None
