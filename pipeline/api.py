@@ -269,21 +269,19 @@ async def _steered(start: Callable[[Controls], Awaitable[RunResult]]) -> RunResu
 
 def _rows_from_journal(prepared: Plan, rows: list[int] | None) -> pa.Table:
     """The call's rows with their answers, from the journal (an output file in any format, or a sample)."""
+    from pipeline.engine.session import joined_batches
     from pipeline.io.output import output_schema, write_table
-    from pipeline.store.journal import Journal
+    from pipeline.store.journal import read_only
 
     schema = output_schema(prepared.source.schema, prepared.structured)
     if not prepared.journal_path.exists():
         return schema.empty_table()
-    journal = Journal(prepared.journal_path, readonly=True)
-    try:
+    with read_only(prepared.journal_path) as journal:
         batches = (
             (batch, keys, [rendered.prompt_hash(i) for i in range(batch.num_rows)])
             for batch, keys, rendered in prepared.batches()
         )
-        table, _ = write_table(schema, batches, journal, prepared.structured)
-    finally:
-        journal.close()
+        table, _ = write_table(schema, joined_batches(schema, batches, journal, prepared))
     return table if rows is None else table.take(pa.array(rows, pa.int64()))
 
 

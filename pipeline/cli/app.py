@@ -298,7 +298,7 @@ def _tune_gc() -> None:
 
 
 def _prices(args: argparse.Namespace) -> int:
-    from pipeline.cli.prices import format_price_table
+    from pipeline.cli.prices import format_model_prices, format_price_table
     from pipeline.engine.pricing import known_models, model_info, refresh_prices
 
     if args.refresh:
@@ -308,13 +308,11 @@ def _prices(args: argparse.Namespace) -> int:
         info = model_info(args.model)
         if info.input_per_million is None or info.output_per_million is None:
             raise UserError(
-                f"unknown model {args.model!r}: not in the price cache or the built-in table "
-                "(`pipeline prices` lists the known models; `pipeline prices --refresh` fetches OpenRouter's list)"
+                f"unknown model {args.model!r}: not in the price cache, the genai-prices catalog or the built-in "
+                "table (`pipeline prices` lists the known models; `pipeline prices --refresh` fetches OpenRouter's "
+                "list; a job sets [model] input_price_per_million and output_price_per_million)"
             )
-        print(
-            f"{info.model}: {info.input_per_million} / {info.output_per_million} USD per million tokens "
-            f"in/out, context {info.context_length}, from {info.source}"
-        )
+        print(format_model_prices(info))
     elif not args.refresh:
         print(format_price_table(known_models()))
     return EXIT_OK

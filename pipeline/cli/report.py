@@ -45,6 +45,12 @@ def format_summary(plan: Plan, s: RunSummary, job_arg: str) -> str:
         f"(estimated from tokens {est_text}, prices from {s.price_source}); "
         f"job total ${s.job_spent_usd:.6f}",
     ]
+    if s.cached_tokens:
+        share = s.cached_tokens / s.prompt_tokens if s.prompt_tokens else 0.0
+        lines.append(
+            f"  prompt cache: {s.cached_tokens:,} input tokens ({share:.0%}) read from the provider's cache, "
+            f"saving ${s.cache_saved_usd:.6f}"
+        )
     if s.cost_estimated:
         lines.append(
             "  note: the server reported no usage for some replies; their cost was estimated from "

@@ -22,7 +22,7 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["CatalogPrices", "TierPrices", "catalog_prices", "catalog_version"]
+__all__ = ["CatalogPrices", "TierPrices", "catalog_model_ids", "catalog_prices", "catalog_version"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,17 @@ def catalog_prices(model: str, provider: str) -> CatalogPrices | None:
     return _cached_lookup(model.strip().lower(), provider)
 
 
-@lru_cache(maxsize=64)
+def catalog_model_ids(provider: str) -> list[str]:
+    """The ids of the models the catalog lists for ``provider`` (empty when it has none)."""
+    snapshot = _snapshot()
+    own = _PROVIDER_IDS.get(provider)
+    if snapshot is None or own is None:
+        return []
+    found = next((p for p in snapshot.providers if p.id == own), None)
+    return [model.id for model in found.models] if found is not None else []
+
+
+@lru_cache(maxsize=4096)
 def _cached_lookup(model: str, provider: str) -> CatalogPrices | None:
     snapshot = _snapshot()
     if snapshot is None:

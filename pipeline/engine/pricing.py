@@ -34,7 +34,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from pipeline.engine.price_catalog import CatalogPrices, TierPrices, catalog_prices, catalog_version
+from pipeline.engine.price_catalog import (
+    CatalogPrices,
+    TierPrices,
+    catalog_model_ids,
+    catalog_prices,
+    catalog_version,
+)
 from pipeline.errors import UnavailableError
 from pipeline.providers.openrouter.models import ListedModel, fetch_models
 
@@ -179,7 +185,13 @@ def model_info(
     if free:
         sources = [job, _Source("local model (free)", TierPrices(0.0, 0.0))]
     else:
-        sources = [job, *_stored_sources(model, cache_dir, catalog, service_tier)]
+        cached = _read_cache(cache_path(cache_dir))
+        sources = [job, *_stored_sources(model, cached, catalog, service_tier)]
+    return _merged(model, sources, catalog)
+
+
+def _merged(model: str, sources: list[_Source], catalog: CatalogPrices | None) -> ModelInfo:
+    """Each figure from the first source that has it."""
     figures = tuple(_figure(name, sources) for name in PRICE_KEYS)
     context = next((s.context_length for s in sources if s.context_length), None)
     values = {f.name: f.value for f in figures}
@@ -198,7 +210,10 @@ def model_info(
 
 
 def _stored_sources(
-    model: str, cache_dir: Path | None, catalog: CatalogPrices | None, service_tier: str | None
+    model: str,
+    cached: tuple[dict[str, _Entry], str] | None,
+    catalog: CatalogPrices | None,
+    service_tier: str | None,
 ) -> list[_Source]:
     """The price cache, the genai-prices catalog and the built-in table's figures for ``model``."""
     sources: list[_Source] = []
@@ -206,7 +221,6 @@ def _stored_sources(
         # Flex prices replace every list price; the list figures stay behind them for what flex lacks.
         name = f"{catalog_version()} ({catalog.provider_id}, flex)"
         sources.append(_Source(name, catalog.flex, catalog.context_window))
-    cached = _read_cache(cache_path(cache_dir))
     if cached is not None:
         entries, source = cached
         entry = _find(entries, model)
@@ -259,21 +273,22 @@ def _describe(figures: tuple[PriceFigure, ...]) -> str:
 
 
 def known_models(cache_dir: Path | None = None) -> list[ModelInfo]:
-    """Every model with known prices, sorted by id: the cache's, then the built-in table's others.
+    """Every OpenRouter model with known prices, sorted by id, each figure from its own source.
 
-    The genai-prices catalog knows thousands more (``pipeline prices MODEL``
-    looks one up).
+    The models of the price cache, of the genai-prices catalog (its OpenRouter
+    ids) and of the built-in table; ``pipeline prices MODEL`` looks up any
+    other model the catalog knows.
     """
-    found: dict[str, ModelInfo] = {}
     cached = _read_cache(cache_path(cache_dir))
-    if cached is not None:
-        entries, source = cached
-        found.update({model: _info(model, entry, source) for model, entry in entries.items()})
     table = _builtin_table()
-    source = f"built-in table ({table.as_of})"
-    for model, entry in table.entries.items():
-        found.setdefault(model, _info(model, entry, source))
-    return [found[model] for model in sorted(found)]
+    ids = set(table.entries) | set(catalog_model_ids("openrouter"))
+    if cached is not None:
+        ids |= set(cached[0])
+    infos = []
+    for model in sorted(ids):
+        catalog = catalog_prices(model, "openrouter")
+        infos.append(_merged(model, _stored_sources(model, cached, catalog, None), catalog))
+    return [info for info in infos if info.input_per_million is not None]
 
 
 def _info(model: str, entry: _Entry, source: str) -> ModelInfo:

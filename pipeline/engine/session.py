@@ -27,7 +27,7 @@ from pipeline.engine.reports import RunSummary
 from pipeline.engine.selection import RowSelector, pick_sample
 from pipeline.engine.settlement import Settlement, StopReason, Stops
 from pipeline.errors import ExitCode, InputError
-from pipeline.io.output import output_schema, write_output, write_table
+from pipeline.io.output import READ_COLUMNS, input_arrays, output_schema, result_arrays, write_output, write_table
 from pipeline.store.batches import refuse_fresh_if_batches_pending
 from pipeline.store.journal import Journal, RunLock
 from pipeline.store.meta import Meta
@@ -228,15 +228,25 @@ def write_plan_output(
     already in the journal.
     """
     schema = output_schema(plan.source.schema, plan.structured)
+    joined = joined_batches(schema, batches, journal, plan)
     try:
         if plan.output_path is None:
-            table, errors = write_table(schema, batches, journal, plan.structured)
+            table, errors = write_table(schema, joined)
             return table.num_rows, errors, table
-        rows, errors = write_output(plan.output_path, schema, batches, journal, plan.structured)
+        rows, errors = write_output(plan.output_path, schema, joined, journal.path.parent)
     except OSError as exc:
         stops.stop(StopReason.output_write(plan.output_path, exc))
         return 0, 0, None
     return rows, errors, None
+
+
+def joined_batches(schema: pa.Schema, batches: OutputBatches, journal: Journal, plan: Plan) -> Iterator[pa.RecordBatch]:
+    """The output join: each input batch with its rows' results from the journal, in input order."""
+    structured = plan.structured
+    for batch, keys, hashes in batches:
+        rows = journal.columns_in_order(keys, READ_COLUMNS)
+        arrays = input_arrays(batch, schema) + result_arrays(rows, hashes, structured)
+        yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def build_result(

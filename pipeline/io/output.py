@@ -1,8 +1,10 @@
 """The output writer: input rows plus result columns, written atomically.
 
-The output is assembled by streaming: one input batch at a time is joined
-with its rows from the journal and appended (a Parquet row group, CSV or JSON
-Lines rows), so memory stays bounded for any number of rows. It is written to
+The output is assembled by streaming: the engine joins one input batch at a
+time with its rows from the journal (:data:`READ_COLUMNS`, turned into the
+result columns by :func:`result_arrays`) and this module appends it (a
+Parquet row group, CSV or JSON Lines rows), so memory stays bounded for any
+number of rows. It never reads the journal itself. It is written to
 a temporary file beside the target and renamed into place, so a crash never
 leaves a half-written file (an ``s3://`` output is then uploaded whole: see
 ``io/fs.py``). Where it goes is checked before anything is sent
@@ -31,7 +33,6 @@ from pipeline.io import fs
 from pipeline.io.arrow_values import arrays_from_values
 from pipeline.io.fs import DataPath
 from pipeline.io.source.csv import OUTPUT_TYPE
-from pipeline.store.journal import Journal
 
 # The documented result columns and their Arrow types. Types are fixed, so a
 # column keeps its type even when every value is null.
@@ -55,7 +56,7 @@ NOT_RUN = "not_run: the run stopped before this row was sent; rerun the job to f
 
 
 def output_schema(input_schema: pa.Schema, structured: Any | None) -> pa.Schema:
-    """The input's columns (in their output type, see ``source.OUTPUT_TYPE``), then the result columns."""
+    """The input's columns (in their output type, see ``source.csv.OUTPUT_TYPE``), then the result columns."""
     fields = [_output_field(f) for f in input_schema]
     fields += [pa.field(name, kind) for name, kind in RESULT_COLUMNS]
     if structured is not None:
@@ -81,8 +82,9 @@ def input_arrays(batch: pa.RecordBatch, schema: pa.Schema) -> list[pa.Array]:
     return arrays
 
 
-# What the output reads from the journal: the result columns, then what decides whether a row counts.
-_READ = (*(name for name, _ in RESULT_COLUMNS), "key", "prompt_hash", "parsed")
+# What the output needs from the journal: the result columns, then what decides whether a row counts.
+READ_COLUMNS = (*(name for name, _ in RESULT_COLUMNS), "key", "prompt_hash", "parsed")
+_READ = READ_COLUMNS
 _RESULTS = len(RESULT_COLUMNS)
 _KEY, _HASH, _PARSED = _RESULTS, _RESULTS + 1, _RESULTS + 2
 _RESULT_TYPES = [kind for _, kind in RESULT_COLUMNS]
@@ -90,14 +92,12 @@ _RESULT_TYPES = [kind for _, kind in RESULT_COLUMNS]
 _MISSING: tuple[Any, ...] = tuple(NOT_RUN if name == "error" else None for name in _READ)
 
 
-def result_arrays(
-    keys: list[str], hashes: list[str] | None, journal: Journal, structured: Any | None
-) -> list[pa.Array]:
-    """The result columns for one batch, in the batch's row order.
+def result_arrays(rows: list[tuple[Any, ...]], hashes: list[str] | None, structured: Any | None) -> list[pa.Array]:
+    """The result columns for one batch from its journal rows (:data:`READ_COLUMNS`, in the batch's row order).
 
-    With ``hashes``, a journaled row whose prompt hash differs counts as not run.
+    A row never journaled has a null key. With ``hashes``, a journaled row whose
+    prompt hash differs counts as not run.
     """
-    rows = journal.columns_in_order(keys, _READ)
     if hashes is None:
         rows = [_MISSING if row[_KEY] is None else row for row in rows]
     else:
@@ -113,18 +113,15 @@ def result_arrays(
 
 
 def write_output(
-    path: DataPath,
-    schema: pa.Schema,
-    batches: Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]],
-    journal: Journal,
-    structured: Any | None,
+    path: DataPath, schema: pa.Schema, batches: Iterator[pa.RecordBatch], staging: Path
 ) -> tuple[int, int]:
-    """Stream (input batch, keys, prompt hashes) into ``path`` atomically.
+    """Stream output batches (input columns and result columns) into ``path`` atomically.
 
+    ``staging``: a local folder for an object-storage output's whole file.
     Returns the number of rows written and how many of them carry an error.
     """
     if fs.is_uri(path):
-        return _write_remote(str(path), schema, batches, journal, structured)
+        return _write_remote(str(path), schema, batches, staging)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The run lock is held, so a temporary file left here is from a killed run.
@@ -136,11 +133,11 @@ def write_output(
     try:
         sink = _SINKS[OUTPUT_FORMATS[path.suffix.lower()]](tmp, schema)
         try:
-            for batch, keys, hashes in batches:
-                arrays = input_arrays(batch, schema) + result_arrays(keys, hashes, journal, structured)
-                sink.write(pa.RecordBatch.from_arrays(arrays, schema=schema))
+            for batch in batches:
+                sink.write(batch)
                 rows += batch.num_rows
-                errors += len(arrays[error_index]) - arrays[error_index].null_count
+                error = batch.column(error_index)
+                errors += len(error) - error.null_count
         finally:
             sink.close()
         _fsync(tmp)
@@ -151,37 +148,26 @@ def write_output(
     return rows, errors
 
 
-def _write_remote(
-    uri: str,
-    schema: pa.Schema,
-    batches: Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]],
-    journal: Journal,
-    structured: Any | None,
-) -> tuple[int, int]:
-    """Object storage: written whole beside the journal (local disk), then uploaded whole (``io/fs.py``)."""
-    staged = journal.path.parent / f".{os.getpid()}.{fs.basename(uri)}"
+def _write_remote(uri: str, schema: pa.Schema, batches: Iterator[pa.RecordBatch], staging: Path) -> tuple[int, int]:
+    """Object storage: written whole in ``staging`` (local disk), then uploaded whole (``io/fs.py``)."""
+    staged = staging / f".{os.getpid()}.{fs.basename(uri)}"
     try:
-        counts = write_output(staged, schema, batches, journal, structured)
+        counts = write_output(staged, schema, batches, staging)
         fs.upload_whole(staged, uri)
     finally:
         staged.unlink(missing_ok=True)
     return counts
 
 
-def write_table(
-    schema: pa.Schema,
-    batches: Iterator[tuple[pa.RecordBatch, list[str], list[str] | None]],
-    journal: Journal,
-    structured: Any | None,
-) -> tuple[pa.Table, int]:
+def write_table(schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> tuple[pa.Table, int]:
     """The same rows as :func:`write_output`, assembled in memory (the Python API without an output file)."""
     out: list[pa.RecordBatch] = []
     errors = 0
     error_index = schema.get_field_index("error")
-    for batch, keys, hashes in batches:
-        arrays = input_arrays(batch, schema) + result_arrays(keys, hashes, journal, structured)
-        out.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
-        errors += len(arrays[error_index]) - arrays[error_index].null_count
+    for batch in batches:
+        out.append(batch)
+        error = batch.column(error_index)
+        errors += len(error) - error.null_count
     return pa.Table.from_batches(out, schema=schema), errors
 
 

@@ -92,6 +92,15 @@ def variants_png(points: Sequence[VariantPoint]) -> bytes:
             linewidth=1,
             label="best accuracy for the cost",
         )
+    # Zoomed to the accuracies shown (variants often differ by a few points), never past 0..1.
+    low = min(p.accuracy for p in points)
+    top = max(p.accuracy for p in points)
+    y_low, y_high = max(0.0, low - 0.1) - 0.02, min(1.0, top + 0.1) + 0.02
+    ax.set_ylim(y_low, y_high)
+    high = max(p.cost_per_1k_rows for p in points)
+    x_high = high * 1.35 if high > 0 else 1
+    ax.set_xlim(0, x_high)
+    placed: list[tuple[float, float]] = []
     for p in points:
         color = _GOOD if p.frontier else _MUTED
         ax.scatter(
@@ -104,22 +113,20 @@ def variants_png(points: Sequence[VariantPoint]) -> bytes:
             zorder=3,
         )
         suffix = "  (recommended)" if p.recommended else ""
+        # Variants at (nearly) the same place get their names stacked, not printed over each other.
+        at = (p.cost_per_1k_rows / x_high, (p.accuracy - y_low) / (y_high - y_low))
+        crowd = sum(1 for q in placed if abs(q[0] - at[0]) < 0.3 and abs(q[1] - at[1]) < 0.06)
+        placed.append(at)
         ax.annotate(
             f"{p.name}{suffix}",
             (p.cost_per_1k_rows, p.accuracy),
             textcoords="offset points",
-            xytext=(11, 0),
+            xytext=(11, -13 * crowd),
             va="center",
         )
     ax.xaxis.set_major_formatter(FuncFormatter(_dollars))
     ax.set_xlabel("cost per 1,000 rows")
     ax.set_ylabel("accuracy")
-    # Zoomed to the accuracies shown (variants often differ by a few points), never past 0..1.
-    low = min(p.accuracy for p in points)
-    top = max(p.accuracy for p in points)
-    ax.set_ylim(max(0.0, low - 0.1) - 0.02, min(1.0, top + 0.1) + 0.02)
-    high = max(p.cost_per_1k_rows for p in points)
-    ax.set_xlim(0, high * 1.35 if high > 0 else 1)
     ax.grid(alpha=0.3)
     ax.set_title("Accuracy against cost: up and to the left is better")
     if len(front) > 1:

@@ -15,6 +15,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import reviews, spawn, write_job, write_parquet
 from tests.fakes.server import FakeServer
 
@@ -147,3 +149,16 @@ def test_eval_with_json_answers_in_json_on_a_mistake_and_on_a_stop(workdir: Path
     body = one_json_object(stopped.stdout)
     assert "budget" in body["stop_reason"] and body["error"].startswith("job stopped: ")
     assert error_lines(stopped.stderr) == [f"pipeline: {body['error']}"]
+
+
+def test_ray_address_where_no_cluster_answers_is_exit_2_at_once(workdir: Path, server: FakeServer) -> None:
+    """Ray would retry such an address for minutes; the run says so in one line instead, having sent nothing."""
+    pytest.importorskip("ray")
+    write_parquet(workdir / "data/in.parquet", reviews(3))
+    write_job(workdir, server.base_url, limits={"requests_per_minute": 600})
+    address = f"127.0.0.1:{_closed_port()}"
+    result = cli(workdir, "run", "job", "--engine", "ray", "--address", address, "--json")
+    assert result.returncode == 2
+    body = one_json_object(result.stdout)
+    assert body["error"].startswith(f"--address {address}: no Ray cluster answers there")
+    assert server.stats()["requests"] == 0

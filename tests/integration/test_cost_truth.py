@@ -138,3 +138,70 @@ def test_weight_exceeds_budget_stops_in_the_first_wave_naming_max_tokens(workdir
     assert stats["weight_refused"] >= 1 and stats["requests"] <= 32
     assert "max_tokens" in summary["stop_reason"]
     assert "refused the key" not in summary["stop_reason"]
+
+
+# ---------------------------------------------------------------------------- prices offline, lanes, budgets
+
+
+@pytest.mark.parametrize(
+    ("model", "input_price", "output_price", "cached_price"),
+    [("openai/gpt-4o-mini", 0.15, 0.6, 0.075), ("anthropic/claude-sonnet-4.5", 3.0, 15.0, 0.3)],
+)
+def test_dry_run_prices_catalog_models_offline(
+    workdir, capsys, monkeypatch, model, input_price, output_price, cached_price
+):
+    """No network, no key: real prices from the genai-prices snapshot, none missing, lanes named."""
+    monkeypatch.delenv("OPENROUTER_API_KEY")
+    write_parquet(workdir / "data/in.parquet", {"id": [1, 2, 3], "text": ["a", "b", "c"]})
+    write_job(workdir, "http://127.0.0.1:9/v1", model={"name": model, "provider": "openrouter"})
+    report = _json_out(capsys, "job", "--dry-run")
+    assert (report["input_price_per_million"], report["output_price_per_million"]) == (input_price, output_price)
+    assert report["cached_input_price_per_million"] == cached_price
+    assert report["price_source"].startswith("genai-prices") and report["missing_prices"] == []
+    assert report["cost_usd_min"] > 0 and report["cheapest_lane"] in {lane["lane"] for lane in report["lanes"]}
+
+
+def test_dry_run_names_the_missing_price_and_its_key(workdir, capsys, monkeypatch):
+    monkeypatch.delenv("OPENROUTER_API_KEY")
+    write_parquet(workdir / "data/in.parquet", {"id": [1], "text": ["a"]})
+    write_job(workdir, "http://127.0.0.1:9/v1", model={"name": "nobody/unknown-model"})
+    assert main(["run", "job", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out
+    assert "set [model] input_price_per_million" in out and "set [model] output_price_per_million" in out
+
+
+def test_flex_is_sent_and_priced_at_flex(workdir, caching_server, capsys):
+    """service_tier = "flex": in every request, and the dry run prices it (and the lanes) at flex."""
+    write_parquet(workdir / "data/in.parquet", {"id": [1, 2], "text": ["a", "b"]})
+    write_job(
+        workdir, caching_server.base_url, model={"name": "gpt-5-mini", "provider": "openai", "service_tier": "flex"}
+    )
+    report = _json_out(capsys, "job", "--dry-run")
+    assert "flex" in report["price_source"]
+    assert report["input_price_per_million"] == pytest.approx(0.125)
+    assert "flex" in {lane["lane"] for lane in report["lanes"]}
+    _json_out(capsys, "job")
+    assert {b["body"]["service_tier"] for b in caching_server.stats()["bodies"]} == {"flex"}
+
+
+def test_a_spent_budget_says_when_it_resets(workdir, server, capsys):
+    write_parquet(workdir / "data/in.parquet", {"id": [1, 2], "text": ["a", "b"]})
+    write_job(workdir, server.base_url, limits={"concurrency": 1})
+    server.config.script = {"a": ["budget_403"]}
+    summary = _json_out(capsys, "job", code=3)
+    assert "resets at" in summary["stop_reason"] and "refused the key" not in summary["stop_reason"]
+
+
+def test_every_attempt_is_costed_per_row(workdir, caching_server, capsys):
+    """A row retried after a 502 keeps both attempts' costs; they sum to its cost_usd."""
+    write_parquet(workdir / "data/in.parquet", {"id": [1, 2], "text": ["first", "second"]})
+    write_job(workdir, caching_server.base_url, limits={"concurrency": 1}, model={"provider": "openrouter"})
+    caching_server.config.script = {"second": ["502"]}
+    _json_out(capsys, "job")
+    table = pq.read_table(workdir / "data/out/job.parquet").to_pydict()
+    costs = [json.loads(text) for text in table["attempt_costs"]]
+    assert [len(c) for c in costs] == [1, 2] and table["attempts"] == [1, 2]
+    for row_costs, cost in zip(costs, table["cost_usd"], strict=True):
+        assert sum(row_costs) == pytest.approx(cost, abs=1e-12)
+    assert table["provider"] == ["FakeProvider", "FakeProvider"] and all(table["model"])

@@ -75,9 +75,11 @@ def test_whole_numbers_still_accepted(workdir: Path) -> None:
 def test_prices_lists_known_models(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prices"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["model", "input", "output", "context", "source"]
+    assert out[0].split() == ["model", "input", "output", "cached", "context", "source"]
     line = next(line for line in out if line.startswith("mistralai/ministral-8b "))
-    assert line.split()[1:4] == ["0.1", "0.1", "131,072"] and "built-in table" in line
+    assert line.split()[1:5] == ["0.1", "0.1", "?", "131,072"] and "genai-prices" in line
+    claude = next(line for line in out if line.startswith("anthropic/claude-sonnet-4.5 "))
+    assert claude.split()[1:4] == ["3", "15", "0.3"]
 
 
 def test_prices_lists_cached_models_too(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,7 +91,7 @@ def test_prices_lists_cached_models_too(workdir: Path, capsys: pytest.CaptureFix
     assert main(["prices"]) == 0
     out = capsys.readouterr().out
     cached = next(line for line in out.splitlines() if line.startswith("test/cached-model"))
-    assert cached.split()[1:4] == ["1.5", "3", "8,192"] and "price cache" in cached
+    assert cached.split()[1:5] == ["1.5", "3", "?", "8,192"] and "price cache" in cached
     assert "mistralai/ministral-8b" in out  # built-in models stay listed
 
 

@@ -54,22 +54,26 @@ class Cluster:
     """What every node and every driver of this cluster runs with: its token (Ray's token authentication)."""
 
     def processes(self) -> dict[int, tuple[psutil.Process, int]]:
-        """The cluster's processes (named by their temporary folders) and their descendants: pid -> (process, node).
+        """The cluster's processes and their descendants: pid -> (process, node); node 0 is the head, 1 the worker.
 
-        Node 0 is the head, 1 the worker node.
+        A process is the cluster's when its command line names one of the nodes'
+        temporary folders, or, for a worker (its title rewritten to ``ray::...``),
+        when it writes its logs there.
         """
         found: dict[int, tuple[psutil.Process, int]] = {}
         for proc in psutil.process_iter():
-            try:
-                cmdline = " ".join(proc.cmdline())
-            except psutil.Error:
-                continue
-            for node, folder in enumerate(self.temp_dirs):
-                if folder in cmdline:
+            with contextlib.suppress(psutil.Error):
+                node = self._node_of(proc)
+                if node is not None:
                     found[proc.pid] = (proc, node)
-                    with contextlib.suppress(psutil.Error):
-                        found.update({c.pid: (c, node) for c in proc.children(recursive=True)})
+                    found.update({c.pid: (c, node) for c in proc.children(recursive=True)})
         return found
+
+    def _node_of(self, proc: psutil.Process) -> int | None:
+        text = " ".join(proc.cmdline())
+        if text.startswith("ray::"):
+            text = " ".join(f.path for f in proc.open_files())
+        return next((node for node, folder in enumerate(self.temp_dirs) if folder in text), None)
 
     def nodes(self) -> int:
         probe = (
@@ -167,8 +171,21 @@ def test_two_node_cluster_holds_the_cap_and_survives_a_driver_kill(workdir: Path
     started = time.monotonic()
     assert cluster.nodes() == 2
 
+    # Without the cluster's token: one line, exit 2, nothing sent (not a traceback).
+    server = FakeServer()
+    with server.running():
+        write_parquet(workdir / "data" / "in.parquet", reviews(5))
+        write_job(workdir, server.base_url or "", system=None, user="{text}", limits={"requests_per_minute": 600})
+        no_token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-cluster-token"}
+        proc = spawn(workdir, "run", "job", "--engine", "ray", "--address", cluster.address, "--json", env=no_token)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err
+        assert f"--address {cluster.address}: could not join the Ray cluster" in json.loads(out)["error"]
+        assert server.stats()["requests"] == 0
+    shutil.rmtree(workdir / "data" / "out")  # its empty journal belongs to this server's job
+
     # The cap: a server that answers 429 beyond 50 requests a second; the job's cap is 2,940 a minute.
-    rows = 900
+    rows = 1100  # two units of work (at most 1,024 rows each): both workers send
     server = FakeServer(rps=50, latency_s=0.05, record_client_pids=True, record_bodies=False)
     with server.running():
         write_parquet(workdir / "data" / "in.parquet", reviews(rows))
@@ -184,7 +201,7 @@ def test_two_node_cluster_holds_the_cap_and_survives_a_driver_kill(workdir: Path
     assert max_per_window(stats["arrivals"], 10.0) <= 2940 / 6 + 2
     # Every request came from the cluster's worker actors (the driver sends none).
     senders = {pid: n for pid, n in stats["client_pids"].items() if n}
-    assert set(senders) <= set(nodes) and len(senders) == 2, (senders, nodes)
+    assert len(senders) == 2 and set(senders) <= set(nodes), (senders, nodes)
     print(f"requests by node (0 head, 1 worker): { {pid: (nodes[pid], n) for pid, n in senders.items()} }")
     _check_output(workdir / "data" / "out" / "job.parquet", rows)
 

@@ -132,3 +132,22 @@ def test_tables_scroll_inside_their_own_box() -> None:
     html = page("t", [table(["a"] * 12, [["x" * 30] * 12])])
     assert re.search(r"<div class='scroll'><table>", html)
     assert re.search(r"\.scroll\s*\{[^}]*overflow-x:\s*auto", html)
+
+
+def test_variant_names_at_the_same_place_do_not_overlap() -> None:
+    """Three variants with the same accuracy and nearly the same cost: their names are stacked, each readable."""
+    points = [
+        charts.VariantPoint("ministral-8b-with-a-long-name", 0.767, 0.00200, True, True),
+        charts.VariantPoint("ministral-3b", 0.767, 0.00200, True, False),
+        charts.VariantPoint("3b-strict", 0.767, 0.00221, False, False),
+    ]
+    ax = _axes_of(charts.variants_png, points)
+    fig = ax.figure
+    assert isinstance(fig, Figure)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == 3
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), "two variant names are drawn over each other"

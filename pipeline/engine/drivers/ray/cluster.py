@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config.job import AUTO
 from pipeline.engine.limits.limiter import fixed_rate
@@ -60,6 +61,38 @@ def cause(exc: BaseException) -> str:
     return lines[-1][:300] if lines else type(exc).__name__
 
 
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` where nothing listens is an error now: Ray itself would retry it for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://...": Ray's own lookup
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
+
+
+def _join(ray: Any, address: str) -> None:
+    """``ray.init(address)``: a cluster that cannot be reached or refuses us is the user's one-line error.
+
+    Nothing has been sent yet. Ray raises ``ConnectionError`` for an address with
+    no cluster, or a cluster whose token authentication refuses this machine.
+    """
+    _reachable(address)
+    refused: tuple[type[BaseException], ...] = (ConnectionError,)
+    auth_error = getattr(getattr(ray, "exceptions", None), "AuthenticationError", None)
+    if isinstance(auth_error, type) and issubclass(auth_error, BaseException):
+        refused += (auth_error,)
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    except refused as exc:
+        raise UserError(
+            f"--address {address}: could not join the Ray cluster ({' '.join(str(exc).split())}); "
+            "check the address, that the cluster runs, and that this machine has the cluster's token "
+            "(RAY_AUTH_MODE=token with ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+        ) from None
+
+
 @contextlib.contextmanager
 def ray_session(settings: RaySettings) -> Iterator[None]:
     """Join a cluster (``address``) or start a local Ray instance, watched by a watchdog."""
@@ -88,7 +121,7 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
                 _node_ip_address="127.0.0.1",
             )
         else:
-            ray.init(address=settings.address, log_to_driver=False, logging_level=logging.ERROR)
+            _join(ray, settings.address)
         try:
             yield
         finally:
