@@ -4,7 +4,9 @@ Reads the input Parquet, renders the same chat request bodies as the pipeline's 
 (same system prompt, user template, model, max_tokens, temperature), sends them with
 one ``aiohttp.ClientSession`` and ``--concurrency`` worker tasks pulling from the list
 of prepared bodies, keeps the parsed results in a list and writes them to Parquet once
-at the end. No rate limiter, no journal, no retries, no progress bar.
+at the end. No rate limiter, no journal, no retries, no progress bar. ``--loop uvloop``
+runs the same code on uvloop's event loop (the pipeline's CLI uses uvloop when it is
+installed): beside the default asyncio loop it shows what the loop alone gains.
 
     python benchmarks/minimal_loop.py --url http://127.0.0.1:PORT/v1 \\
         --input data/bench/rows20w_20000.parquet --output data/bench/out/minimal.parquet
@@ -105,11 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the event loop")
     args = parser.parse_args(argv)
 
     table = pq.read_table(args.input)
     bodies = prepare_bodies(table)
-    results = asyncio.run(send_all(args.url.rstrip("/") + "/chat/completions", bodies, args.concurrency))
+    factory = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        results = runner.run(send_all(args.url.rstrip("/") + "/chat/completions", bodies, args.concurrency))
     write_results(args.output, table, results)
     failed = sum(1 for r in results if r is None or r[5] is not None)
     if failed:

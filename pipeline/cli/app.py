@@ -11,7 +11,6 @@ job or input error (nothing sent); 3 stopped early, resumable.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import gc
 import json
@@ -21,15 +20,17 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline.cli.signals import STOP_SIGNALS
-from pipeline.config.job import DEFAULT_BASE_URL, Job, load_job
 from pipeline.errors import ExitCode, JobError, PipelineError, UserError
-from pipeline.io.fs import DataPath, parse_data_path
 from pipeline.secrets import Redactor, looks_like_key
 
+# Everything heavier (pydantic, pyarrow, aiohttp) is imported where a command needs
+# it: `pipeline --help` and a rerun with nothing to do start in a fraction of a second.
 if TYPE_CHECKING:
+    from pipeline.config.job import Job
     from pipeline.engine.drivers.ray.cluster import RaySettings
     from pipeline.engine.plan import Plan
     from pipeline.engine.session import RunOptions, RunResult
+    from pipeline.io.fs import DataPath
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_STOPPED = (
     ExitCode.OK,
@@ -91,7 +92,7 @@ def build_parser(*, raise_errors: bool = False) -> argparse.ArgumentParser:
     prices = sub.add_parser("prices", help="show or refresh the price table")
     prices.add_argument("model", nargs="?", help="show one model (without it: list the known models)")
     prices.add_argument("--refresh", action="store_true", help="fetch prices from OpenRouter into the local cache")
-    prices.add_argument("--base-url", default=DEFAULT_BASE_URL)
+    prices.add_argument("--base-url", help="default: OpenRouter's API")
     return parser
 
 
@@ -169,6 +170,8 @@ class _ErrorPrinter:
 def _dispatch(args: argparse.Namespace, errors: _ErrorPrinter) -> int:
     if args.command == "prices":
         return _prices(args)
+    from pipeline.config.job import load_job
+
     job = load_job(args.job)
     errors.use_job(job)
     _require_files(job)
@@ -214,6 +217,8 @@ def _output(args: argparse.Namespace) -> DataPath | None:
     """
     if not getattr(args, "output", None):
         return None
+    from pipeline.io.fs import parse_data_path
+
     try:
         return parse_data_path(args.output)
     except ValueError as exc:
@@ -240,6 +245,7 @@ def _dry_run(job: Job, as_json: bool) -> int:
 
 
 def _run(job: Job, args: argparse.Namespace) -> int:
+    from pipeline.cli.loop import run_async
     from pipeline.cli.report import print_summary
     from pipeline.engine.plan import prepare
     from pipeline.engine.session import RunOptions
@@ -261,15 +267,17 @@ def _run(job: Job, args: argparse.Namespace) -> int:
         settings = RaySettings(args.workers or DEFAULT_WORKERS, args.address)
         # Ray prints some messages (a worker died, ...) on stdout; stdout is for the summary.
         with contextlib.redirect_stdout(sys.stderr):
-            result = asyncio.run(_with_signals(plan, options, settings))
+            result = run_async(_with_signals(plan, options, settings))
     else:
-        result = asyncio.run(_with_signals(plan, options))
+        result = run_async(_with_signals(plan, options))
     print_summary(plan, result, args)
     return result.exit_code
 
 
 async def _with_signals(plan: Plan, options: RunOptions, ray: RaySettings | None = None) -> RunResult:
     """Run with Ctrl-C, SIGTERM and SIGHUP turned into a graceful stop (twice: at once)."""
+    import asyncio
+
     from pipeline.engine.run import run_plan
     from pipeline.engine.session import Controls
 
@@ -298,12 +306,16 @@ def _tune_gc() -> None:
 
 
 def _prices(args: argparse.Namespace) -> int:
+    from pipeline.cli.loop import run_async
     from pipeline.cli.prices import format_model_prices, format_price_table
     from pipeline.engine.pricing import known_models, model_info, refresh_prices
 
     if args.refresh:
-        path, count = asyncio.run(refresh_prices(args.base_url))
-        print(f"refreshed prices of {count} models from {args.base_url} into {path}")
+        from pipeline.config.job import DEFAULT_BASE_URL
+
+        base_url = args.base_url or DEFAULT_BASE_URL
+        path, count = run_async(refresh_prices(base_url))
+        print(f"refreshed prices of {count} models from {base_url} into {path}")
     if args.model:
         info = model_info(args.model)
         if info.input_per_million is None or info.output_per_million is None:

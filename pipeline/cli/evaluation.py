@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 
+from pipeline.cli.loop import run_async
 from pipeline.cli.signals import STOP_SIGNALS
 from pipeline.config.job import Job
 from pipeline.errors import ExitCode
@@ -27,7 +28,7 @@ def eval_command(job: Job, args: argparse.Namespace) -> int:
         min_accuracy=args.min_accuracy,
         fresh=args.fresh,
     )
-    evaluation = asyncio.run(_with_signals(job, options))
+    evaluation = run_async(_with_signals(job, options))
     stopped = f"{evaluation.job} stopped: {evaluation.stop_reason}; rerun to finish" if evaluation.stop_reason else None
     if args.json:
         fields = evaluation.to_dict()

@@ -110,7 +110,8 @@ class ChatClient:
         stopping before the first attempt went out.
         """
         key = prefix_key(self.dialect.messages_start(body))
-        warming = await self.warmer.enter(key)
+        # A warm prefix (every row after the first of its start) needs no coroutine.
+        warming = False if self.warmer.is_warm(key) else await self.warmer.enter(key)
         try:
             return await self._complete(body, tokens, key if warming else None)
         finally:
@@ -127,8 +128,8 @@ class ChatClient:
             # The slot (auto rate limits) bounds requests in flight, the wait for the rate included.
             # Waiting for it is not raced with a stop: a slot frees within one request's latency.
             async with self.limiter.slot(), window.gate:
-                # Without caps there is nothing to wait for: no coroutine on every request.
-                if not self.limiter.unlimited and not await self._acquire(tokens):
+                # Without caps, or with room under them, nothing waits: no coroutine on every request.
+                if not self.limiter.try_admit(tokens) and not await self._acquire(tokens):
                     break
                 attempt += 1
                 epoch = window.epoch

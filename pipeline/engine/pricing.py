@@ -34,6 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from pipeline.config.job import DEFAULT_BASE_URL
 from pipeline.engine.price_catalog import (
     CatalogPrices,
     TierPrices,
@@ -42,13 +43,14 @@ from pipeline.engine.price_catalog import (
     catalog_version,
 )
 from pipeline.errors import UnavailableError
-from pipeline.providers.openrouter.models import ListedModel, fetch_models
+from pipeline.providers.catalogue import ListedModel
+from pipeline.providers.openrouter import OpenRouter
+from pipeline.providers.provider import Provider
 
 __all__ = ["ModelInfo", "PriceFigure", "cache_path", "known_models", "model_info", "refresh_prices"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 CACHE_FILE = "prices.json"
 _PER_MILLION = 1_000_000
 JOB_FILE = "job file"
@@ -424,15 +426,19 @@ async def refresh_prices(
     *,
     timeout_s: float = 30,
     cache_dir: Path | None = None,
+    provider: Provider | None = None,
 ) -> tuple[Path, int]:
-    """Download every model's prices from OpenRouter's ``GET {base_url}/models`` into the cache.
+    """Download every model's prices from ``provider``'s listing (OpenRouter's ``GET {base_url}/models``
+    by default: :meth:`Provider.catalogue`) into the cache.
 
     Cache read and write prices are kept where the listing has them. Returns
     the cache file and the number of models written. Network and HTTP
     failures raise :class:`UnavailableError` (exit 3); the old cache is then left untouched.
     """
     base = base_url.rstrip("/")
-    models = await fetch_models(base, timeout_s)
+    models = await (provider or OpenRouter()).catalogue(base, timeout_s)
+    if models is None:
+        raise UnavailableError(f"could not refresh prices from {base}: the provider publishes no price list")
     payload = {
         "source": base,
         "refreshed_at": datetime.now(UTC).isoformat(timespec="seconds"),

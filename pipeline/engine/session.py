@@ -227,6 +227,9 @@ def write_plan_output(
     A file that cannot be written is a stop, not a traceback: every answer is
     already in the journal.
     """
+    # Rows whose senders were cancelled (a stop's grace period ended) may still wait
+    # for their group commit: commit them first, so the output has every paid answer.
+    journal.flush()
     schema = output_schema(plan.source.schema, plan.structured)
     joined = joined_batches(schema, batches, journal, plan)
     try:

@@ -375,8 +375,11 @@ class Settlement:
     async def commit(self, settled: Settled) -> bool:
         """Write the row and its cost to the journal; False (and the run stopped) when it cannot be written.
 
-        Rows written in one loop turn share one commit. Cancelling the awaiting
-        task (the end of a grace period) cancels the wait, not the commit.
+        Returns once the row is committed: rows share a commit (the journal's
+        group commit, a few milliseconds), and the sender holds its concurrency
+        slot until then, so a ``kill -9`` re-pays at most ``concurrency`` rows.
+        Cancelling the senders (the end of a grace period) cancels their wait,
+        not the commit: the group is committed by its timer or the journal's flush.
         """
         try:
             await self.journal.write(settled.row, settled.charge.usd)

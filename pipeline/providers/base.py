@@ -18,6 +18,7 @@ from __future__ import annotations
 import email.utils
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,12 @@ from typing import TYPE_CHECKING, Any
 from pipeline.providers.credit import CreditLimit, LimitKind, credit_limit
 from pipeline.providers.ratelimits import RateLimitInfo, rate_limit_info
 from pipeline.providers.usage import parse_usage
+
+_fast_loads: Callable[[bytes], Any] | None
+try:  # a dependency where it has a wheel; json alone elsewhere
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - every supported platform has a wheel
+    _fast_loads = None
 
 if TYPE_CHECKING:
     pass
@@ -186,6 +193,14 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def _json_or_none(body: bytes) -> Any:
+    if _fast_loads is not None:
+        try:
+            # orjson: about a third of json's time per reply. What it refuses and json
+            # takes (NaN, a BOM, UTF-16) falls through; it reads integers past 64 bits
+            # as floats, which no token count or id field of a reply reaches.
+            return _fast_loads(body)
+        except ValueError:  # orjson.JSONDecodeError is a ValueError
+            pass
     try:
         # Decoding first skips json's encoding detection on every answer (servers
         # send UTF-8); a BOM or UTF-16 still gets json's own handling of bytes.

@@ -2,7 +2,7 @@
 
 A provider's own rules (how its URL looks, how it wants structured output,
 parameters it names differently, whether it needs a key, a server to start,
-its batch API) live in ``providers/<name>/``, as a subclass
+its batch API, its price list) live in ``providers/<name>/``, as a subclass
 registered in ``providers/__init__.py``. See docs/architecture.md, "Adding a
 provider".
 """
@@ -20,6 +20,7 @@ from pipeline.providers.ratelimits import RateLimitInfo
 if TYPE_CHECKING:
     from pipeline.config.job import ModelSpec
     from pipeline.providers.batches import BatchAdapter
+    from pipeline.providers.catalogue import ListedModel
 
 
 class Provider:
@@ -66,4 +67,11 @@ class Provider:
 
     def batches(self, spec: ModelSpec, model_name: str) -> BatchAdapter | None:
         """This provider's batch API for ``[model] mode = "batch"``, or None when it has none."""
+        return None
+
+    async def catalogue(self, base_url: str, timeout_s: float) -> list[ListedModel] | None:
+        """Every model this provider lists with usable prices (``pipeline prices --refresh``), or None
+        when it publishes no price list. A listing that cannot be read is an
+        :class:`~pipeline.errors.UnavailableError`.
+        """
         return None

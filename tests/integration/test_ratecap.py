@@ -10,6 +10,7 @@ under a second.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -103,7 +104,8 @@ async def admitted_times(
             for start, end in off or ():
                 if start <= loop.time() < end:
                     await asyncio.sleep(end - loop.time())
-            await limiter.acquire()
+            if not limiter.try_admit():  # as the client does: the hot path first, then the wait
+                await limiter.acquire()
             now = loop.time()
             if now >= horizon_s:
                 return
@@ -174,6 +176,35 @@ def test_limiter_windows_with_stop_and_go_demand(rpm: int) -> None:
     assert max_per_window(times, 1.0) <= 1.5 * rpm / 60 + 1
 
 
+@pytest.mark.parametrize("rpm", [60_000, 1_000_000])
+def test_limiter_high_rates_stay_within_the_cap(rpm: int) -> None:
+    """Far above any rate a 2-core client achieves: 1-s windows within b - 1 + r, and the rate is met."""
+    horizon = 3.0
+    times = run_virtual(lambda: admitted_times(RateLimiter(rpm), horizon, workers=64), 0.0005)
+    per_second = rpm / 60
+    assert max_per_window(times, 1.0) <= request_bucket(rpm).capacity - 1 + math.ceil(per_second)
+    assert max_per_window(times, 1.0) <= 1.01 * per_second + 1
+    assert len(times) >= 0.97 * per_second * horizon
+
+
+async def test_try_admit_takes_the_bucket_then_defers_to_waiters_and_pauses() -> None:
+    """try_admit admits while the bucket has room, never ahead of a waiter, never in a cool-down."""
+    limiter = RateLimiter(60_000)  # 1,000/s: a bucket of 10
+    admitted = sum(limiter.try_admit() for _ in range(50))
+    assert admitted == request_bucket(60_000).capacity == 10
+    waiter = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await asyncio.sleep(0.005)  # room again, but the waiter is first
+    assert waiter.done() or not limiter.try_admit()
+    await waiter
+    assert RateLimiter(0).try_admit()  # no cap: always
+    paused = RateLimiter(0)
+    paused.cool_down(5.0)
+    assert not paused.try_admit()
+    assert not RateLimiter(0, tokens_per_minute=100_000, max_tokens=64).try_admit()  # token caps wait in acquire
+
+
 def test_fractional_rpm_is_a_job_error(workdir: Path, server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     """requests_per_minute is a whole number: 20.5 would let a 60-s window hold 21 requests."""
     write_parquet(workdir / "data/in.parquet", reviews(3))
@@ -184,9 +215,13 @@ def test_fractional_rpm_is_a_job_error(workdir: Path, server: FakeServer, capsys
 
 
 def test_request_bucket_shape() -> None:
-    """Below 2 requests/s the bucket is strict (one at a time); above, it holds two."""
-    assert request_bucket(60).max_rate == 1
-    assert request_bucket(600).max_rate == 2
+    """Below 2 requests/s the bucket is strict (one at a time); above, it holds two, and from
+    200/s on a hundredth of a second's requests."""
+    assert request_bucket(60).capacity == 1
+    assert request_bucket(600).capacity == 2
+    assert request_bucket(12_000).capacity == 2
+    assert request_bucket(60_000).capacity == 10
+    assert request_bucket(1_000_000).capacity == 166
 
 
 def test_cool_down_pauses_every_acquire() -> None:

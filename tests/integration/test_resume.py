@@ -175,6 +175,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_little(
     kills = 0
     for wait in waits:
         before = journal_count()
+        requests_before = server.stats()["requests"]
         proc = procs.run("--quiet")
         wait_until(lambda b=before: journal_count() > b, "new journal rows", proc=proc)
         time.sleep(wait)
@@ -183,6 +184,10 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_little(
         assert_output_sane(workdir / OUTPUT, n)
         assert not (workdir / OUTPUT).exists(), "no run finished, so no output may exist"
         journaled.append(journal_count("status = 'ok'"))
+        # Each kill on its own: the requests this run sent that its journal does not hold
+        # (they are sent again, so paid twice) are at most the requests it had in flight.
+        unjournaled = server.stats()["requests"] - requests_before - (journaled[-1] - journaled[-2])
+        assert 0 <= unjournaled <= concurrency, (kills, unjournaled)
     # Every killed run's committed progress survives the next kill.
     assert journaled == sorted(journaled) and len(set(journaled)) == len(journaled), journaled
     assert journaled[-1] < n

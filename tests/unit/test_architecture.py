@@ -197,6 +197,23 @@ def test_sql_only_in_the_store() -> None:
     assert not found, "SQL outside pipeline/store/: " + ", ".join(found)
 
 
+def test_the_journal_is_opened_read_only_only_by_the_store() -> None:
+    """Readers beside a run use ``store.journal.read_only``, not a hand-made read-only open."""
+    found = [
+        f"{module.name}:{node.lineno}"
+        for module in modules()
+        if not module.name.startswith("pipeline.store")
+        for node in ast.walk(ast.parse(module.path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call) and any(k.arg == "readonly" for k in node.keywords)
+    ]
+    found += [
+        f"{module.name}: mode=ro"
+        for module in modules()
+        if not module.name.startswith("pipeline.store") and "mode=ro" in module.path.read_text(encoding="utf-8")
+    ]
+    assert not found, "open the journal with pipeline.store.journal.read_only: " + ", ".join(found)
+
+
 def test_only_the_front_ends_start_an_event_loop() -> None:
     """``asyncio.run`` in the CLI and the Python API's synchronous calls; the engine runs in their loop."""
     front_ends = ("pipeline.cli", "pipeline.api")

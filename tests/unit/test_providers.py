@@ -6,6 +6,7 @@ without a test of its own here.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import json
@@ -16,7 +17,7 @@ import pytest
 import pipeline.providers as providers
 from pipeline.config.job import ModelSpec
 from pipeline.errors import JobError
-from pipeline.providers import NAMES, REGISTRY, batch_providers, guess_provider
+from pipeline.providers import NAMES, REGISTRY, batch_providers, get_provider, guess_provider
 from pipeline.providers.batches import BatchAdapter, BatchRequest
 from pipeline.providers.provider import Provider
 
@@ -101,3 +102,41 @@ def _protocol_members(protocol: type) -> list[str]:
     names = set(getattr(protocol, "__annotations__", {}))
     names |= {name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")}
     return sorted(names)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"choices": [{"message": {"content": "ok \\u00e9"}, "finish_reason": "stop"}], "usage": {"cost": 1e-7}}',
+        b'{"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}], "usage": {"cost": NaN}}',
+        b'\xef\xbb\xbf{"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}',
+    ],
+    ids=["plain", "nan", "bom"],
+)
+def test_reply_bodies_parse_as_json_does_whichever_parser_reads_them(body: bytes) -> None:
+    """The fast parser (orjson) and its fallback (json) read every body alike: what orjson
+    refuses (NaN, a byte-order mark) still parses."""
+    import json
+
+    from pipeline.providers.base import _json_or_none
+
+    expected = json.loads(body.decode("utf-8-sig"))
+    assert repr(_json_or_none(body)) == repr(expected)
+
+
+@pytest.mark.parametrize("provider", ALL)
+async def test_a_price_list_is_read_by_its_provider_or_declined(provider: Provider) -> None:
+    if type(provider).catalogue is Provider.catalogue:  # no listing: declined without a request
+        assert await provider.catalogue("http://127.0.0.1:9/v1", 1) is None
+    else:  # OpenRouter's listing: read from a loopback server in tests/integration/test_pricing.py
+        assert provider.name == "openrouter"
+
+
+def test_refreshing_prices_from_a_provider_without_a_list_is_a_clean_error(tmp_path: Path) -> None:
+    from pipeline.engine.pricing import refresh_prices
+    from pipeline.errors import UnavailableError
+
+    refresh = refresh_prices("http://127.0.0.1:9/v1", cache_dir=tmp_path, provider=get_provider("mistral"))
+    with pytest.raises(UnavailableError, match="publishes no price list"):
+        asyncio.run(refresh)
+    assert list(tmp_path.iterdir()) == []  # the cache is not touched

@@ -328,6 +328,10 @@ class AdaptiveLimiter(RateLimiter):
     def unlimited(self) -> bool:
         return False  # the pacer and the gate are the limit, whatever the fixed caps
 
+    def try_admit(self, prompt_tokens: int = 0) -> bool:
+        # Pacing at the learned rate always goes through acquire (it counts what is sent).
+        return False if self.requests_auto else super().try_admit(prompt_tokens)
+
     def slot(self) -> AbstractAsyncContextManager[None]:
         return self._gate if self._gate is not None else super().slot()
 

@@ -1,13 +1,18 @@
 """The rate cap: requests per minute, tokens per minute and a shared cool-down.
 
-Built on aiolimiter's leaky bucket. A bucket as large as the per-minute rate
-would allow a full minute's requests in the first instant; strict providers
-answer such a start-up burst with 429s. So the request bucket holds at most
-two requests and leaks at the per-second rate: arrivals are spread evenly.
-Two places absorb the event loop's timer jitter, which would otherwise cost a
-few percent of the rate; the leak rate is lowered by that one extra request
-per minute so that no 60-second window ever holds more than
-``requests_per_minute`` requests.
+A bucket as large as the per-minute rate would allow a full minute's requests
+in the first instant; strict providers answer such a start-up burst with 429s.
+So the request bucket (:class:`RequestBucket`) holds two requests (a hundredth
+of a second's worth at rates of 200/s and more) and leaks at the per-second
+rate: arrivals are spread evenly. Two places absorb the event loop's timer
+jitter, which would otherwise cost a few percent of the rate; the leak rate is
+lowered by that one extra request per minute so that no 60-second window ever
+holds more than ``requests_per_minute`` requests.
+
+A cap that does not bind costs (almost) nothing: :meth:`RateLimiter.try_admit`
+admits a request with a clock read and two comparisons, without a coroutine;
+only a request that must wait takes :meth:`RateLimiter.acquire`. The token
+cap is aiolimiter's leaky bucket.
 """
 
 from __future__ import annotations
@@ -48,18 +53,68 @@ class LearnedRate:
 _NO_SLOT: AbstractAsyncContextManager[None] = contextlib.nullcontext()
 
 
-def request_bucket(requests_per_minute: float) -> AsyncLimiter:
-    """A limiter that admits at most rpm requests in any minute, evenly spread.
+def bucket_capacity(per_second: float) -> int:
+    """Requests the bucket may hold: 1 below 2/s (strict spacing), 2 up to 200/s, then a hundredth of a second's.
 
     With capacity ``b`` and leak rate ``r`` per second, any window of ``w``
-    seconds admits at most ``b - 1 + ceil(r * w)`` requests. ``b = 2`` keeps
-    one second within ``1.5 * rpm / 60 + 1`` once the rate is 2/s or more;
-    below that, ``b = 1`` (strict spacing).
+    seconds admits at most ``b - 1 + ceil(r * w)`` requests: one second stays
+    within ``1.01 * r + 1``, and a burst of replies released together (a group
+    commit frees their workers at once) is admitted without waiting when the
+    cap is far above the rate achieved.
     """
-    per_second = requests_per_minute / 60
-    capacity = 2 if per_second >= 2 else 1
-    leak_per_minute = requests_per_minute - (capacity - 1)
-    return AsyncLimiter(capacity, capacity * 60 / leak_per_minute)
+    if per_second < 2:
+        return 1
+    return max(2, int(per_second // 100))
+
+
+class RequestBucket:
+    """A leaky bucket of requests (GCRA: the time the bucket is empty again), first come first served.
+
+    :meth:`try_take` admits at once when there is room and nobody waits;
+    :meth:`take` queues, sleeping to the moment the bucket has room.
+    """
+
+    def __init__(self, requests_per_minute: float) -> None:
+        self.capacity = bucket_capacity(requests_per_minute / 60)
+        leak_per_minute = requests_per_minute - (self.capacity - 1)
+        # Seconds one request keeps in the bucket; a nanosecond more, so that float rounding
+        # never lets the last request of a minute land a hair inside the 60-second window.
+        self.interval = 60 / leak_per_minute + 1e-9
+        self._tolerance = (self.capacity - 1) * self.interval
+        self._empty_at = 0.0  # loop time at which every admitted request has leaked out
+        self._waiting = 0
+        self._lock = asyncio.Lock()
+
+    def has_room(self, now: float) -> bool:
+        return not self._waiting and self._empty_at - self._tolerance <= now
+
+    def try_take(self, now: float) -> bool:
+        """Admit one request now if the bucket has room and nobody waits (no coroutine)."""
+        if self._waiting or self._empty_at - self._tolerance > now:
+            return False
+        self._empty_at = (self._empty_at if self._empty_at > now else now) + self.interval
+        return True
+
+    async def take(self) -> None:
+        """Wait for room (behind earlier waiters), then admit one request."""
+        loop = asyncio.get_running_loop()
+        self._waiting += 1
+        try:
+            async with self._lock:
+                while True:
+                    now = loop.time()
+                    delay = self._empty_at - self._tolerance - now
+                    if delay <= 0:
+                        break
+                    await asyncio.sleep(delay)
+                self._empty_at = max(self._empty_at, now) + self.interval
+        finally:
+            self._waiting -= 1
+
+
+def request_bucket(requests_per_minute: float) -> RequestBucket:
+    """A bucket that admits at most rpm requests in any minute, evenly spread."""
+    return RequestBucket(requests_per_minute)
 
 
 class RateLimiter:
@@ -113,6 +168,21 @@ class RateLimiter:
         """No cap at all and no pause now: ``acquire`` would return at once (the hot path skips it)."""
         return self._requests is None and self._tokens is None and not self._paused_now()
 
+    def try_admit(self, prompt_tokens: int = 0) -> bool:
+        """Admit a request now when nothing makes it wait: the hot path, no coroutine.
+
+        False: the caller awaits :meth:`acquire` (a cool-down, a full bucket,
+        earlier waiters, or a token cap, which always takes the full path).
+        """
+        if self._tokens is not None:
+            return False
+        if self._requests is None:
+            return not self._paused_until or not self._paused_now()
+        now = asyncio.get_running_loop().time()
+        if self._paused_until > now:
+            return False
+        return self._requests.try_take(now)
+
     def ready(self, prompt_tokens: int = 0) -> bool:
         """True when ``acquire`` would not wait (no cool-down, room under both caps)."""
         if self._paused_until and self._paused_until > asyncio.get_running_loop().time():
@@ -121,11 +191,11 @@ class RateLimiter:
             min(prompt_tokens + self._max_tokens, self._token_capacity)
         ):
             return False
-        return self._requests is None or self._requests.has_capacity()
+        return self._requests is None or self._requests.has_room(asyncio.get_running_loop().time())
 
     async def _acquire_request(self) -> None:
         if self._requests is not None:
-            await self._requests.acquire()
+            await self._requests.take()
 
     def slot(self) -> AbstractAsyncContextManager[None]:
         """Held around each request: nothing limits requests in flight here but the workers."""

@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from pipeline.providers.openrouter.batches import OpenRouterBatches
+from pipeline.providers.openrouter.models import fetch_models
 from pipeline.providers.provider import Provider
 from pipeline.providers.ratelimits import RateLimitInfo, fetch_key_limit
 
 if TYPE_CHECKING:
     from pipeline.config.job import ModelSpec
+    from pipeline.providers.catalogue import ListedModel
 
 
 class OpenRouter(Provider):
@@ -31,3 +33,6 @@ class OpenRouter(Provider):
 
     def batches(self, spec: ModelSpec, model_name: str) -> OpenRouterBatches:
         return OpenRouterBatches(spec.batch_url or f"{spec.base_url}/batches", model_name)
+
+    async def catalogue(self, base_url: str, timeout_s: float) -> list[ListedModel]:
+        return await fetch_models(base_url, timeout_s)

@@ -10,28 +10,16 @@ variable-price routers (such as ``openrouter/auto``) with ``"-1"``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from pipeline.errors import UnavailableError
+from pipeline.providers.catalogue import ListedModel
 
 __all__ = ["ListedModel", "fetch_models"]
 
 _PER_MILLION = 1_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class ListedModel:
-    """One model of the listing, prices in USD per million tokens."""
-
-    id: str
-    input_per_million: float
-    output_per_million: float
-    context_length: int | None
-    cached_input_per_million: float | None = None
-    cache_write_per_million: float | None = None
 
 
 async def fetch_models(base_url: str, timeout_s: float = 30) -> list[ListedModel]:
