@@ -93,7 +93,10 @@ def parse_response(status: int, body: bytes, headers: Any) -> Reply:
         kind = ReplyKind.RETRY if credit.kind is LimitKind.IN_FLIGHT else ReplyKind.AUTH
         return Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits, credit=credit)
     kind = classify_status(status, message)
-    return Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits)
+    reply = Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits)
+    if isinstance(data, dict):
+        _read_usage(reply, data.get("usage"))  # an error the server billed all the same
+    return reply
 
 
 def classify_status(status: int, message: str) -> ReplyKind:
@@ -110,23 +113,27 @@ def _about_key(message: str) -> bool:
 
 
 def _parse_success(data: dict[str, Any]) -> Reply:
+    usage = data.get("usage")
     error = data.get("error")
     if isinstance(error, dict):
         # OpenRouter reports a provider failure after streaming started as a 200.
-        return Reply(ReplyKind.RETRY, 200, f"provider error (HTTP 200): {_clip(str(error.get('message', error)))}")
+        reply = Reply(ReplyKind.RETRY, 200, f"provider error (HTTP 200): {_clip(str(error.get('message', error)))}")
+        return _read_usage(reply, usage)
     try:
         choice = data["choices"][0]
         message = choice.get("message") or {}
         finish = choice.get("finish_reason")
-        usage = data.get("usage") or {}
     except (KeyError, IndexError, TypeError, AttributeError):
-        return Reply(ReplyKind.RETRY, 200, "HTTP 200 without choices")
+        return _unanswered(Reply(ReplyKind.RETRY, 200, "HTTP 200 without choices"), usage)
+    if not isinstance(usage, dict):
+        usage = {}
     if finish == "error":
-        return Reply(ReplyKind.RETRY, 200, "provider error (HTTP 200, finish_reason error)")
+        return _read_usage(Reply(ReplyKind.RETRY, 200, "provider error (HTTP 200, finish_reason error)"), usage)
     content = message.get("content")
     if content is None and not message.get("tool_calls"):
         # Nothing came back: a provider hiccup, not an answer (and not an empty string).
-        return Reply(ReplyKind.RETRY, 200, "HTTP 200 with no content (message.content is null)")
+        reply = Reply(ReplyKind.RETRY, 200, "HTTP 200 with no content (message.content is null)", finish_reason=finish)
+        return _unanswered(reply, usage)
     used = parse_usage(usage)
     return Reply(
         ReplyKind.OK,
@@ -142,6 +149,32 @@ def _parse_success(data: dict[str, Any]) -> Reply:
         cached_tokens=used.cached_tokens,
         cache_write_tokens=used.cache_write_tokens,
     )
+
+
+def _read_usage(reply: Reply, usage: Any) -> Reply:
+    """Tokens and cost from a ``usage`` object, whatever else the reply carries."""
+    used = parse_usage(usage)
+    reply.prompt_tokens, reply.completion_tokens, reply.cost = used.prompt_tokens, used.completion_tokens, used.cost
+    return reply
+
+
+def _unanswered(reply: Reply, usage: Any) -> Reply:
+    """A 200 without an answer: transient when free, final when billed.
+
+    A reasoning model that spends all of ``max_tokens`` thinking answers with no
+    content and a cost: asking again would pay again for the same nothing, so
+    the row ends (``--retry-failed`` asks again on purpose) and its cost counts.
+    """
+    _read_usage(reply, usage)
+    billed = reply.cost is not None and reply.cost > 0
+    if billed or (reply.cost is None and (reply.completion_tokens or 0) > 0):
+        reply.kind = ReplyKind.FATAL
+        spent = f"{reply.completion_tokens} completion tokens" if reply.completion_tokens else "tokens"
+        reply.error = (
+            f"{reply.error}; billed for {spent} without an answer (a reasoning model may have spent "
+            "max_tokens thinking: raise [model] max_tokens); --retry-failed asks again"
+        )
+    return reply
 
 
 def parse_retry_after(value: str | None) -> float | None:

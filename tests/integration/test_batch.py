@@ -515,8 +515,8 @@ def test_sigterm_while_waiting_writes_the_output_and_exits_3(workdir: Path) -> N
 
 
 @pytest.mark.slow
-def test_kill_between_submit_and_journal_commit_resubmits_that_one_batch(workdir: Path) -> None:
-    """The documented exception: a batch the provider accepted but the journal never recorded."""
+def test_kill_between_submit_and_journal_commit_adopts_that_batch(workdir: Path) -> None:
+    """A batch the provider accepted but the journal never recorded is found by its metadata, not paid twice."""
     with fake(respond_after_s=30) as server:
         data = batch_job(workdir, server, 300)
         proc = spawn(workdir, "run", "job", "--quiet")
@@ -530,6 +530,6 @@ def test_kill_between_submit_and_journal_commit_resubmits_that_one_batch(workdir
         server.config.respond_after_s = 0
         assert run_cli("job") == 0
         assert_all_answered(data, server)
-        # That one batch (the canary) once more, never more than one per kill; then the rest.
-        assert [n for _, n in server.submissions] == [20, 20, 280]
-        assert server.duplicates() == 20
+        # The batch accepted before the kill (the canary) is adopted, not paid again; then the rest.
+        assert [n for _, n in server.submissions] == [20, 280]
+        assert server.duplicates() == 0
