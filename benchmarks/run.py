@@ -515,8 +515,8 @@ def bench_overhead(repeats: int, log: Any) -> list[Row]:
     with fake_server(record=True) as server:
         data = ensure_data("short", OVERHEAD_ROWS)
         jobs = {
-            PIPELINE.name: write_job("overhead", server.base_url, data),
-            CAPPED.name: write_job("overhead_capped", server.base_url, data, rpm=FAR_CAP_RPM),
+            PIPELINE.name: write_job(f"overhead_{PIPELINE.name}", server.base_url, data),
+            CAPPED.name: write_job(f"overhead_{CAPPED.name}", server.base_url, data, rpm=FAR_CAP_RPM),
         }
 
         def timed(c: Contender) -> Loop:

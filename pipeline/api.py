@@ -15,9 +15,18 @@ them) for the rest of the process.
 
 Resume works as on the command line: every call journals its answers, so
 calling again on the same or overlapping data pays nothing twice for a row
-already done. Without an output file the journal lives in the cache folder
-(``$PIPELINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/pipeline``, else
-``~/.cache/pipeline``), named by the job's identity, not by the data.
+already done. Without a journal of the job's own (``[output] path`` or
+``journal``) the journal lives in the cache folder (``$PIPELINE_CACHE_DIR``,
+else ``$XDG_CACHE_HOME/pipeline``, else ``~/.cache/pipeline``), named by the
+job's identity, not by the data; its rows are keyed by their prompt, never
+by an id column, so two frames numbered alike (a train and a test split)
+never overwrite each other's answers: each prompt is paid once.
+
+A call returns the rows it was given, with the caller's pandas index, in
+every case: with or without an output file of any format, and for a sample
+(its rows only). Ctrl-C (or cancelling the task) stops the call as the CLI
+stops a run: requests in flight get ``stop_grace_s`` to come back and be
+journaled, then the interruption propagates.
 """
 
 from __future__ import annotations
@@ -25,24 +34,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import html
-from dataclasses import dataclass
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from pipeline.config.job import Job, describe_validation_error, load_job
-from pipeline.engine.plan import Plan, prepare
+from pipeline.engine.plan import KeyScheme, Plan, prepare
 from pipeline.engine.reports import Estimate, JobStatus, RunSummary, html_table
-from pipeline.errors import ExitCode, JobError
+from pipeline.errors import ExitCode, JobError, UserError
 from pipeline.evaluation.evaluate import aevaluate_job
 from pipeline.evaluation.results import EvalOptions, Evaluation
 from pipeline.io import fs
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from pipeline.engine.session import Controls, RunResult
+
+# Ray worker actors wait on the network, so a few per CPU make sense; far more only
+# cost memory (each actor is a process of ~100 MB) and start-up time.
+WORKERS_PER_CPU = 4
+MAX_WORKERS = 1024
 
 JobLike = str | Path | dict[str, Any] | Job
 
@@ -56,9 +73,19 @@ class Result:
     summary: RunSummary
     exit_code: ExitCode
     """As the CLI's: 0 every row succeeded, 1 some rows carry an error, 3 stopped early."""
+    index: Any = field(default=None, repr=False, compare=False)
+    """The caller's pandas index for these rows (None: the input was not a DataFrame)."""
 
     def to_pandas(self) -> pd.DataFrame:
-        return self.table.to_pandas()
+        """The rows as a DataFrame, under the index of the DataFrame they came from.
+
+        So ``df["completion"] = pipeline.run(df, job).to_pandas()["completion"]``
+        puts each answer on its own row, whatever ``df``'s index.
+        """
+        frame = self.table.to_pandas()
+        if self.index is not None and len(self.index) == len(frame):
+            frame.index = self.index
+        return frame
 
     @property
     def ok(self) -> bool:
@@ -118,13 +145,45 @@ def plan(
     """Check a job against its data before anything is sent (every problem is a ``UserError``)."""
     if job is None:
         raise JobError("job: pass a job file path, a dict shaped like the TOML file, or a pipeline.Job")
-    return prepare(
-        load(job),
-        need_key=need_key,
-        data=data,
-        output=fs.parse_data_path(output) if output is not None else None,
-        journal=Path(journal) if journal is not None else None,
+    loaded = load(job)
+    try:
+        out = fs.parse_data_path(output) if output is not None else None
+    except ValueError as exc:
+        raise JobError(f"output: {exc}") from None
+    prepared = prepare(
+        loaded, need_key=need_key, data=data, output=out, journal=Path(journal) if journal is not None else None
     )
+    if journal is None and loaded.output.journal_path is None and prepared.key_scheme == KeyScheme.ID:
+        # The cache journal serves whatever data the job is called on: ids of two
+        # frames may collide, their prompts do not.
+        prepared.key_scheme = KeyScheme.CONTENT
+    return prepared
+
+
+def check_sample(sample: Any) -> int | None:
+    """``sample`` as the CLI's ``--sample`` takes it: a positive whole number of rows, or None."""
+    if sample is None:
+        return None
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample <= 0:
+        raise UserError(f"sample: must be a positive whole number of rows, not {sample!r}")
+    return sample
+
+
+def check_workers(workers: Any, address: str | None) -> int | None:
+    """Ray worker actors: positive, and not past what the machine (or any cluster) can use."""
+    if workers is None:
+        return None
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
+        raise UserError(f"workers: must be a positive whole number, not {workers!r}")
+    cpus = os.cpu_count() or 1
+    limit = MAX_WORKERS if address else min(MAX_WORKERS, WORKERS_PER_CPU * cpus)
+    if workers > limit:
+        where = "for a cluster" if address else f"on this machine ({cpus} CPUs, {WORKERS_PER_CPU} per CPU)"
+        raise UserError(
+            f"--workers {workers} is more than makes sense {where}: at most {limit}; "
+            "each worker is a process, and a few per CPU already keep the network busy"
+        )
+    return workers
 
 
 async def arun(
@@ -146,14 +205,18 @@ async def arun(
 ) -> Result:
     """Run a job in the running event loop; see :func:`run`."""
     from pipeline.engine.run import run_plan
+    from pipeline.engine.selection import pick_sample
     from pipeline.engine.session import RunOptions
 
+    sample = check_sample(sample)
     if engine not in ("default", "ray"):
         raise JobError(f"engine: {engine!r} is not one of 'default', 'ray'")
     if engine != "ray" and (workers or address):
         raise JobError("workers and address go with engine='ray'")
     if engine == "ray" and not wait:
         raise JobError("wait=False is for batch mode; engine='ray' sends rows in realtime")
+    if engine == "ray":
+        workers = check_workers(workers, address)
     prepared = plan(data, job, output=output, journal=journal)
     options = RunOptions(
         quiet=not progress,
@@ -168,16 +231,67 @@ async def arun(
     if engine == "ray":
         from pipeline.engine.drivers.ray.cluster import DEFAULT_WORKERS, RaySettings
 
-        result = await run_plan(prepared, options, ray=RaySettings(workers or DEFAULT_WORKERS, address))
+        settings = RaySettings(workers or DEFAULT_WORKERS, address)
+        result = await _steered(lambda controls: run_plan(prepared, options, controls, ray=settings))
     else:
-        result = await run_plan(prepared, options)
+        result = await _steered(lambda controls: run_plan(prepared, options, controls))
+    rows = sorted(pick_sample(sample, prepared.total_rows, seed) or ()) if sample else None
     table = result.table
-    if table is None:
-        if prepared.output_path is not None and result.summary.output_rows:
-            table = pq.read_table(fs.readable(prepared.output_path))
-        else:  # a sample writes no output: return its rows from the journal
-            table = pa.table({})
-    return Result(table, result.summary, result.exit_code)
+    if table is None or rows is not None:
+        table = _rows_from_journal(prepared, rows)
+    return Result(table, result.summary, result.exit_code, _index_of(data, rows))
+
+
+async def _steered(start: Callable[[Controls], Awaitable[RunResult]]) -> RunResult:
+    """Run a job; when the call is cancelled (Ctrl-C), stop it as the CLI stops a run, then propagate.
+
+    The job runs in a task of its own, so cancelling the caller does not cancel
+    the requests in flight: they get ``stop_grace_s`` to come back and be
+    journaled. Cancelled twice, the run does not wait for them.
+    """
+    from pipeline.engine.session import Controls
+
+    controls = Controls()
+    task = asyncio.ensure_future(start(controls))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        controls.stop("interrupted: the call was cancelled")
+        while not task.done():
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                controls.hurry()
+        if not task.cancelled():
+            task.exception()  # retrieved: the interruption is what the caller hears about
+        raise
+
+
+def _rows_from_journal(prepared: Plan, rows: list[int] | None) -> pa.Table:
+    """The call's rows with their answers, from the journal (an output file in any format, or a sample)."""
+    from pipeline.engine.session import joined_batches
+    from pipeline.io.output import output_schema, write_table
+    from pipeline.store.journal import read_only
+
+    schema = output_schema(prepared.source.schema, prepared.structured)
+    if not prepared.journal_path.exists():
+        return schema.empty_table()
+    with read_only(prepared.journal_path) as journal:
+        batches = (
+            (batch, keys, [rendered.prompt_hash(i) for i in range(batch.num_rows)])
+            for batch, keys, rendered in prepared.batches()
+        )
+        table, _ = write_table(schema, joined_batches(schema, batches, journal, prepared))
+    return table if rows is None else table.take(pa.array(rows, pa.int64()))
+
+
+def _index_of(data: Any, rows: list[int] | None) -> Any:
+    """The caller's DataFrame index for the returned rows (None for other inputs)."""
+    from pipeline.io.memory import is_pandas
+
+    if not is_pandas(data):
+        return None
+    return data.index if rows is None else data.index.take(rows)
 
 
 def run(
@@ -329,10 +443,35 @@ def evaluate(
 
 
 def _run_sync(call: Any) -> Any:
-    """``asyncio.run``, or, inside a running loop (a notebook cell), the same on a helper thread."""
+    """``asyncio.run``, or, inside a running loop (a notebook cell), the same on a helper thread.
+
+    On the helper thread, Ctrl-C reaches the caller's thread, not the job's loop:
+    it is passed on as a cancellation of the job's task, which stops it
+    gracefully (see :func:`_steered`), and raised once the job has stopped.
+    """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(call)
+    started: concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]]
+    started = concurrent.futures.Future()
+
+    async def job() -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        started.set_result((asyncio.get_running_loop(), task))
+        return await call
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as pool:
-        return pool.submit(asyncio.run, call).result()
+        future = pool.submit(asyncio.run, job())
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            while not future.done():
+                loop, task = started.result()
+                loop.call_soon_threadsafe(task.cancel)  # the first stops gracefully, the next hurries
+                try:
+                    concurrent.futures.wait([future])
+                except KeyboardInterrupt:
+                    continue
+            raise

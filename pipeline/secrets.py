@@ -3,8 +3,11 @@
 The key only ever travels in the ``Authorization`` header, but a server may
 echo that header (or the key) back in an error body, and from there it would
 reach the ``error`` column, the journal and the terminal. :class:`Redactor`
-is applied where server text enters the pipeline (the HTTP client) and where
-the CLI prints errors, so whatever a server echoes, the key becomes ``***``.
+is applied at one seam, :meth:`Redactor.for_headers`' ``response`` and
+``message``, where every route's answer enters the pipeline: the realtime
+client's chat replies and every batch route (submit, poll, results pages,
+downloaded files). So completions, errors, stop lines and the journal never
+see the key, whatever a server echoes; the CLI also masks what it prints.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from urllib.parse import quote
 
 from pipeline.errors import CredentialsError
@@ -37,6 +41,27 @@ class Redactor:
         # Longest first, so a form that contains another is replaced whole.
         self._secrets = sorted(forms, key=len, reverse=True)
         self._secret_bytes = [s.encode("utf-8", "replace") for s in self._secrets]
+
+    @classmethod
+    def for_headers(cls, headers: Mapping[str, str]) -> Redactor:
+        """A redactor for every credential a request carries: the bearer key, and headers named like keys."""
+        secrets: list[str | None] = []
+        for name, value in headers.items():
+            lower = name.lower()
+            if lower == "authorization":
+                scheme, _, credential = value.partition(" ")
+                secrets.append(credential.strip() if scheme.lower() == "bearer" else value)
+            elif any(word in lower for word in ("key", "token", "secret")):
+                secrets.append(value)
+        return cls(*secrets)
+
+    def response(self, raw: bytes) -> bytes:
+        """A route's raw answer, the key masked, before anything parses it (see :meth:`redact_bytes`)."""
+        return self.redact_bytes(raw) if self._secret_bytes else raw
+
+    def message(self, text: str | None) -> str | None:
+        """An error or stop text built from a route's answer, masked (see :meth:`redact`)."""
+        return None if text is None else self.redact(text)
 
     @classmethod
     def for_authorization(cls, header: str | None) -> Redactor:

@@ -183,6 +183,10 @@ def _dispatch(args: argparse.Namespace, errors: _ErrorPrinter) -> int:
         return eval_command(job, args) if args.command == "eval" else report_command(job, args)
     if args.engine != "ray" and (args.workers or args.address):
         raise UserError("--workers and --address go with --engine ray")
+    if args.engine == "ray":
+        from pipeline.api import check_workers
+
+        check_workers(args.workers, args.address)
     if args.dry_run:
         return _dry_run(job, args.json)
     return _run(job, args)

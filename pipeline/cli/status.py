@@ -23,5 +23,9 @@ def format_status(s: JobStatus) -> str:
         f"  batch {b.id} ({b.provider}): {b.status}, {b.rows:,} rows, submitted {b.submitted}"
         for b in s.batches_pending
     ]
+    lines += [
+        f"  batch {batch_id}: adopted (the provider accepted it before a run was killed; paid once)"
+        for batch_id in s.batches_adopted
+    ]
     lines.append(f"  journal: {s.journal}")
     return "\n".join(lines)

@@ -94,6 +94,23 @@ def count_rows(counter: TokenCounter, rendered: RenderedBatch, rows: list[int]) 
     return counter.count_chat(systems, [rendered.users[i] for i in rows])
 
 
+def count_keys(plan: Plan, keys: set[str]) -> dict[str, int]:
+    """Prompt tokens of the rows with these keys, read again from the input (CPU-bound: off the loop).
+
+    For answers that came back without usage (batch mode collects them long
+    after the prompts were rendered): they are charged for their prompt too.
+    """
+    found: dict[str, int] = {}
+    for _, batch_keys, rendered in plan.batches():
+        wanted = [i for i, key in enumerate(batch_keys) if key in keys and key not in found]
+        if wanted:
+            counted = count_rows(plan.counter, rendered, wanted)
+            found.update((batch_keys[i], t) for i, t in zip(wanted, counted, strict=True))
+        if len(found) == len(keys):
+            break
+    return found
+
+
 def spread(todo: list[int], rows: list[int], counted: list[int]) -> list[int]:
     """Counts of ``rows`` laid out over ``todo`` (0 where a row was not counted)."""
     if len(rows) == len(todo):

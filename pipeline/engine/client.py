@@ -27,6 +27,8 @@ MAX_IN_FLIGHT = 4096  # [limits] concurrency's own maximum
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0
 RETRY_AFTER_CAP_S = 600.0
+# Longer than this, a Retry-After ends the row's tries: settlement stops the run (come back later).
+MAX_RETRY_AFTER_S = 300.0
 
 
 class Stopper:
@@ -97,7 +99,7 @@ class ChatClient:
         # Requests sharing a start wait for the first of them to finish: it writes the prompt cache.
         self.warmer = PrefixWarmer()
         # Whatever a server echoes, the key never reaches a Reply (and so the journal or a screen).
-        self._redactor = Redactor.for_authorization(session.headers.get("Authorization"))
+        self._redactor = Redactor.for_headers(session.headers)
 
     async def complete(self, body: bytes, tokens: int = 0) -> Attempted | None:
         """Send until success, a permanent error, or attempts run out.
@@ -108,7 +110,8 @@ class ChatClient:
         stopping before the first attempt went out.
         """
         key = prefix_key(self.dialect.messages_start(body))
-        warming = await self.warmer.enter(key)
+        # A warm prefix (every row after the first of its start) needs no coroutine.
+        warming = False if self.warmer.is_warm(key) else await self.warmer.enter(key)
         try:
             return await self._complete(body, tokens, key if warming else None)
         finally:
@@ -142,7 +145,7 @@ class ChatClient:
                 window.refused(epoch)  # the in-flight budget is full: fewer at once
             elif reply.kind == ReplyKind.OK:
                 window.answered()
-            if reply.kind != ReplyKind.RETRY or attempt >= self.max_attempts:
+            if reply.kind != ReplyKind.RETRY or attempt >= self.max_attempts or self._final(reply):
                 return Attempted(reply, attempt, latency, sum(costs), costs)
             delay = backoff_delay(attempt, reply.retry_after)
             if reply.status == 429:
@@ -154,6 +157,15 @@ class ChatClient:
         if reply is None:
             return None  # stopped before the first attempt went out
         return Attempted(reply, attempt, 0.0, sum(costs), costs)
+
+    @staticmethod
+    def _final(reply: Reply) -> bool:
+        """A transient reply not to retry here: it was billed (another try is another charge the
+        row's reservation does not cover: the row ends transient, and the next run's budget
+        counts it), or it asks for a wait longer than a run should sit out (settlement stops)."""
+        if reply.cost:
+            return True
+        return reply.retry_after is not None and reply.retry_after > MAX_RETRY_AFTER_S
 
     async def _acquire(self, tokens: int) -> bool:
         """Wait for the limiter, unless a stop comes first (False: do not send).
@@ -180,7 +192,7 @@ class ChatClient:
         try:
             # Headers and timeout are the session's defaults (set once per run).
             async with self.session.post(self.dialect.url, data=body) as resp:
-                raw = self._redactor.redact_bytes(await resp.read())
+                raw = self._redactor.response(await resp.read())
                 reply = parse_response(resp.status, raw, resp.headers)
         except aiohttp.ConnectionTimeoutError:
             # The server never accepted the connection: as unreachable as a refused one.
@@ -189,8 +201,7 @@ class ChatClient:
             return Reply(ReplyKind.RETRY, error=f"timeout after {self.timeout_s:g} s")
         except aiohttp.ClientError as exc:
             reply = Reply(ReplyKind.RETRY, error=f"connection error: {type(exc).__name__}: {_describe(exc)}")
-        if reply.error:
-            reply.error = self._redactor.redact(reply.error)
+        reply.error = self._redactor.message(reply.error)
         return reply
 
 

@@ -222,7 +222,8 @@ def _open_source(job: Job, data: Any) -> DataSource:
         path = fs.parse_data_path(data) if data is not None else job.input.path
         if path is None:
             raise JobError("[input] path: required key is missing (or pass data to pipeline.run)")
-        return Source.open(path, job.input.batch_size, job.input.dtypes)
+        ids = (job.input.id_column,) if job.input.id_column else ()
+        return Source.open(path, job.input.batch_size, job.input.dtypes, keep_text=ids)
     from pipeline.io.memory import MemorySource, to_table
 
     return MemorySource(to_table(data), job.input.batch_size)

@@ -67,6 +67,11 @@ class Recorder:
         if reply.cost is not None:
             return Charge(billed)
         if reply.kind != ReplyKind.OK:
+            if reply.prompt_tokens or reply.completion_tokens:
+                # No answer, but the server counted tokens it bills (a reasoning model that
+                # spent max_tokens thinking, on a server that reports no cost): charge them.
+                priced = self.info.cost(reply.prompt_tokens or 0, reply.completion_tokens or 0)
+                return Charge(billed + (priced or 0.0) * self.discount)
             # No completion came back: providers bill nothing for errors we can see.
             return Charge(billed)
         server_counted = reply.prompt_tokens is not None and reply.completion_tokens is not None

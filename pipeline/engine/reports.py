@@ -248,6 +248,8 @@ class JobStatus:
     """Batch mode: provider batches not yet collected (a rerun collects them)."""
     rows_in_batches: int = 0
     """Batch mode: rows in those batches (not counted in ``rows_retryable``)."""
+    batches_adopted: list[str] = field(default_factory=list)
+    """Batch mode: batches the provider accepted before a crash, found and adopted by a later run (paid once)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -40,9 +40,11 @@ class RowSelector:
         self.sample = sample
 
     def is_done(self, state: Seen) -> bool:
-        if state.status in (RowStatus.OK, RowStatus.SKIPPED):
+        if state.status == RowStatus.OK:
             return True
-        return state.status in (RowStatus.FAILED, RowStatus.INVALID) and not self.retry_failed
+        # --retry-failed looks again at skipped rows too: a prompt over the context window
+        # may fit now (a larger context_length); a blank one is skipped again, for free.
+        return state.status in (RowStatus.FAILED, RowStatus.INVALID, RowStatus.SKIPPED) and not self.retry_failed
 
     def select(self, keys: list[str], rendered: RenderedBatch, offset: int) -> Selection:
         seen = self.seen(keys) if self.seen is not None else {}

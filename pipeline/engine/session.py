@@ -27,7 +27,8 @@ from pipeline.engine.reports import RunSummary
 from pipeline.engine.selection import RowSelector, pick_sample
 from pipeline.engine.settlement import Settlement, StopReason, Stops
 from pipeline.errors import ExitCode, InputError
-from pipeline.io.output import READ_COLUMNS, output_schema, result_arrays, write_output, write_table
+from pipeline.io.output import READ_COLUMNS, input_arrays, output_schema, result_arrays, write_output, write_table
+from pipeline.store.batches import refuse_fresh_if_batches_pending
 from pipeline.store.journal import Journal, RunLock
 from pipeline.store.meta import Meta
 
@@ -86,6 +87,8 @@ def opened(plan: Plan, options: RunOptions) -> Iterator[Journal]:
     lock = RunLock(plan.journal_path)
     lock.acquire()
     try:
+        if options.fresh:
+            refuse_fresh_if_batches_pending(plan.journal_path)
         journal = Journal.open(plan.journal_path, plan.identity(), fresh=options.fresh)
         try:
             if plan.key_scheme != KeyScheme.ID:  # --fresh may have replaced the journal prepare() read
@@ -245,7 +248,7 @@ def joined_batches(schema: pa.Schema, batches: OutputBatches, journal: Journal, 
     structured = plan.structured
     for batch, keys, hashes in batches:
         rows = journal.columns_in_order(keys, READ_COLUMNS)
-        arrays = list(batch.columns) + result_arrays(rows, hashes, structured)
+        arrays = input_arrays(batch, schema) + result_arrays(rows, hashes, structured)
         yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -270,6 +273,7 @@ def build_result(
     c = tracker.counters
     stop = stops.current()
     if stop is not None:
+        stop = stop.final(spent)  # replies in flight at a budget stop have settled since
         code = stop.exit_code
     elif rows_with_error or c.failed or c.invalid:
         code = ExitCode.ROWS_FAILED

@@ -24,14 +24,16 @@ sender watches; later reasons are ignored, as a later signal is.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.engine.client import Attempted, Stopper
+from pipeline.engine.client import MAX_RETRY_AFTER_S, Attempted, Stopper
 from pipeline.errors import ExitCode
 from pipeline.providers.base import Reply, ReplyKind
 from pipeline.store.journal import Journal, JournalRow, RowStatus
@@ -59,8 +61,10 @@ class StopKind(StrEnum):
     BATCH_SUBMIT = "batch_submit"  # a batch could not be submitted (after retries)
     BATCH_READ = "batch_read"  # a batch could not be polled or read (after retries)
     BATCHES_PENDING = "batches_pending"  # batch mode ended with batches still at the provider
+    BATCH_STATUS = "batch_status"  # a batch in a status polling cannot end (unknown word, past expires_at)
     WORKER_FAILED = "worker_failed"  # a Ray worker failed (not died: an error in it)
     WORKERS_DIED = "workers_died"  # more Ray workers died than the run replaces
+    RATE_LIMITED = "rate_limited"  # a Retry-After longer than a run should wait
     CANARY = "canary"  # the first rows' answers show the job does not work (engine/canary.py)
     CANARY_PENDING = "canary_pending"  # batch mode: the canary batch is still at the provider
 
@@ -72,6 +76,16 @@ class StopReason:
     kind: StopKind
     message: str
     exit_code: ExitCode = ExitCode.STOPPED
+    # A budget stop's limit and the batches' reservation: its line is written again with the
+    # final spend once replies in flight at the stop have settled (see ``final``).
+    limit: float | None = None
+    reserved_by_batches: float | None = None
+
+    def final(self, spent: float) -> StopReason:
+        """The stop as the run ends: a budget stop states what was spent in the end."""
+        if self.kind != StopKind.BUDGET or self.limit is None:
+            return self
+        return StopReason.budget(spent, self.limit, self.reserved_by_batches)
 
     # The messages of every stop rule, in one place.
 
@@ -83,15 +97,32 @@ class StopReason:
     def budget(cls, spent: float, limit: float, reserved_by_batches: float | None = None) -> StopReason:
         if reserved_by_batches is None:
             message = (
-                f"budget reached: ${spent:.4f} spent of budget_usd ${limit:g}; "
+                f"budget reached: ${usd(spent)} spent of budget_usd ${limit:g}; "
                 "raise [limits] budget_usd and rerun to continue"
             )
         else:
             message = (
-                f"budget reached: ${spent:.4f} spent and ${reserved_by_batches:.4f} reserved by "
+                f"budget reached: ${usd(spent)} spent and ${usd(reserved_by_batches)} reserved by "
                 f"pending batches of budget_usd ${limit:g}; raise [limits] budget_usd and rerun"
             )
-        return cls(StopKind.BUDGET, message)
+        return cls(StopKind.BUDGET, message, limit=limit, reserved_by_batches=reserved_by_batches)
+
+    @classmethod
+    def model_gone(cls, error: str | None, successes: int) -> StopReason:
+        return cls(
+            StopKind.JOB_REFUSED,
+            f"the provider stopped serving the model after {successes} answers: {error}; "
+            "the rows not answered were not sent (or not journaled): rerun later, or check [model] name",
+        )
+
+    @classmethod
+    def come_back_later(cls, seconds: float, error: str | None) -> StopReason:
+        when = time.strftime("%H:%M UTC", time.gmtime(time.time() + seconds))
+        return cls(
+            StopKind.RATE_LIMITED,
+            f"the provider asks to wait {seconds:,.0f} s (Retry-After, until about {when}) before the next "
+            f"request ({error}); come back then: rerun after {when} (nothing done is paid again)",
+        )
 
     @classmethod
     def refused(cls, reply: Reply, max_tokens: int | None = None) -> StopReason:
@@ -163,6 +194,24 @@ class StopReason:
         )
 
     @classmethod
+    def batch_unknown_status(cls, batch_id: str, word: str) -> StopReason:
+        return cls(
+            StopKind.BATCH_STATUS,
+            f"batch {batch_id} reports status {word!r}, which the provider never documented: polling stops. "
+            "It stays in the journal (its rows are not submitted again); check it at the provider, then rerun",
+        )
+
+    @classmethod
+    def batch_overdue(cls, batch_id: str, word: str, expires_at: float) -> StopReason:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires_at))
+        return cls(
+            StopKind.BATCH_STATUS,
+            f"batch {batch_id} should have expired at {when} but still reports {word!r}: polling stops. "
+            "It stays in the journal (its rows are not submitted again, it may still answer); "
+            "check it at the provider, then rerun",
+        )
+
+    @classmethod
     def batches_pending(cls, batches: int, rows: int) -> StopReason:
         return cls(
             StopKind.BATCHES_PENDING,
@@ -195,6 +244,25 @@ class StopReason:
     @classmethod
     def workers_died(cls, died: int) -> StopReason:
         return cls(StopKind.WORKERS_DIED, f"{died} Ray workers died; rerun to continue (nothing done is paid again)")
+
+
+def usd(amount: float) -> str:
+    """Money as the user reads it: cents for dollars, six decimals below a dollar ($0.000382, not $0.0004)."""
+    return f"{amount:,.2f}" if amount >= 100 else f"{amount:.4f}" if amount >= 1 else f"{amount:.6f}"
+
+
+# OpenRouter's 404 when a model has no endpoint left (not "No endpoints found that support X",
+# which is about one request's parameters or length).
+_NO_ENDPOINTS = re.compile(r"no endpoints found(?! that)", re.IGNORECASE)
+
+
+def model_level_failure(reply: Reply, successes: int) -> StopReason | None:
+    """The stop for a reply that ends the job at any time: the model gone, or a Retry-After of hours."""
+    if reply.kind == ReplyKind.RETRY and reply.retry_after is not None and reply.retry_after > MAX_RETRY_AFTER_S:
+        return StopReason.come_back_later(reply.retry_after, reply.error)
+    if successes and reply.kind == ReplyKind.FATAL and reply.status == 404 and _NO_ENDPOINTS.search(reply.error or ""):
+        return StopReason.model_gone(reply.error, successes)
+    return None
 
 
 def job_level_failure(reply: Reply, attempts: int, url: str) -> StopReason | None:
@@ -277,9 +345,9 @@ class Settlement:
         if reply.kind == ReplyKind.OK:
             self.successes += 1
             return False
-        if self.successes:
-            return False
-        reason = job_level_failure(reply, attempted.attempts, self.url)
+        reason = model_level_failure(reply, self.successes)
+        if reason is None and not self.successes:
+            reason = job_level_failure(reply, attempted.attempts, self.url)
         if reason is None:
             return False
         self.stops.stop(reason)

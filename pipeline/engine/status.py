@@ -25,6 +25,8 @@ def job_status(job: Job, path: Path) -> JobStatus:
         total = journal.get_meta(Meta.TOTAL_ROWS)
         spent = journal.job_spent()
         batches = _pending_batches(journal)
+        store = BatchStore(journal)
+        adopted = store.adopted() if store.has_tables() else []
     by = counts.by_status
     done = by.get("ok", 0)
     failed = by.get("failed", 0) + by.get("invalid", 0)
@@ -49,6 +51,7 @@ def job_status(job: Job, path: Path) -> JobStatus:
         last_progress=dt.datetime.fromtimestamp(last, dt.UTC).isoformat(timespec="seconds") if last else None,
         batches_pending=batches,
         rows_in_batches=in_batches,
+        batches_adopted=adopted,
     )
 
 

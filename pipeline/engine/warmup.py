@@ -38,6 +38,10 @@ class PrefixWarmer:
         self._warm: set[bytes] = set()
         self._warming: dict[bytes, asyncio.Event] = {}
 
+    def is_warm(self, key: bytes) -> bool:
+        """True when ``key``'s prefix is warm already: :meth:`enter` would return False at once."""
+        return key in self._warm
+
     async def enter(self, key: bytes) -> bool:
         """Wait while another request warms ``key``; True when this request is the one to warm it."""
         while key not in self._warm:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -31,6 +32,7 @@ from pipeline.errors import JobError
 from pipeline.io import fs
 from pipeline.io.arrow_values import arrays_from_values
 from pipeline.io.fs import DataPath
+from pipeline.io.source.csv import OUTPUT_TYPE
 
 # The documented result columns and their Arrow types. Types are fixed, so a
 # column keeps its type even when every value is null.
@@ -54,11 +56,30 @@ NOT_RUN = "not_run: the run stopped before this row was sent; rerun the job to f
 
 
 def output_schema(input_schema: pa.Schema, structured: Any | None) -> pa.Schema:
-    fields = list(input_schema)
+    """The input's columns (in their output type, see ``source.csv.OUTPUT_TYPE``), then the result columns."""
+    fields = [_output_field(f) for f in input_schema]
     fields += [pa.field(name, kind) for name, kind in RESULT_COLUMNS]
     if structured is not None:
         fields += [pa.field(name, kind) for name, kind in structured.columns]
     return pa.schema(fields)
+
+
+def _output_field(field: pa.Field) -> pa.Field:
+    kind = (field.metadata or {}).get(OUTPUT_TYPE)
+    if kind is None:
+        return field
+    return pa.field(field.name, pa.type_for_alias(kind.decode()), field.nullable)
+
+
+def input_arrays(batch: pa.RecordBatch, schema: pa.Schema) -> list[pa.Array]:
+    """The input batch's columns in their output types (CSV decimals kept as text for the prompt become floats)."""
+    arrays = list(batch.columns)
+    for i, column in enumerate(arrays):
+        kind = schema.field(i).type
+        if column.type != kind:
+            empty = pc.equal(column, "")
+            arrays[i] = pc.if_else(empty, pa.scalar(None, column.type), column).cast(kind)
+    return arrays
 
 
 # What the output needs from the journal: the result columns, then what decides whether a row counts.

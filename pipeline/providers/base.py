@@ -18,6 +18,7 @@ from __future__ import annotations
 import email.utils
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,12 @@ from typing import TYPE_CHECKING, Any
 from pipeline.providers.credit import CreditLimit, LimitKind, credit_limit
 from pipeline.providers.ratelimits import RateLimitInfo, rate_limit_info
 from pipeline.providers.usage import parse_usage
+
+_fast_loads: Callable[[bytes], Any] | None
+try:  # a dependency where it has a wheel; json alone elsewhere
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - every supported platform has a wheel
+    _fast_loads = None
 
 if TYPE_CHECKING:
     pass
@@ -86,7 +93,10 @@ def parse_response(status: int, body: bytes, headers: Any) -> Reply:
         kind = ReplyKind.RETRY if credit.kind is LimitKind.IN_FLIGHT else ReplyKind.AUTH
         return Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits, credit=credit)
     kind = classify_status(status, message)
-    return Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits)
+    reply = Reply(kind, status, f"HTTP {status}: {message}", retry_after, limits=limits)
+    if isinstance(data, dict):
+        _read_usage(reply, data.get("usage"))  # an error the server billed all the same
+    return reply
 
 
 def classify_status(status: int, message: str) -> ReplyKind:
@@ -103,23 +113,27 @@ def _about_key(message: str) -> bool:
 
 
 def _parse_success(data: dict[str, Any]) -> Reply:
+    usage = data.get("usage")
     error = data.get("error")
     if isinstance(error, dict):
         # OpenRouter reports a provider failure after streaming started as a 200.
-        return Reply(ReplyKind.RETRY, 200, f"provider error (HTTP 200): {_clip(str(error.get('message', error)))}")
+        reply = Reply(ReplyKind.RETRY, 200, f"provider error (HTTP 200): {_clip(str(error.get('message', error)))}")
+        return _read_usage(reply, usage)
     try:
         choice = data["choices"][0]
         message = choice.get("message") or {}
         finish = choice.get("finish_reason")
-        usage = data.get("usage") or {}
     except (KeyError, IndexError, TypeError, AttributeError):
-        return Reply(ReplyKind.RETRY, 200, "HTTP 200 without choices")
+        return _unanswered(Reply(ReplyKind.RETRY, 200, "HTTP 200 without choices"), usage)
+    if not isinstance(usage, dict):
+        usage = {}
     if finish == "error":
-        return Reply(ReplyKind.RETRY, 200, "provider error (HTTP 200, finish_reason error)")
+        return _read_usage(Reply(ReplyKind.RETRY, 200, "provider error (HTTP 200, finish_reason error)"), usage)
     content = message.get("content")
     if content is None and not message.get("tool_calls"):
         # Nothing came back: a provider hiccup, not an answer (and not an empty string).
-        return Reply(ReplyKind.RETRY, 200, "HTTP 200 with no content (message.content is null)")
+        reply = Reply(ReplyKind.RETRY, 200, "HTTP 200 with no content (message.content is null)", finish_reason=finish)
+        return _unanswered(reply, usage)
     used = parse_usage(usage)
     return Reply(
         ReplyKind.OK,
@@ -135,6 +149,32 @@ def _parse_success(data: dict[str, Any]) -> Reply:
         cached_tokens=used.cached_tokens,
         cache_write_tokens=used.cache_write_tokens,
     )
+
+
+def _read_usage(reply: Reply, usage: Any) -> Reply:
+    """Tokens and cost from a ``usage`` object, whatever else the reply carries."""
+    used = parse_usage(usage)
+    reply.prompt_tokens, reply.completion_tokens, reply.cost = used.prompt_tokens, used.completion_tokens, used.cost
+    return reply
+
+
+def _unanswered(reply: Reply, usage: Any) -> Reply:
+    """A 200 without an answer: transient when free, final when billed.
+
+    A reasoning model that spends all of ``max_tokens`` thinking answers with no
+    content and a cost: asking again would pay again for the same nothing, so
+    the row ends (``--retry-failed`` asks again on purpose) and its cost counts.
+    """
+    _read_usage(reply, usage)
+    billed = reply.cost is not None and reply.cost > 0
+    if billed or (reply.cost is None and (reply.completion_tokens or 0) > 0):
+        reply.kind = ReplyKind.FATAL
+        spent = f"{reply.completion_tokens} completion tokens" if reply.completion_tokens else "tokens"
+        reply.error = (
+            f"{reply.error}; billed for {spent} without an answer (a reasoning model may have spent "
+            "max_tokens thinking: raise [model] max_tokens); --retry-failed asks again"
+        )
+    return reply
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -153,6 +193,14 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def _json_or_none(body: bytes) -> Any:
+    if _fast_loads is not None:
+        try:
+            # orjson: about a third of json's time per reply. What it refuses and json
+            # takes (NaN, a BOM, UTF-16) falls through; it reads integers past 64 bits
+            # as floats, which no token count or id field of a reply reaches.
+            return _fast_loads(body)
+        except ValueError:  # orjson.JSONDecodeError is a ValueError
+            pass
     try:
         # Decoding first skips json's encoding detection on every answer (servers
         # send UTF-8); a BOM or UTF-16 still gets json's own handling of bytes.

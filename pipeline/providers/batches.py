@@ -10,6 +10,10 @@ retry, fatal, auth) exactly like a realtime one.
 HTTP failures of the batch routes themselves (submit, poll, download) raise
 :class:`BatchApiError` carrying a classified ``Reply``: the engine retries the
 transient ones and stops on the others.
+
+Every answer of every batch route passes the same redaction seam as realtime
+replies (``secrets.Redactor.for_headers``) before it is parsed: a key a server
+echoes never reaches a result, an error, a stop line or the journal.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from pipeline.providers.base import Reply, ReplyKind, classify_status, parse_response
+from pipeline.secrets import Redactor
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"
@@ -35,6 +40,7 @@ class BatchStatus(StrEnum):
     """A provider's batch status, normalised."""
 
     PENDING = "pending"  # validating, queued, running, finalizing, cancelling
+    UNKNOWN = "unknown"  # a word the provider never documented: neither done nor known to be running
     COMPLETED = "completed"
     EXPIRED = "expired"
     FAILED = "failed"
@@ -42,7 +48,7 @@ class BatchStatus(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self != BatchStatus.PENDING
+        return self not in (BatchStatus.PENDING, BatchStatus.UNKNOWN)
 
 
 # The status words of OpenAI's batch API, which OpenRouter's batches use too (PROVIDERS.md).
@@ -95,6 +101,68 @@ class BatchState:
     error: str | None = None  # why a batch failed, when the provider says
     inline: tuple[BatchResult, ...] | None = None  # results carried by the batch object itself (OpenRouter)
     files: tuple[str, ...] = ()  # output and error files to download (Mistral, OpenAI)
+    expires_at: float | None = None  # when the provider said it would end the batch (epoch seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class ListedBatch:
+    """A batch as the provider's listing shows it: enough to find one this job submitted."""
+
+    id: str
+    status: str
+    metadata: dict[str, str]
+
+
+def submission_metadata(job: str, custom_ids: list[str]) -> dict[str, str]:
+    """What a submission carries to be found again: its journal's tag and a digest of its rows.
+
+    A run killed after the provider accepted a batch but before the journal
+    recorded it finds the batch by these (``list_batches``) and adopts it.
+    """
+    digest = hashlib.sha256("\n".join(sorted(custom_ids)).encode()).hexdigest()[:32]
+    return {"pipeline_job": job, "pipeline_rows": digest}
+
+
+async def find_orphans(
+    adapter: BatchAdapter, session: aiohttp.ClientSession, known: set[str], tag: str
+) -> dict[str, str]:
+    """Batches tagged ``tag`` that no journal recorded (accepted before a crash): rows digest -> batch id.
+
+    A listing that fails (a provider without the route) finds none.
+    """
+    try:
+        found = await adapter.list_batches(session)
+    except BatchApiError:
+        return {}
+    orphans: dict[str, str] = {}
+    for batch in reversed(found):  # newest last: it wins
+        if batch.id not in known and batch.metadata.get("pipeline_job") == tag:
+            orphans[batch.metadata.get("pipeline_rows", "")] = batch.id
+    return orphans
+
+
+def status_of(raw: str, words: dict[str, BatchStatus]) -> BatchStatus:
+    """A provider's status word, normalised; a word nobody documented is UNKNOWN, not pending."""
+    return words.get(raw, BatchStatus.UNKNOWN)
+
+
+def epoch(value: Any) -> float | None:
+    """A timestamp field (epoch seconds) when it is one."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
+def listed(data: Any) -> list[ListedBatch]:
+    """The batches of a listing (``{"data": [batch objects]}``) that carry metadata."""
+    items = data.get("data") if isinstance(data, dict) else None
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            continue
+        meta = item.get("metadata")
+        if isinstance(meta, dict):
+            clean = {str(k): str(v) for k, v in meta.items()}
+            out.append(ListedBatch(item["id"], str(item.get("status")), clean))
+    return out
 
 
 class BatchApiError(Exception):
@@ -116,8 +184,14 @@ class BatchAdapter(Protocol):
         """Bytes the request adds to the batch as submitted (to stay under ``max_bytes``)."""
         ...
 
-    async def submit(self, session: aiohttp.ClientSession, requests: list[BatchRequest]) -> str:
-        """Submit one batch; return its id once the provider has accepted it."""
+    async def submit(
+        self, session: aiohttp.ClientSession, requests: list[BatchRequest], metadata: dict[str, str]
+    ) -> str:
+        """Submit one batch with ``metadata``; return its id once the provider has accepted it."""
+        ...
+
+    async def list_batches(self, session: aiohttp.ClientSession) -> list[ListedBatch]:
+        """The provider's most recent batches (those with metadata), newest first."""
         ...
 
     async def poll(self, session: aiohttp.ClientSession, batch_id: str) -> BatchState: ...
@@ -129,11 +203,53 @@ class BatchAdapter(Protocol):
         ...
 
 
+# Of several results for one custom_id, the best: an answer, then a final error, then the rest.
+_RANK = {ReplyKind.OK: 0, ReplyKind.FATAL: 1, ReplyKind.AUTH: 2, ReplyKind.RETRY: 3}
+
+
+def best_results(results: list[BatchResult]) -> list[tuple[BatchResult, float]]:
+    """One result per custom_id, the best of its copies (an answer over a malformed twin), in page order.
+
+    Each comes with what all its copies billed: a duplicate that was charged is still paid.
+    """
+    best: dict[str, BatchResult] = {}
+    billed: dict[str, float] = {}
+    for result in results:
+        cid = result.custom_id
+        billed[cid] = billed.get(cid, 0.0) + (result.reply.cost or 0.0)
+        held = best.get(cid)
+        if held is None or _RANK[result.reply.kind] < _RANK[held.reply.kind]:
+            best[cid] = result
+    return [(result, billed[cid]) for cid, result in best.items()]
+
+
 def custom_id_for(key: str) -> str:
     """The row key when it is a plain short id, else a digest of it (providers limit custom_id)."""
     if _SAFE_ID.fullmatch(key):
         return key
     return "k-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+# Error codes and types (OpenAI's words, which Mistral and OpenRouter reuse) that say the
+# request itself is wrong: answering it again would fail again, and may be billed again.
+PERMANENT_ERRORS = frozenset(
+    {
+        "invalid_request_error",
+        "invalid_request",
+        "bad_request",
+        "invalid_prompt",
+        "invalid_model",
+        "model_not_found",
+        "not_found_error",
+        "context_length_exceeded",
+        "string_above_max_length",
+        "invalid_json",
+        "unsupported_parameter",
+        "unsupported_value",
+        "content_policy_violation",
+        "content_filter",
+    }
+)
 
 
 def result_reply(response: Any, error: Any) -> Reply:
@@ -144,10 +260,14 @@ def result_reply(response: Any, error: Any) -> Reply:
         return parse_response(response["status_code"], raw, {})
     if isinstance(error, dict):
         code = error.get("code")
-        message = str(error.get("message") or error.get("type") or code or "no details")
+        kind = error.get("type")
+        message = str(error.get("message") or kind or code or "no details")
         if isinstance(code, int) and not isinstance(code, bool):
             return Reply(classify_status(code, message), code, f"HTTP {code}: {message}")
-        label = f"{code}: " if isinstance(code, str) and code else ""
+        words = {str(w).lower() for w in (code, kind) if isinstance(w, str) and w}
+        label = "".join(f"{w}: " for w in (code, kind) if isinstance(w, str) and w)
+        if words & PERMANENT_ERRORS:
+            return Reply(ReplyKind.FATAL, None, f"batch error: {label}{message}")
         # Expired, cancelled or failed requests were never answered: another batch may answer them.
         return Reply(ReplyKind.RETRY, None, f"batch error: {label}{message}")
     return Reply(ReplyKind.RETRY, None, "batch result without a response or an error")
@@ -172,9 +292,10 @@ async def get_batch(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
 
 async def request_bytes(session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> bytes:
     """One call to a batch route; the raw body of a 2xx answer, or a :class:`BatchApiError`."""
+    redactor = Redactor.for_headers(session.headers)
     try:
         async with session.request(method, url, **kwargs) as resp:
-            raw = await resp.read()
+            raw = redactor.response(await resp.read())
             if 200 <= resp.status < 300:
                 return raw
             reply = parse_response(resp.status, raw, resp.headers)
@@ -182,6 +303,7 @@ async def request_bytes(session: aiohttp.ClientSession, method: str, url: str, *
         reply = Reply(ReplyKind.RETRY, None, f"{method} {url}: timeout")
     except aiohttp.ClientError as exc:
         reply = Reply(ReplyKind.RETRY, None, f"{method} {url}: connection error: {type(exc).__name__}: {exc}")
+    reply.error = redactor.message(reply.error)
     raise BatchApiError(reply)
 
 

@@ -11,8 +11,9 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import JournalError, UserError
 from pipeline.store.journal import Journal, JournalRow
 from pipeline.store.meta import Meta
 
@@ -66,6 +67,18 @@ class BatchStore:
             "WHERE collected = 0 ORDER BY submitted"
         )
         return [KnownBatch(*row) for row in rows]
+
+    def known_ids(self) -> set[str]:
+        """Every batch id the journal has recorded, collected or not."""
+        return {row[0] for row in self.conn.execute("SELECT id FROM batches")}
+
+    def adopted(self) -> list[str]:
+        """Batches a run found at the provider (accepted before a crash) and adopted instead of paying twice."""
+        value = self.journal.get_meta(Meta.ADOPTED_BATCHES)
+        return list(json.loads(value)) if value else []
+
+    def note_adopted(self, batch_id: str) -> None:
+        self.journal.set_meta(Meta.ADOPTED_BATCHES, json.dumps([*self.adopted(), batch_id]))
 
     def pending_keys(self, keys: list[str]) -> set[str]:
         """The keys among ``keys`` that sit in a batch not yet collected."""
@@ -157,6 +170,35 @@ class BatchStore:
 
 def _json_list(keys: list[str]) -> str:
     return json.dumps(keys)
+
+
+def refuse_fresh_if_batches_pending(path: Path) -> None:
+    """``--fresh`` sets the journal aside: not while provider batches of it are pending.
+
+    Their rows would be submitted (and paid) again, and the set-aside batches'
+    cost would never reach the job's total. A journal that cannot be read is
+    set aside as ``--fresh`` promises (nothing can be known about its batches).
+    """
+    if not path.exists():
+        return
+    try:
+        journal = Journal(path, readonly=True)
+    except (JournalError, sqlite3.Error):
+        return
+    try:
+        store = BatchStore(journal)
+        pending = store.pending() if store.has_tables() else []
+    except sqlite3.Error:
+        return
+    finally:
+        journal.close()
+    if pending:
+        rows = sum(b.rows for b in pending)
+        raise UserError(
+            f"--fresh would set aside {len(pending)} provider batches still pending ({rows:,} rows), "
+            "paying for their rows again: rerun without --fresh to collect them (`pipeline status` lists "
+            "them), then use --fresh"
+        )
 
 
 def refuse_if_batches_pending(journal: Journal) -> None:

@@ -13,4 +13,5 @@ class Meta(StrEnum):
     SPENT_USD = "spent_usd"  # everything billed into this journal
     SPENT_BEFORE_USD = "spent_before_usd"  # what journals set aside by --fresh had spent
     TOTAL_ROWS = "total_rows"  # the input's rows at the last run (pipeline status)
+    ADOPTED_BATCHES = "adopted_batches"  # batch ids found at the provider after a crash and adopted (JSON list)
     CANARY_BATCH = "canary_batch"  # batch mode: the canary's batch, from its submission until it is judged

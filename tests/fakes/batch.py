@@ -57,6 +57,10 @@ CHAT = "/v1/chat/completions"
 LIMITS = {"openrouter": 5_000, "mistral": 100_000, "openai": 50_000}
 
 
+def _ok(result: JSON) -> bool:
+    return bool((result.get("response") or {}).get("status_code") == 200)
+
+
 @dataclass
 class BatchConfig:
     flavour: str = "openrouter"  # openrouter | mistral | openai
@@ -65,8 +69,14 @@ class BatchConfig:
     expire: dict[int, float] = field(default_factory=dict)
     # {n: message}: the n-th batch submitted fails (validation) with no results.
     fail: dict[int, str] = field(default_factory=dict)
-    # {substring of the user message: [status, ...]}: its n-th submission is answered with the n-th status.
-    script: dict[str, list[int]] = field(default_factory=dict)
+    # {substring of the user message: [status, ...]}: its n-th submission is answered with the n-th
+    # status: an HTTP status (int), or a misbehaviour (str): "echo_auth" (a 400 response whose
+    # error quotes the submit's Authorization header), "echo_auth_error" (no response, an error
+    # object quoting it), "invalid_request_error" (no response, an error whose code is that word,
+    # as OpenAI's error files write it), "invalid_request_type" (a 400 body whose error has a
+    # type but a null code), "dup_malformed" (a malformed copy of the result first, then the good
+    # one), "no_usage" (a billed answer without usage).
+    script: dict[str, list[int | str]] = field(default_factory=dict)
     inline_results: bool = True  # OpenRouter: terminal batch objects carry results
     inline_limit: int | None = None  # ... only the first N of them (the rest only in pages)
     page_size: int = 1000
@@ -75,7 +85,18 @@ class BatchConfig:
     discount: float = 0.5
     seed: int = 0
     api_key: str | None = None
-    respond_after_s: float = 0.0  # OpenRouter: accept (store) a batch, then wait this long before answering
+    respond_after_s: float = 0.0  # accept (store) a batch, then wait this long before answering
+    include_usage: bool = True  # False: answers carry no usage at all (still billed)
+    # Submissions answered 400 with an error quoting the request's Authorization header.
+    reject_submit_echo: bool = False
+    # {n: word}: once running, the n-th batch reports this status word (one the API never documented).
+    status_word: dict[int, str] = field(default_factory=dict)
+    # Batch objects carry expires_at this many seconds after submission; with expire_stuck the
+    # batch stays in_progress past it (a provider that never ends it).
+    expires_after_s: float = 86_400.0
+    expire_stuck: bool = False
+    # {n: message}: the n-th batch fails with this message, which also quotes the Authorization header.
+    fail_echo: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +111,9 @@ class FakeBatch:
     results: list[JSON] = field(default_factory=list)  # OpenRouter result objects, shuffled
     answered: set[str] = field(default_factory=set)
     files: dict[str, str] = field(default_factory=dict)  # "output" / "error" -> file id
+    metadata: JSON | None = None  # what the submission sent as metadata
+    wall_created: float = 0.0
+    authorization: str = ""  # the submit's Authorization header (for echo misbehaviours)
 
 
 class FakeBatchServer:
@@ -106,6 +130,7 @@ class FakeBatchServer:
         self.chat_requests = 0
         self.polls = 0
         self.result_pages = 0
+        self.listings = 0  # GET /batches (or /batch/jobs) listings answered
         self.bill = 0.0
         self.port: int | None = None
         self.base_url = ""
@@ -146,10 +171,15 @@ class FakeBatchServer:
                 return f"request {custom_id}: body.model {body.get('model')!r} differs from the batch model {model!r}"
         return None
 
-    def _create(self, requests: list[tuple[str, JSON]], model: str) -> FakeBatch:
+    def _create(
+        self, requests: list[tuple[str, JSON]], model: str, request: web.Request | None = None, metadata: Any = None
+    ) -> FakeBatch:
         with self.lock:
             ordinal = len(self.submissions)
             batch = FakeBatch(self._next_id("batch_"), ordinal, time.monotonic(), model, requests)
+            batch.metadata = metadata if isinstance(metadata, dict) else None
+            batch.authorization = request.headers.get("Authorization", "") if request is not None else ""
+            batch.wall_created = time.time()
             self.batches[batch.id] = batch
             self.submissions.append((batch.id, len(requests)))
             for _, body in requests:
@@ -162,30 +192,72 @@ class FakeBatchServer:
         if batch.status in ("completed", "expired", "failed"):
             return
         cfg = self.config
-        if time.monotonic() - batch.created < cfg.complete_after_s:
+        if batch.ordinal in cfg.status_word:
+            batch.status = cfg.status_word[batch.ordinal]
+            return
+        if cfg.expire_stuck or time.monotonic() - batch.created < cfg.complete_after_s:
             batch.status = "in_progress"
+            return
+        if batch.ordinal in cfg.fail_echo:
+            batch.status = "failed"
+            batch.error = f"{cfg.fail_echo[batch.ordinal]} (request had Authorization: {batch.authorization})"
             return
         if batch.ordinal in cfg.fail:
             batch.status, batch.error = "failed", cfg.fail[batch.ordinal]
             return
         fraction = cfg.expire.get(batch.ordinal)
         answered = batch.requests if fraction is None else batch.requests[: int(len(batch.requests) * fraction)]
-        results = [self._answer(custom_id, body, batch.model) for custom_id, body in answered]
+        results = [r for custom_id, body in answered for r in self._answers(batch, custom_id, body)]
         random.Random(cfg.seed + batch.ordinal).shuffle(results)
+        # A malformed copy goes before its good twin, wherever the shuffle put them.
+        firsts = [r for r in results if r.get("_first")]
+        results = firsts + [r for r in results if not r.get("_first")]
+        for r in firsts:
+            del r["_first"]
         batch.results = results
         batch.answered = {r["custom_id"] for r in results}
         batch.status = "completed" if fraction is None else "expired"
         if cfg.flavour != "openrouter":
             self._write_files(batch)
 
-    def _answer(self, custom_id: str, body: JSON, model: str) -> JSON:
-        cfg = self.config
+    def _answers(self, batch: FakeBatch, custom_id: str, body: JSON) -> list[JSON]:
+        """The result lines for one request (more than one for a duplicated custom_id)."""
         u = last_user_content(body["messages"])
-        status = 200
-        for key, statuses in cfg.script.items():
+        status: int | str = 200
+        for key, statuses in self.config.script.items():
             if key in u:
                 n = self._script_count(key)
                 status = statuses[n] if n < len(statuses) else 200
+        if isinstance(status, int):
+            return [self._answer(custom_id, body, batch.model, status)]
+        echoed = batch.authorization
+        if status == "echo_auth":
+            message = f"Invalid request. Headers received: Authorization: {echoed}; key={echoed.split()[-1]}"
+            return [{"id": f"req-{custom_id}", "custom_id": custom_id,
+                     "response": {"status_code": 400, "body": error_body(400, message)}, "error": None}]  # fmt: skip
+        if status == "echo_auth_error":
+            error = {"code": "invalid_request_error", "message": f"bad request; got Authorization: {echoed}"}
+            return [{"id": f"req-{custom_id}", "custom_id": custom_id, "response": None, "error": error}]
+        if status == "invalid_request_error":
+            error = {"code": "invalid_request_error", "message": "messages: this model does not accept this input"}
+            return [{"id": f"req-{custom_id}", "custom_id": custom_id, "response": None, "error": error}]
+        if status == "invalid_request_type":
+            body400 = {"error": {"message": "bad input", "type": "invalid_request_error", "param": None, "code": None}}
+            return [{"id": f"req-{custom_id}", "custom_id": custom_id,
+                     "response": {"status_code": 400, "body": body400}, "error": None}]  # fmt: skip
+        if status == "dup_malformed":
+            bad = {"id": f"req-{custom_id}", "custom_id": custom_id, "response": {"status_code": 200, "body": "{oops"},
+                   "error": None, "_first": True}  # fmt: skip
+            return [bad, self._answer(custom_id, body, batch.model, 200)]
+        if status == "no_usage":
+            good = self._answer(custom_id, body, batch.model, 200)
+            del good["response"]["body"]["usage"]
+            return [good]
+        raise ValueError(f"fakebatch: unknown script behaviour {status!r}")
+
+    def _answer(self, custom_id: str, body: JSON, model: str, status: int = 200) -> JSON:
+        cfg = self.config
+        u = last_user_content(body["messages"])
         if status != 200:
             return {"id": f"req-{custom_id}", "custom_id": custom_id, "response": {"status_code": status,
                     "body": error_body(status)}, "error": None}  # fmt: skip
@@ -208,8 +280,9 @@ class FakeBatchServer:
                     "finish_reason": "length" if truncated else "stop",
                 }
             ],
-            "usage": usage,
         }
+        if cfg.include_usage:
+            chat["usage"] = usage
         return {"id": f"req-{custom_id}", "custom_id": custom_id, "response": {"status_code": 200, "body": chat},
                 "error": None}  # fmt: skip
 
@@ -220,8 +293,8 @@ class FakeBatchServer:
         return n
 
     def _write_files(self, batch: FakeBatch) -> None:
-        ok = [r for r in batch.results if r["response"]["status_code"] == 200]
-        bad = [r for r in batch.results if r["response"]["status_code"] != 200]
+        ok = [r for r in batch.results if _ok(r)]
+        bad = [r for r in batch.results if not _ok(r)]
         if self.config.flavour == "openai" and batch.status == "expired":
             bad += [
                 {"id": f"req-{cid}", "custom_id": cid, "response": None,
@@ -249,6 +322,8 @@ class FakeBatchServer:
             return self._reject("endpoint, model and requests are required")
         if order.index("requests") < max(order.index("endpoint"), order.index("model")):
             return self._reject("endpoint and model must come before requests")
+        if self.config.reject_submit_echo:
+            return self._reject_echo(request)
         if data["endpoint"] != CHAT:
             return self._reject(f"unsupported endpoint {data['endpoint']!r}")
         if data.get("completion_window", "24h") != "24h":
@@ -260,10 +335,41 @@ class FakeBatchServer:
         problem = self._check_requests(requests, data["model"])  # type: ignore[arg-type]
         if problem:
             return self._reject(problem)
-        batch = self._create(requests, data["model"])  # type: ignore[arg-type]
+        batch = self._create(requests, data["model"], request, data.get("metadata"))  # type: ignore[arg-type]
         if self.config.respond_after_s:
             await asyncio.sleep(self.config.respond_after_s)
         return web.json_response(self._or_object(batch), status=202)
+
+    def _reject_echo(self, request: web.Request) -> web.Response:
+        echoed = request.headers.get("Authorization", "")
+        return self._reject(f"Invalid batch. Headers received: Authorization: {echoed}; key={echoed.split()[-1]}")
+
+    def _common(self, batch: FakeBatch) -> JSON:
+        """Fields every flavour's batch object carries here: metadata, creation and expiry times."""
+        return {
+            "metadata": batch.metadata,
+            "created_at": int(batch.wall_created),
+            "expires_at": int(batch.wall_created + self.config.expires_after_s),
+        }
+
+    async def _list(self, request: web.Request) -> web.Response:
+        """``GET /batches`` (OpenAI, OpenRouter) or ``GET /batch/jobs`` (Mistral): newest first."""
+        with self.lock:
+            self.listings += 1
+            batches = sorted(self.batches.values(), key=lambda b: b.ordinal, reverse=True)
+            after = request.query.get("after")
+            if after:
+                ids = [b.id for b in batches]
+                batches = batches[ids.index(after) + 1 :] if after in ids else []
+            limit = int(request.query.get("limit", "20"))
+            page, more = batches[:limit], len(batches) > limit
+            if self.config.flavour == "mistral":
+                data = [self._mistral_object(b) for b in page]
+                return web.json_response({"object": "list", "data": data, "total": len(batches)})
+            make = self._openai_object if self.config.flavour == "openai" else self._or_object
+            data = [make(b) for b in page]
+            last = page[-1].id if page else None
+            return web.json_response({"object": "list", "data": data, "has_more": more, "last_id": last})
 
     def _reject(self, message: str) -> web.Response:
         with self.lock:
@@ -272,7 +378,7 @@ class FakeBatchServer:
 
     def _or_object(self, batch: FakeBatch, with_results: bool = False) -> JSON:
         answered = len(batch.answered)
-        failed = sum(1 for r in batch.results if r["response"]["status_code"] != 200)
+        failed = sum(1 for r in batch.results if not _ok(r))
         obj: JSON = {
             "id": batch.id,
             "object": "batch",
@@ -283,6 +389,7 @@ class FakeBatchServer:
             "request_counts": {"total": len(batch.requests), "completed": answered - failed, "failed": failed},
             "error": {"message": batch.error} if batch.error else None,
             "results": None,
+            **self._common(batch),
         }
         if with_results and self.config.inline_results:
             limit = self.config.inline_limit
@@ -347,17 +454,21 @@ class FakeBatchServer:
         lines = self._lines(files[0]) if len(files) == 1 else None
         if lines is None or data.get("endpoint") != CHAT or not data.get("model"):
             return self._reject("input_files (one uploaded file), model and endpoint are required")
+        if self.config.reject_submit_echo:
+            return self._reject_echo(request)
         requests = [(line.get("custom_id"), line.get("body")) for line in lines]
         problem = self._check_requests(requests, data["model"])
         if problem:
             return self._reject(problem)
-        batch = self._create(requests, data["model"])
+        batch = self._create(requests, data["model"], request, data.get("metadata"))
+        if self.config.respond_after_s:
+            await asyncio.sleep(self.config.respond_after_s)
         return web.json_response(self._mistral_object(batch))
 
     def _mistral_object(self, batch: FakeBatch) -> JSON:
         status = {"validating": "QUEUED", "in_progress": "RUNNING", "completed": "SUCCESS",
-                  "expired": "TIMEOUT_EXCEEDED", "failed": "FAILED"}[batch.status]  # fmt: skip
-        ok = sum(1 for r in batch.results if r["response"]["status_code"] == 200)
+                  "expired": "TIMEOUT_EXCEEDED", "failed": "FAILED"}.get(batch.status, batch.status)  # fmt: skip
+        ok = sum(1 for r in batch.results if _ok(r))
         return {
             "id": batch.id,
             "object": "batch",
@@ -370,6 +481,7 @@ class FakeBatchServer:
             "output_file": batch.files.get("output"),
             "error_file": batch.files.get("error"),
             "errors": [{"message": batch.error}] if batch.error else [],
+            **self._common(batch),
         }
 
     async def _mistral_get(self, request: web.Request) -> web.Response:
@@ -395,11 +507,15 @@ class FakeBatchServer:
         problem = self._check_requests(requests, None) or (None if len(models) == 1 else "one model per batch")
         if problem:
             return self._reject(problem)
-        batch = self._create(requests, str(models.pop()))
+        if self.config.reject_submit_echo:
+            return self._reject_echo(request)
+        batch = self._create(requests, str(models.pop()), request, data.get("metadata"))
+        if self.config.respond_after_s:
+            await asyncio.sleep(self.config.respond_after_s)
         return web.json_response(self._openai_object(batch))
 
     def _openai_object(self, batch: FakeBatch) -> JSON:
-        ok = sum(1 for r in batch.results if r["response"]["status_code"] == 200)
+        ok = sum(1 for r in batch.results if _ok(r))
         return {
             "id": batch.id,
             "object": "batch",
@@ -409,6 +525,7 @@ class FakeBatchServer:
             "output_file_id": batch.files.get("output"),
             "error_file_id": batch.files.get("error"),
             "errors": {"data": [{"message": batch.error}]} if batch.error else None,
+            **self._common(batch),
         }
 
     async def _openai_get(self, request: web.Request) -> web.Response:
@@ -441,12 +558,15 @@ class FakeBatchServer:
             app.router.add_post(f"{prefix}/files", self._upload)
             app.router.add_get(f"{prefix}/files/{{id}}/content", self._content)
             app.router.add_post(f"{prefix}/batch/jobs", self._mistral_create)
+            app.router.add_get(f"{prefix}/batch/jobs", self._list)
             app.router.add_get(f"{prefix}/batch/jobs/{{id}}", self._mistral_get)
             if self.config.flavour == "openai":
                 app.router.add_post(f"{prefix}/batches", self._openai_create)
+                app.router.add_get(f"{prefix}/batches", self._list)
                 app.router.add_get(f"{prefix}/batches/{{id}}", self._openai_get)
             else:
                 app.router.add_post(f"{prefix}/batches", self._or_submit)
+                app.router.add_get(f"{prefix}/batches", self._list)
                 app.router.add_get(f"{prefix}/batches/{{id}}", self._or_get)
                 app.router.add_get(f"{prefix}/batches/{{id}}/results", self._or_results)
         return app

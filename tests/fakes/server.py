@@ -385,8 +385,13 @@ class FakeConfig:
     # with OpenRouter's body), "echo_auth" / "echo_auth:NNN" (an answer quoting the
     # request's Authorization header: an error with status NNN, default 400, or with
     # 200 a billed completion), "retry_after_date", "hang", "drop", "error200",
-    # "finish_error", "invalid_json", "wrong_label", "empty", "null_content", "in_flight_402",
-    # "weight_402", "budget_403" (OpenRouter's credit-limit bodies, see tests/fakes/billing.py).
+    # "finish_error", "invalid_json", "wrong_label", "empty", "null_content", "no_choices",
+    # "in_flight_402", "weight_402", "budget_403" (OpenRouter's credit-limit bodies, see
+    # tests/fakes/billing.py). A behaviour ending in "+cost" ("null_content+cost",
+    # "no_choices+cost", "error200+cost", "500+cost", "empty+cost", ...) answers the same way
+    # but bills the request (prompt plus a full max_tokens of hidden reasoning) and reports it
+    # in usage (as a reasoning model that spent max_tokens thinking does); stats count it as a
+    # billed completion.
     script: dict[str, list[str]] = field(default_factory=dict)
     # Fraction of unscripted requests answered with fail_kind (a behaviour), seeded.
     fail_rate: float = 0.0
@@ -396,6 +401,8 @@ class FakeConfig:
     include_cost: bool = True
     # False: no usage object at all (some OpenAI-compatible servers); stats still add it up.
     include_usage: bool = True
+    # True: usage.cost as a JSON string ("0.0000021"), as some proxies send it.
+    cost_as_string: bool = False
     # The response's "provider" key; None omits it.
     provider_name: str | None = "FakeProvider"
     price_per_token: float = DEFAULT_PRICE_PER_TOKEN
@@ -992,7 +999,7 @@ class FakeServer:
         if cfg.prompt_caching:
             usage["prompt_tokens_details"] = {"cached_tokens": cached}
         if cfg.include_cost:
-            usage["cost"] = cost
+            usage["cost"] = str(cost) if cfg.cost_as_string else cost
         payload = self._envelope(body, content, finish_reason, usage)
         h16 = content_hash(u)[:16]
         if cache is not None:
@@ -1042,6 +1049,8 @@ class FakeServer:
         max_tokens: int | None,
     ) -> web.StreamResponse:
         """Answer with a scripted/random failure behaviour."""
+        if behaviour.endswith("+cost"):
+            return await self._billed_failure(behaviour.removesuffix("+cost"), body, u, max_tokens)
         if behaviour in _CONTENT_BEHAVIOURS:
             return await self._complete(body, u, _CONTENT_BEHAVIOURS[behaviour], max_tokens)
         if behaviour == "finish_error":
@@ -1073,6 +1082,11 @@ class FakeServer:
             usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
             self._count_status(200)
             return _json_response(200, self._envelope(body, None, "stop", usage))  # type: ignore[arg-type]
+        if behaviour == "no_choices":
+            self._count_status(200)
+            payload = self._envelope(body, "", "stop", {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+            payload["choices"] = []
+            return _json_response(200, payload)
         if behaviour == "retry_after_date":
             when = email.utils.formatdate(math.ceil(time.time()) + 1, usegmt=True)
             raise _Reply(429, error_body(429), {"Retry-After": when})
@@ -1088,6 +1102,41 @@ class FakeServer:
                 headers["Retry-After"] = str(self.config.retry_after)
             raise _Reply(status, error_body(status, message or None), headers)
         raise _Reply(500, error_body(500, f"fakeserver: unknown behaviour {behaviour!r}"))
+
+    async def _billed_failure(self, kind: str, body: JSON, u: str, max_tokens: int | None) -> web.Response:
+        """A reply that carries no usable answer but was billed, with usage.cost saying so."""
+        cfg = self.config
+        prompt = await self._prompt_tokens(body["messages"])
+        completion = max_tokens or 16
+        cost = (prompt + completion) * cfg.price_per_token
+        usage: JSON = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if cfg.include_cost:
+            usage["cost"] = str(cost) if cfg.cost_as_string else cost
+        status = 200
+        if kind == "null_content":
+            payload = self._envelope(body, None, "length", usage)  # type: ignore[arg-type]
+        elif kind == "empty":
+            payload = self._envelope(body, "", "length", usage)
+        elif kind == "no_choices":
+            payload = self._envelope(body, "", "length", usage)
+            del payload["choices"]
+        elif kind == "error200":
+            payload = {**error_body(502, "Provider returned error"), "usage": usage}
+        elif kind.isdigit():
+            status = int(kind)
+            payload = {**error_body(status), "usage": usage}
+        else:
+            raise _Reply(500, error_body(500, f"fakeserver: unknown behaviour {kind!r}+cost"))
+        h16 = content_hash(u)[:16]
+        with self._lock:
+            st = self._stats
+            st.ok += 1
+            st.prompt_tokens += prompt
+            st.completion_tokens += completion
+            st.cost += cost
+            st.by_content[h16] = st.by_content.get(h16, 0) + 1
+            st.status_counts[status] = st.status_counts.get(status, 0) + 1
+        return _json_response(status, payload)
 
     async def _hang(self, request: web.Request) -> web.StreamResponse:
         """Never answer; return once the client has gone away."""

@@ -47,11 +47,13 @@ def fake(flavour: str = "openrouter", **config: Any) -> Iterator[FakeBatchServer
         yield server
 
 
-def batch_job(workdir: Path, server: FakeBatchServer, rows: int, **model: Any) -> dict[str, list[Any]]:
+def batch_job(
+    workdir: Path, server: FakeBatchServer, rows: int, limits: dict[str, Any] | None = None, **model: Any
+) -> dict[str, list[Any]]:
     data = reviews(rows)
     write_parquet(workdir / "data/in.parquet", data)
     spec = {"mode": "batch", "provider": server.config.flavour, "batch_poll_s": 0.05, **model}
-    write_job(workdir, server.base_url, model=spec)
+    write_job(workdir, server.base_url, model=spec, limits=limits)
     return data
 
 
@@ -363,7 +365,8 @@ def test_kill_9_while_waiting_then_rerun_never_resubmits(workdir: Path) -> None:
         server.config.complete_after_s = 0
         assert run_cli("job") == 0
         assert_all_answered(data, server)
-        assert len(server.submissions) == 1 and server.duplicates() == 0
+        # The killed run's batch (the canary) is collected and judged, not submitted again; then the rest.
+        assert [n for _, n in server.submissions] == [20, 280] and server.duplicates() == 0
 
 
 @pytest.mark.slow
@@ -375,7 +378,7 @@ def test_done_when_12000_rows_first_batch_expires_half_done(workdir: Path, capsy
     unanswered rows submitted twice, no realtime request, and cost_usd summing to the bill.
     """
     with fake(complete_after_s=3600, expire={0: 0.5}) as server:
-        data = batch_job(workdir, server, 12_000)
+        data = batch_job(workdir, server, 12_000, limits={"canary_rows": 0})  # batches of 5,000 from the start
         # The batch-mode dry run: half the realtime price.
         assert main(["run", "job", "--dry-run", "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
@@ -512,8 +515,8 @@ def test_sigterm_while_waiting_writes_the_output_and_exits_3(workdir: Path) -> N
 
 
 @pytest.mark.slow
-def test_kill_between_submit_and_journal_commit_resubmits_that_one_batch(workdir: Path) -> None:
-    """The documented exception: a batch the provider accepted but the journal never recorded."""
+def test_kill_between_submit_and_journal_commit_adopts_that_batch(workdir: Path) -> None:
+    """A batch the provider accepted but the journal never recorded is found by its metadata, not paid twice."""
     with fake(respond_after_s=30) as server:
         data = batch_job(workdir, server, 300)
         proc = spawn(workdir, "run", "job", "--quiet")
@@ -527,5 +530,6 @@ def test_kill_between_submit_and_journal_commit_resubmits_that_one_batch(workdir
         server.config.respond_after_s = 0
         assert run_cli("job") == 0
         assert_all_answered(data, server)
-        assert [n for _, n in server.submissions] == [300, 300]
-        assert server.duplicates() == 300  # that one batch, once more; never more than one per kill
+        # The batch accepted before the kill (the canary) is adopted, not paid again; then the rest.
+        assert [n for _, n in server.submissions] == [20, 280]
+        assert server.duplicates() == 0

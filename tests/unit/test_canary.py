@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -12,15 +13,16 @@ from pipeline.engine.canary import (
     CanaryGate,
     CanarySettings,
     CanaryStatus,
+    DispatchCanary,
     clip,
     judge,
 )
 from pipeline.engine.expectations import TokenFigures, expected_output_tokens, suggest_max_tokens
 from pipeline.engine.recorder import Charge
-from pipeline.engine.settlement import Settled
+from pipeline.engine.settlement import Settled, StopKind, Stops
 from pipeline.providers.base import Reply, ReplyKind
 from pipeline.secrets import Redactor
-from pipeline.store.journal import JournalRow, RowStatus
+from pipeline.store.journal import Journal, JournalRow, RowStatus
 
 KEY = "sk-or-v1-0123456789abcdef0123456789abcdef"
 
@@ -248,3 +250,31 @@ def test_split_holds_rows_until_the_size_is_known() -> None:
 @pytest.mark.parametrize(("sample", "expected"), [([], 32.0), ([4, 6], 5.0), ([100, 100], 64)])
 def test_expected_output_tokens_as_the_dry_run(sample: list[int], expected: float) -> None:
     assert expected_output_tokens(64, sample) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "room_after", "stopped"), [(RowStatus.OK, None, False), (RowStatus.INVALID, 0, True)]
+)
+def test_dispatch_canary_lets_its_rows_out_first_then_waits_for_the_verdict(
+    tmp_path: Path, status: RowStatus, room_after: int | None, stopped: bool
+) -> None:
+    journal = Journal.open(tmp_path / "job.journal.sqlite", {"job": "canary"})
+    try:
+        stops = Stops()
+        gate = CanaryGate(CanarySettings(), 64)
+        canary = DispatchCanary(gate, stops, journal, 300, chosen=None, retry_failed=False)
+        assert canary.room() == 20 and canary.cap(32) == 20
+        for i in range(20):
+            canary.sent(str(i))
+        canary.sent("0")  # asked again for an invalid reply: not a new canary row
+        assert canary.room() == 0 and canary.cap(32) == 0  # every canary row is out, none answered yet
+        for i in range(20):
+            gate.observe(settled(row(key=str(i), status=status, completion="x")))
+        assert canary.room() == room_after
+        assert stops.stopped is stopped
+        if stopped:
+            assert stops.reason is not None and stops.reason.kind == StopKind.CANARY
+        else:
+            assert canary.cap(32) == 32
+    finally:
+        journal.close()

@@ -104,6 +104,26 @@ def _protocol_members(protocol: type) -> list[str]:
     return sorted(names)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"choices": [{"message": {"content": "ok \\u00e9"}, "finish_reason": "stop"}], "usage": {"cost": 1e-7}}',
+        b'{"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}], "usage": {"cost": NaN}}',
+        b'\xef\xbb\xbf{"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}',
+    ],
+    ids=["plain", "nan", "bom"],
+)
+def test_reply_bodies_parse_as_json_does_whichever_parser_reads_them(body: bytes) -> None:
+    """The fast parser (orjson) and its fallback (json) read every body alike: what orjson
+    refuses (NaN, a byte-order mark) still parses."""
+    import json
+
+    from pipeline.providers.base import _json_or_none
+
+    expected = json.loads(body.decode("utf-8-sig"))
+    assert repr(_json_or_none(body)) == repr(expected)
+
+
 @pytest.mark.parametrize("provider", ALL)
 async def test_a_price_list_is_read_by_its_provider_or_declined(provider: Provider) -> None:
     if type(provider).catalogue is Provider.catalogue:  # no listing: declined without a request

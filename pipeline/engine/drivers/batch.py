@@ -6,17 +6,20 @@ most the provider's request and byte limits, reserving each batch's worst case
 against ``budget_usd`` first. Each batch id and its rows are committed to the
 journal in the transaction that marks those rows ``not_run: pending in batch
 ...``: from then on a rerun, after any crash, polls the batch instead of
-submitting its rows again. (A kill between the provider accepting a batch and
-that commit loses the id: that one batch's rows are submitted again.)
+submitting its rows again. A kill between the provider accepting a batch and
+that commit loses the id, not the batch: submissions carry metadata, and the
+next run adopts the listed batch that matches what it is about to submit.
 
 The run then polls its pending batches every ``batch_poll_s`` seconds and
 journals each terminal batch's results page by page, each page in one
 transaction that also marks its rows collected, so a rerun that reads a page
 again skips what it already has. Rows a batch never answered (it expired,
 failed or was cancelled) are journaled as transient errors and submitted again
-in a new batch; so are results that carry a transient error. With
-``wait=False`` (``--no-wait``) the run submits, collects what has finished,
-writes the output and ends with exit code 3 while batches are pending.
+in a new batch; so are results that carry a transient error. A result
+without ``usage`` is charged from counted tokens. An undocumented status
+word, or a batch running past its ``expires_at``, ends polling with one line.
+With ``wait=False`` (``--no-wait``) the run submits, collects what has
+finished, writes the output and ends with exit code 3 while batches are pending.
 
 No chat request is ever sent in this mode, and rate caps do not apply: batches
 do not count against the providers' rate limits.
@@ -24,6 +27,8 @@ do not count against the providers' rate limits.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -31,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from pipeline.engine.admission import Ticket
+from pipeline.engine.admission import Ticket, count_keys
 from pipeline.engine.canary import BatchCanary
 from pipeline.engine.client import Attempted, backoff_delay, request_headers
 from pipeline.engine.prompts import RenderedBatch
@@ -46,10 +51,15 @@ from pipeline.providers.batches import (
     BatchRequest,
     BatchResult,
     BatchState,
+    BatchStatus,
+    best_results,
     custom_id_for,
+    find_orphans,
+    submission_metadata,
 )
 from pipeline.store.batches import BatchRow, BatchStore, KnownBatch, SubmittedRow
 from pipeline.store.journal import Journal, JournalRow, RowStatus
+from pipeline.store.meta import Meta
 
 if TYPE_CHECKING:
     from pipeline.engine.plan import Plan
@@ -58,6 +68,8 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 120.0  # a provider may take a while to accept a 200 MB batch
 ENVELOPE_BYTES = 4096  # room for the submission's own fields around the requests
+# A batch still running this long after its expires_at is not going to end by itself.
+EXPIRY_GRACE_S = 900.0
 
 
 def make_adapter(plan: Plan) -> BatchAdapter:
@@ -137,6 +149,11 @@ class BatchRun:
         self._counted_upto = 0  # input rows whose resumed rows the bar has counted
         self._poll_failures: dict[str, int] = {}
         self._budget_blocked = False  # a batch waits for pending batches to release their reservations
+        self._orphans: dict[str, str] | None = None  # rows digest -> id of batches no journal knows
+        # Names this job's journal at the provider: its identity and when the journal was created,
+        # so a journal started over (--fresh) never adopts the batches of the one set aside.
+        tag = f"{plan.identity_hash}:{journal.get_meta(Meta.CREATED)}"
+        self._journal_tag = hashlib.sha256(tag.encode()).hexdigest()[:24]
 
     def _held(self, keys: list[str]) -> set[str]:
         """Rows not to submit now: waiting in a pending batch, or submitted max_attempts times by this run."""
@@ -274,11 +291,13 @@ class BatchRun:
             self.stops.stop(StopReason.budget(budget.spent, budget.limit or 0.0, reserved_by_batches=budget.reserved))
             return False
         requests = [q.request for q in chunk]
+        metadata = submission_metadata(self._journal_tag, [r.custom_id for r in requests])
+        batch_id = await self._orphan(session, metadata["pipeline_rows"])
         attempt = 0
-        while True:
+        while batch_id is None:
             attempt += 1
             try:
-                batch_id = await self.adapter.submit(session, requests)
+                batch_id = await self.adapter.submit(session, requests, metadata)
                 break
             except BatchApiError as exc:
                 reply = exc.reply
@@ -313,6 +332,19 @@ class BatchRun:
         self.tracker.requests(len(chunk), 0.0, None, None)
         return not self.stopper.stopped  # a stop (Ctrl-C) during the upload: submit nothing more
 
+    async def _orphan(self, session: aiohttp.ClientSession, rows_digest: str) -> str | None:
+        """A batch of exactly these rows that the provider accepted but no journal recorded (a crash).
+
+        The provider's recent batches are listed once per run, on the first
+        submission; a listing that fails (a provider without the route) finds none.
+        """
+        if self._orphans is None:
+            self._orphans = await find_orphans(self.adapter, session, self.store.known_ids(), self._journal_tag)
+        batch_id = self._orphans.pop(rows_digest, None)
+        if batch_id is not None:
+            self.store.note_adopted(batch_id)
+        return batch_id
+
     def _submission_failed(self, reply: Reply) -> None:
         if reply.kind == ReplyKind.AUTH:
             self.stops.stop(StopReason.refused(reply, self.plan.job.model.max_tokens))
@@ -337,6 +369,10 @@ class BatchRun:
                 self.store.set_status(known.id, state.provider_status)
             if state.status.terminal:
                 await self._collect(session, known, state)
+            elif state.status == BatchStatus.UNKNOWN:
+                self.stops.stop(StopReason.batch_unknown_status(known.id, state.provider_status))
+            elif state.expires_at is not None and time.time() > state.expires_at + EXPIRY_GRACE_S:
+                self.stops.stop(StopReason.batch_overdue(known.id, state.provider_status, state.expires_at))
 
     def _poll_failed(self, known: KnownBatch, reply: Reply) -> None:
         failures = self._poll_failures.get(known.id, 0) + 1
@@ -352,7 +388,8 @@ class BatchRun:
         attempts = self.store.submissions(list({r.key for r in rows.values()}))
         try:
             async for page in self.adapter.results(session, state, known.cursor):
-                self._journal_page(known, rows, attempts, page.results, page.next_cursor)
+                tokens = await self._prompt_tokens(page.results, rows)
+                self._journal_page(known, rows, attempts, page.results, page.next_cursor, tokens)
         except BatchApiError as exc:
             self._poll_failed(known, exc.reply)
             return  # the next poll reads on from the saved cursor
@@ -385,20 +422,21 @@ class BatchRun:
         attempts: dict[str, int],
         results: list[BatchResult],
         cursor: str | None,
+        tokens: dict[str, int] | None = None,
     ) -> None:
         """Settle one page of results: one commit with the batch tables, then the counters and stops."""
         settlement = self.settlement
         settled: list[tuple[Ticket, Settled]] = []
         custom_ids: list[str] = []
         now = time.time()
-        for result in results:
+        for result, billed in best_results(results):
             ref = rows.get(result.custom_id)
             if ref is None or ref.collected:
                 continue  # not ours, or journaled before (a rerun reading the page again)
             ref.collected = True
             reply = result.reply
-            ticket = Ticket(ref.key, ref.prompt_hash, 0)
-            attempted = Attempted(reply, attempts.get(ref.key, 1), max(0.0, now - known.submitted), reply.cost or 0.0)
+            ticket = Ticket(ref.key, ref.prompt_hash, (tokens or {}).get(ref.key, 0))
+            attempted = Attempted(reply, attempts.get(ref.key, 1), max(0.0, now - known.submitted), billed)
             one = settlement.settle(ticket, attempted)
             one.requests = 0  # the batch's requests were counted when it was submitted
             settled.append((ticket, one))
@@ -413,6 +451,17 @@ class BatchRun:
             else:
                 self.collected.add(ticket.key)
             settlement.close(ticket, one, done=not transient)
+
+    async def _prompt_tokens(self, results: list[BatchResult], rows: dict[str, BatchRow]) -> dict[str, int]:
+        """Prompt tokens of answers that came without usage, counted again from the input (off the loop)."""
+        new = [r for r in results if r.custom_id in rows and not rows[r.custom_id].collected]
+        keys = {rows[r.custom_id].key for r in new if r.reply.kind == ReplyKind.OK and r.reply.prompt_tokens is None}
+        if not keys:
+            return {}
+        try:
+            return await asyncio.to_thread(count_keys, self.plan, keys)
+        except InputError:
+            return {}  # the input changed since: the completion is still charged
 
     def _transient(self, key: str, error: str) -> None:
         """A row to submit again (by this run while it has attempts left, else by the next run)."""

@@ -100,25 +100,25 @@ class RealtimeRun:
         offset = 0
         held: list[Ticket] = []  # rows read while the canary's size is not known yet
         try:
-            try:
-                for batch, keys, rendered in self.plan.batches():
-                    tickets = await self._tickets(keys, rendered, offset)
-                    offset += batch.num_rows
-                    if self.canary.deciding:
-                        held += tickets
-                        tickets, held = await self._after_canary(held, final=False)
-                    if not await self._put(tickets):
-                        return
-            finally:
-                if held:  # the input ended (or a bad record stopped it) before the canary's size was known
-                    await self._put((await self._after_canary(held, final=True))[0])
+            for batch, keys, rendered in self.plan.batches():
+                tickets = await self._tickets(keys, rendered, offset)
+                offset += batch.num_rows
+                if self.canary.deciding:
+                    held += tickets
+                    tickets, held = await self._after_canary(held, final=False)
+                if not await self._put(tickets):
+                    return
         except InputError as exc:
             # A bad record deep in the input: the rows before it are sent as usual,
             # then the run stops (exit 2) and a rerun on the fixed file pays nothing twice.
             self.input_error = StopReason.input_error(exc)
+            await self._put((await self._after_canary(held, final=True))[0])
             self.queue.close()
             return
-        self.produced_all = not self.stopper.stopped
+        # The input ended before the canary's size was known: it is decided on every row to send.
+        if not await self._put((await self._after_canary(held, final=True))[0] if held else []):
+            return
+        self.produced_all = True
         self.queue.close()
 
     async def _put(self, tickets: list[Ticket]) -> bool:

@@ -1,4 +1,12 @@
-"""CSV input: one pass types each column losslessly (a value must convert back to exactly its text)."""
+"""CSV input: one pass types each column losslessly (a value must convert back to exactly its text).
+
+A text column of plain decimal numbers that only fail the round trip by their
+spelling (``3.0``, ``1.50``, ``1e3``) still reaches the prompt as its text, but
+is marked (field metadata ``OUTPUT_TYPE``) to be written to the output as
+float64, the type pandas gives it: ``df.price.mean()`` works on the output.
+Text that becomes a number only by changing it (``007``, ``+3``) stays text,
+and so do the columns named in ``keep_text`` (the id column).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +34,11 @@ _CSV_CANDIDATES: tuple[pa.DataType, ...] = (
     pa.timestamp("ns"),
 )
 _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
+# Field metadata: the type the output gives a column that is text for the prompt.
+OUTPUT_TYPE = b"pipeline.output_type"
+# Plain decimal notation pandas reads as a float, without a sign or leading zeros to lose.
+_DECIMAL = r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?$"
+_NOT_INTEGER = r"[.eE]"
 
 
 def csv_reader(path: DataPath, columns: list[str] | None = None) -> pa.RecordBatchReader:
@@ -44,7 +57,9 @@ def csv_reader(path: DataPath, columns: list[str] | None = None) -> pa.RecordBat
     )
 
 
-def open_csv(path: DataPath, batch_size: int, forced: dict[str, pa.DataType]) -> Opened:
+def open_csv(
+    path: DataPath, batch_size: int, forced: dict[str, pa.DataType], keep_text: frozenset[str] = frozenset()
+) -> Opened:
     """One pass over the whole file: it counts the rows, checks the encoding and types the columns."""
     header = _csv_step(path, 0, lambda: pacsv.open_csv(fs.readable(path), parse_options=_CSV_PARSE).schema.names)
     check_names(path, header, forced)
@@ -58,8 +73,15 @@ def open_csv(path: DataPath, batch_size: int, forced: dict[str, pa.DataType]) ->
     if rows == 0:
         raise InputError(f"{path}: no data")
     types = {name: typer.result for name, typer in typers.items() if not pa.types.is_string(typer.result)}
-    schema = pa.schema([pa.field(name, typers[name].result) for name in header])
+    schema = pa.schema([_csv_field(name, typers[name], name in keep_text) for name in header])
     return Opened("csv", schema, rows, None, types)
+
+
+def _csv_field(name: str, typer: _ColumnTyper, keep_text: bool) -> pa.Field:
+    """The column as read (its prompt text), marked float64 for the output when pandas would read it so."""
+    if typer.decimal and not keep_text and pa.types.is_string(typer.result):
+        return pa.field(name, pa.string(), metadata={OUTPUT_TYPE: b"float64"})
+    return pa.field(name, typer.result)
 
 
 def _csv_step(path: DataPath, rows: int, step: Callable[[], T]) -> T:
@@ -87,6 +109,9 @@ class _ColumnTyper:
         self.forced = forced
         self.candidates = [] if forced is not None else list(_CSV_CANDIDATES)
         self.seen_value = False
+        # Every value plain decimal notation, at least one not an integer (``3.0``, ``1.50``).
+        self.all_decimal = forced is None
+        self.fractional = False
 
     def observe(self, path: DataPath, column: pa.Array, first_row: int) -> None:
         if self.forced is not None:
@@ -100,6 +125,14 @@ class _ColumnTyper:
             return
         self.seen_value = True
         self.candidates = [kind for kind in self.candidates if _round_trips(values, kind)]
+        if self.all_decimal:
+            self.all_decimal = bool(pc.all(pc.match_substring_regex(values, _DECIMAL)).as_py())
+            self.fractional = self.fractional or bool(pc.any(pc.match_substring_regex(values, _NOT_INTEGER)).as_py())
+
+    @property
+    def decimal(self) -> bool:
+        """Text the prompt must see as written, which pandas reads as float64."""
+        return self.seen_value and self.all_decimal and self.fractional
 
     @property
     def result(self) -> pa.DataType:

@@ -16,7 +16,7 @@ the file reaches the prompt unchanged. ``[input] dtypes`` forces a type.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -59,8 +59,17 @@ class Source:
     """Columns converted while reading: CSV types found losslessly, forced dtypes."""
 
     @classmethod
-    def open(cls, path: DataPath, batch_size: int = 8192, dtypes: Mapping[str, str] | None = None) -> Source:
-        """Open and check a dataset; every problem is a one-line InputError."""
+    def open(
+        cls,
+        path: DataPath,
+        batch_size: int = 8192,
+        dtypes: Mapping[str, str] | None = None,
+        keep_text: Collection[str] = (),
+    ) -> Source:
+        """Open and check a dataset; every problem is a one-line InputError.
+
+        ``keep_text``: CSV columns the output keeps as text even when they hold decimals (ids).
+        """
         try:
             found, folder = fs.exists(path), fs.is_dir(path)
         except OSError as exc:  # object storage: credentials, endpoint, permissions
@@ -75,7 +84,7 @@ class Source:
             if fmt == "parquet":
                 opened = open_parquet(path, batch_size, forced)
             elif fmt == "csv":
-                opened = open_csv(path, batch_size, forced)
+                opened = open_csv(path, batch_size, forced, frozenset(keep_text))
             else:
                 opened = open_jsonl(path, batch_size, forced)
         except READ_ERRORS as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 
@@ -25,18 +26,22 @@ from pipeline.providers.batches import (
     BatchRequest,
     BatchState,
     BatchStatus,
+    ListedBatch,
     ResultsPage,
     batch_id_from,
     body_without_model,
     count,
     download_results,
     get_batch,
+    listed,
     request_json,
+    status_of,
     upload_jsonl,
 )
 
 MAX_REQUESTS = 100_000
 MAX_BYTES = 512 * 1000 * 1000
+LIST_LIMIT = 100  # jobs per listing: the most recent are the ones a crash may have left
 
 _STATUS = {
     "QUEUED": BatchStatus.PENDING,
@@ -65,10 +70,18 @@ class MistralBatches:
     def line(self, request: BatchRequest) -> bytes:
         return json.dumps({"custom_id": request.custom_id, "body": body_without_model(request.body)}).encode()
 
-    async def submit(self, session: aiohttp.ClientSession, requests: list[BatchRequest]) -> str:
+    async def submit(
+        self, session: aiohttp.ClientSession, requests: list[BatchRequest], metadata: dict[str, str] | None = None
+    ) -> str:
         file_id = await upload_jsonl(session, self.files_url, [self.line(r) for r in requests])
-        job = {"input_files": [file_id], "model": self.model, "endpoint": CHAT_ENDPOINT}
+        job: dict[str, Any] = {"input_files": [file_id], "model": self.model, "endpoint": CHAT_ENDPOINT}
+        if metadata:
+            job["metadata"] = metadata
         return batch_id_from(await request_json(session, "POST", self.url, json=job), f"POST {self.url}")
+
+    async def list_batches(self, session: aiohttp.ClientSession) -> list[ListedBatch]:
+        params = {"page": "0", "page_size": str(LIST_LIMIT)}
+        return listed(await request_json(session, "GET", self.url, params=params))
 
     async def poll(self, session: aiohttp.ClientSession, batch_id: str) -> BatchState:
         data = await get_batch(session, f"{self.url}/{batch_id}")
@@ -78,7 +91,7 @@ class MistralBatches:
         files = tuple(str(data[k]) for k in ("output_file", "error_file") if data.get(k))
         return BatchState(
             id=batch_id,
-            status=_STATUS.get(raw_status, BatchStatus.PENDING),
+            status=status_of(raw_status, _STATUS),
             provider_status=raw_status,
             total=count(data.get("total_requests")),
             completed=count(data.get("succeeded_requests")),

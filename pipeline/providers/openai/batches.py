@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 
@@ -26,18 +27,22 @@ from pipeline.providers.batches import (
     OPENAI_STATUSES,
     BatchRequest,
     BatchState,
-    BatchStatus,
+    ListedBatch,
     ResultsPage,
     batch_id_from,
     count,
     download_results,
+    epoch,
     get_batch,
+    listed,
     request_json,
+    status_of,
     upload_jsonl,
 )
 
 MAX_REQUESTS = 50_000
 MAX_BYTES = 200 * 1000 * 1000
+LIST_LIMIT = 100  # batches per listing: the most recent are the ones a crash may have left
 
 
 class OpenAIBatches:
@@ -56,10 +61,21 @@ class OpenAIBatches:
         head = json.dumps({"custom_id": request.custom_id, "method": "POST", "url": CHAT_ENDPOINT})
         return head[:-1].encode() + b', "body": ' + request.body + b"}"
 
-    async def submit(self, session: aiohttp.ClientSession, requests: list[BatchRequest]) -> str:
+    async def submit(
+        self, session: aiohttp.ClientSession, requests: list[BatchRequest], metadata: dict[str, str] | None = None
+    ) -> str:
         file_id = await upload_jsonl(session, self.files_url, [self.line(r) for r in requests])
-        batch = {"input_file_id": file_id, "endpoint": CHAT_ENDPOINT, "completion_window": COMPLETION_WINDOW}
+        batch: dict[str, Any] = {
+            "input_file_id": file_id,
+            "endpoint": CHAT_ENDPOINT,
+            "completion_window": COMPLETION_WINDOW,
+        }
+        if metadata:
+            batch["metadata"] = metadata
         return batch_id_from(await request_json(session, "POST", self.url, json=batch), f"POST {self.url}")
+
+    async def list_batches(self, session: aiohttp.ClientSession) -> list[ListedBatch]:
+        return listed(await request_json(session, "GET", self.url, params={"limit": str(LIST_LIMIT)}))
 
     async def poll(self, session: aiohttp.ClientSession, batch_id: str) -> BatchState:
         data = await get_batch(session, f"{self.url}/{batch_id}")
@@ -70,7 +86,8 @@ class OpenAIBatches:
         files = tuple(str(data[k]) for k in ("output_file_id", "error_file_id") if data.get(k))
         return BatchState(
             id=batch_id,
-            status=OPENAI_STATUSES.get(raw_status, BatchStatus.PENDING),
+            status=status_of(raw_status, OPENAI_STATUSES),
+            expires_at=epoch(data.get("expires_at")),
             provider_status=raw_status,
             total=count(counts.get("total")),
             completed=count(counts.get("completed")),

@@ -28,18 +28,22 @@ from pipeline.providers.batches import (
     BatchRequest,
     BatchResult,
     BatchState,
-    BatchStatus,
+    ListedBatch,
     ResultsPage,
     batch_id_from,
     count,
+    epoch,
     get_batch,
+    listed,
     request_json,
     result_reply,
+    status_of,
 )
 
 MAX_REQUESTS = 5_000
 MAX_BYTES = 200 * 1000 * 1000
 PAGE_LIMIT = 1000  # results per page: the most the API returns
+LIST_LIMIT = 100  # batches per listing: the most recent are the ones a crash may have left
 
 _JSON = {"Content-Type": "application/json"}
 
@@ -65,14 +69,24 @@ class OpenRouterBatches:
     def request_size(self, request: BatchRequest) -> int:
         return len(request.body) + len(request.custom_id) + 32
 
-    def submission(self, requests: list[BatchRequest]) -> bytes:
-        """The submit body, ``endpoint`` and ``model`` first (the API stream-parses it)."""
+    def submission(self, requests: list[BatchRequest], metadata: dict[str, str] | None = None) -> bytes:
+        """The submit body, ``endpoint``, ``model`` (and ``metadata``) first (the API stream-parses it)."""
         items = [b'{"custom_id": ' + json.dumps(r.custom_id).encode() + b', "body": ' + r.body + b"}" for r in requests]
-        return self._head + b", ".join(items) + b"]}"
+        head = self._head
+        if metadata:
+            meta = b', "metadata": ' + json.dumps(metadata).encode()
+            head = head.replace(b', "requests": [', meta + b', "requests": [')
+        return head + b", ".join(items) + b"]}"
 
-    async def submit(self, session: aiohttp.ClientSession, requests: list[BatchRequest]) -> str:
-        data = await request_json(session, "POST", self.url, data=self.submission(requests), headers=_JSON)
+    async def submit(
+        self, session: aiohttp.ClientSession, requests: list[BatchRequest], metadata: dict[str, str] | None = None
+    ) -> str:
+        body = self.submission(requests, metadata)
+        data = await request_json(session, "POST", self.url, data=body, headers=_JSON)
         return batch_id_from(data, f"POST {self.url}")
+
+    async def list_batches(self, session: aiohttp.ClientSession) -> list[ListedBatch]:
+        return listed(await request_json(session, "GET", self.url, params={"limit": str(LIST_LIMIT)}))
 
     async def poll(self, session: aiohttp.ClientSession, batch_id: str) -> BatchState:
         data = await get_batch(session, f"{self.url}/{batch_id}")
@@ -82,7 +96,8 @@ class OpenRouterBatches:
         results = data.get("results")
         return BatchState(
             id=batch_id,
-            status=OPENAI_STATUSES.get(raw_status, BatchStatus.PENDING),  # an unknown word: keep polling
+            status=status_of(raw_status, OPENAI_STATUSES),
+            expires_at=epoch(data.get("expires_at")),
             provider_status=raw_status,
             total=count(counts.get("total")),
             completed=count(counts.get("completed")),
