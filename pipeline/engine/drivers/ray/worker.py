@@ -117,6 +117,9 @@ class RemoteLimiter(RateLimiter):
     def unlimited(self) -> bool:
         return False  # every send time comes from the global limiter actor
 
+    def try_admit(self, prompt_tokens: int = 0) -> bool:
+        return False  # never the local fast path: the global limiter actor decides every send time
+
     async def acquire(self, prompt_tokens: int = 0) -> None:
         while True:
             future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
