@@ -246,9 +246,11 @@ async def _start(model_path: Path, port: int, *, n_ctx: int, n_threads: int, log
         stderr=asyncio.subprocess.STDOUT,
         env=server_env(),
         preexec_fn=_die_with_parent_hook(),
-        # Own process group: a Ctrl-C in the terminal goes to the pipeline
-        # only, which then stops the server after in-flight rows are settled.
-        process_group=0,
+        # Own session (so its own process group): a Ctrl-C in the terminal goes
+        # to the pipeline only, which then stops the server after in-flight rows
+        # are settled. ``start_new_session`` rather than ``process_group=0``:
+        # uvloop's subprocess support refuses the latter.
+        start_new_session=True,
     )
 
 
