@@ -14,14 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from pipeline.engine.limits.inflight import InFlightWindow
 from pipeline.engine.limits.limiter import RateLimiter
+from pipeline.engine.transport import ChatTransport
 from pipeline.engine.warmup import PrefixWarmer, prefix_key
-from pipeline.providers.base import Reply, ReplyKind, parse_response
+from pipeline.providers.base import Reply, ReplyKind
 from pipeline.providers.dialect import Dialect
-from pipeline.secrets import Redactor
 
 MAX_IN_FLIGHT = 4096  # [limits] concurrency's own maximum
 BACKOFF_BASE_S = 0.5
@@ -80,14 +78,14 @@ class ChatClient:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        transport: ChatTransport,
         dialect: Dialect,
         limiter: RateLimiter,
         stopper: Stopper,
         max_attempts: int,
         timeout_s: float,
     ) -> None:
-        self.session = session
+        self.transport = transport
         self.dialect = dialect
         self.limiter = limiter
         self.stopper = stopper
@@ -98,8 +96,6 @@ class ChatClient:
         self.window = InFlightWindow(MAX_IN_FLIGHT)
         # Requests sharing a start wait for the first of them to finish: it writes the prompt cache.
         self.warmer = PrefixWarmer()
-        # Whatever a server echoes, the key never reaches a Reply (and so the journal or a screen).
-        self._redactor = Redactor.for_headers(session.headers)
 
     async def complete(self, body: bytes, tokens: int = 0) -> Attempted | None:
         """Send until success, a permanent error, or attempts run out.
@@ -134,7 +130,7 @@ class ChatClient:
                 attempt += 1
                 epoch = window.epoch
                 started = time.perf_counter()
-                reply = await self._send_once(body)
+                reply = await self.transport.send(body)  # every outcome a reply, the key masked
                 latency = time.perf_counter() - started
             if warming is not None:
                 self.warmer.leave(warming)  # the first attempt finished: the prompt cache holds the start
@@ -186,28 +182,6 @@ class ChatClient:
             slot.cancel()
             return False
         return not self.stopper.stopped
-
-    async def _send_once(self, body: bytes) -> Reply:
-        """One POST; transport failures become retryable replies, never exceptions."""
-        try:
-            # Headers and timeout are the session's defaults (set once per run).
-            async with self.session.post(self.dialect.url, data=body) as resp:
-                raw = self._redactor.response(await resp.read())
-                reply = parse_response(resp.status, raw, resp.headers)
-        except aiohttp.ConnectionTimeoutError:
-            # The server never accepted the connection: as unreachable as a refused one.
-            reply = Reply(ReplyKind.RETRY, error="connection error: could not connect before the connect timeout")
-        except TimeoutError:
-            return Reply(ReplyKind.RETRY, error=f"timeout after {self.timeout_s:g} s")
-        except aiohttp.ClientError as exc:
-            reply = Reply(ReplyKind.RETRY, error=f"connection error: {type(exc).__name__}: {_describe(exc)}")
-        reply.error = self._redactor.message(reply.error)
-        return reply
-
-
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200] if text else "no details"
 
 
 def request_headers(api_key: str | None, extra: dict[str, str]) -> dict[str, str]:

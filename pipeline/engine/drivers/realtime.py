@@ -26,13 +26,10 @@ from pipeline.engine.plan import Plan
 from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.session import Controls, RunOptions, RunResult, Session
 from pipeline.engine.settlement import StopReason
+from pipeline.engine.transport import CONNECT_TIMEOUT_S, chat_transport
 from pipeline.engine.workqueue import WorkQueue
 from pipeline.errors import InputError
 from pipeline.store.journal import Journal
-
-# Connecting should take well under this; a server that cannot be reached is
-# then found in seconds, not after the whole request timeout.
-CONNECT_TIMEOUT_S = 10.0
 
 
 class RealtimeRun:
@@ -62,19 +59,25 @@ class RealtimeRun:
         self.tracker.learned = limiter.learned
         headers = request_headers(self.plan.api_key, self.job.model.headers)
         connector = aiohttp.TCPConnector(limit=limits.concurrency + 4)
-        timeout = aiohttp.ClientTimeout(total=limits.timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, limits.timeout_s))
+        connect_s = min(CONNECT_TIMEOUT_S, limits.timeout_s)
+        timeout = aiohttp.ClientTimeout(total=limits.timeout_s, sock_connect=connect_s)
+        # The session serves the stated-limit request, and chat requests too when the lean client cannot.
         async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as session:
-            client = ChatClient(session, self.dialect, limiter, self.stopper, limits.max_attempts, limits.timeout_s)
+            transport = chat_transport(session, self.dialect.url, limits.timeout_s, connect_s)
+            client = ChatClient(transport, self.dialect, limiter, self.stopper, limits.max_attempts, limits.timeout_s)
             client.on_pause = self.tracker.paused
-            await self._run_tasks(client)
+            try:
+                await self._run_tasks(client, session)
+            finally:
+                transport.close()
         if self.input_error is not None:
             self.stops.stop(self.input_error)
         self.tracker.close()
 
-    async def _run_tasks(self, client: ChatClient) -> None:
+    async def _run_tasks(self, client: ChatClient, session: aiohttp.ClientSession) -> None:
         async with asyncio.TaskGroup() as tg:
             producer = tg.create_task(self._produce())
-            stated = read_stated_limit(client.limiter, client.session, self.job.model.base_url, self.plan.provider)
+            stated = read_stated_limit(client.limiter, session, self.job.model.base_url, self.plan.provider)
             key = tg.create_task(stated)
             workers = [tg.create_task(self._work(client)) for _ in range(self.job.limits.concurrency)]
             guard = tg.create_task(self._guard(workers))
