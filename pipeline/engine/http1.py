@@ -227,7 +227,13 @@ class LeanPoster:
     """POSTs bodies to one URL with fixed headers over kept-alive connections."""
 
     def __init__(
-        self, url: str, headers: dict[str, str], timeout_s: float, connect_timeout_s: float, max_connections: int = 0
+        self,
+        url: str,
+        headers: dict[str, str],
+        timeout_s: float,
+        connect_timeout_s: float,
+        max_connections: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(url)
         self.https = parts.scheme == "https"
@@ -235,7 +241,8 @@ class LeanPoster:
         self.port = parts.port or (443 if self.https else 80)
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self.https else None
+        # The system's trusted roots and a hostname check, as aiohttp's default (tests pass their own roots).
+        self._ssl = (ssl_context or ssl.create_default_context()) if self.https else None
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         fixed = {"Host": parts.netloc, "User-Agent": _user_agent(), "Accept": "*/*", "Accept-Encoding": "gzip, deflate"}
         lower = {name.lower() for name in headers}
@@ -247,14 +254,18 @@ class LeanPoster:
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._waiters: list[asyncio.Future[_Connection | None]] = []
+        self._connecting = 0  # connections being opened: they count against the bound already
 
     async def post(self, body: bytes) -> Response:
         """One request, one answer; :class:`PostError` or ``TimeoutError`` when no full answer came."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         conn = self._take()
-        if conn is None and self.max_connections and len(self._open) >= self.max_connections:
+        if conn is None and self.max_connections and len(self._open) + self._connecting >= self.max_connections:
             conn = await self._wait_for_connection(loop, deadline)
+            if conn is not None and (conn.closed or conn.transport is None or conn.transport.is_closing()):
+                self._open.discard(conn)  # closed by the server on the way here: open another
+                conn = None
         if conn is None:
             conn = await self._connect(loop, deadline)
         waiter: asyncio.Future[Response] = loop.create_future()
@@ -289,6 +300,16 @@ class LeanPoster:
         if keep is not None:
             self._idle.append(keep)
 
+    def _wake_one(self) -> None:
+        if not self._waiters or not self.max_connections:
+            return
+        if len(self._open) + self._connecting < self.max_connections:
+            while self._waiters:
+                waiter = self._waiters.pop(0)
+                if not waiter.done():
+                    waiter.set_result(None)  # room to open a connection
+                    return
+
     async def _wait_for_connection(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection | None:
         """At the bound: wait for a request to finish (its connection, or room for a new one)."""
         waiter: asyncio.Future[_Connection | None] = loop.create_future()
@@ -315,6 +336,7 @@ class LeanPoster:
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
         timeout = min(self.connect_timeout_s, max(0.0, deadline - loop.time()))
+        self._connecting += 1
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
@@ -324,9 +346,10 @@ class LeanPoster:
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl is not None else None,
                 )
+            self._open.add(conn)
         except TimeoutError:
-            if timeout < self.connect_timeout_s:
-                raise  # the request's own time ran out (a total timeout shorter than the connect one)
+            if self.connect_timeout_s - timeout > 0.01:
+                raise  # the request's own time was the shorter limit (it waited for a connection first)
             raise PostError("ConnectionTimeoutError", "connect timeout", connecting=True) from None
         except ssl.SSLError as exc:
             raise PostError(f"ClientSSLError: {type(exc).__name__}", _text(exc), connecting=True) from None
@@ -334,7 +357,9 @@ class LeanPoster:
             tls = "default" if self.https else "False"
             text = f"Cannot connect to host {self.host}:{self.port} ssl:{tls} [{_text(exc)}]"
             raise PostError("ClientConnectorError", text, connecting=True) from None
-        self._open.add(conn)
+        finally:
+            self._connecting -= 1
+            self._wake_one()  # a failed connect frees its place for a waiting request
         return conn
 
     def close(self) -> None:

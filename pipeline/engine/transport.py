@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import ssl
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -94,7 +95,13 @@ class LeanTransport:
     name = "lean"
 
     def __init__(
-        self, url: str, headers: Mapping[str, str], timeout_s: float, connect_timeout_s: float, connections: int = 0
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        timeout_s: float,
+        connect_timeout_s: float,
+        connections: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         from pipeline.engine.http1 import LeanPoster, PostError
 
@@ -102,7 +109,7 @@ class LeanTransport:
         fixed = dict(headers)
         self.headers: Mapping[str, str] = fixed
         self.timeout_s = timeout_s
-        self._poster = LeanPoster(url, fixed, timeout_s, connect_timeout_s, connections)
+        self._poster = LeanPoster(url, fixed, timeout_s, connect_timeout_s, connections, ssl_context)
         self._redactor = Redactor.for_headers(fixed)
 
     async def send(self, body: bytes) -> Reply:
