@@ -12,12 +12,13 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from pipeline.engine.limits.inflight import InFlightWindow
-from pipeline.engine.limits.limiter import RateLimiter
+from pipeline.engine.limits.limiter import NO_SLOT, RateLimiter
 from pipeline.engine.transport import ChatTransport
-from pipeline.engine.warmup import PrefixWarmer, prefix_key
+from pipeline.engine.warmup import PREFIX_BYTES, PrefixWarmer, prefix_key
 from pipeline.providers.base import Reply, ReplyKind
 from pipeline.providers.dialect import Dialect
 
@@ -105,7 +106,12 @@ class ChatClient:
         prompt cache instead of all writing it. Returns None when the run is
         stopping before the first attempt went out.
         """
-        key = prefix_key(self.dialect.messages_start(body))
+        start = self.dialect.messages_start(body, PREFIX_BYTES)
+        if len(start) < PREFIX_BYTES:
+            # Messages this short are no cacheable prefix (providers cache from about 1,024 tokens):
+            # nothing to warm, no digest, no coroutine.
+            return await self._complete(body, tokens, None)
+        key = prefix_key(start)
         # A warm prefix (every row after the first of its start) needs no coroutine.
         warming = False if self.warmer.is_warm(key) else await self.warmer.enter(key)
         try:
@@ -120,18 +126,29 @@ class ChatClient:
         latency = 0.0
         reply: Reply | None = None
         window = self.window
+        limiter = self.limiter
         while attempt < self.max_attempts and not self.stopper.stopped:
             # The slot (auto rate limits) bounds requests in flight, the wait for the rate included.
             # Waiting for it is not raced with a stop: a slot frees within one request's latency.
-            async with self.limiter.slot(), window.gate:
+            slot = limiter.slot()
+            # Nothing bounds requests in flight but the workers (no auto limits, no in-flight
+            # budget refused yet): take the window's place without a coroutine.
+            entered = slot is NO_SLOT and window.gate.try_acquire()
+            if not entered:
+                await self._enter(slot)
+            try:
                 # Without caps, or with room under them, nothing waits: no coroutine on every request.
-                if not self.limiter.try_admit(tokens) and not await self._acquire(tokens):
+                if not limiter.try_admit(tokens) and not await self._acquire(tokens):
                     break
                 attempt += 1
                 epoch = window.epoch
                 started = time.perf_counter()
                 reply = await self.transport.send(body)  # every outcome a reply, the key masked
                 latency = time.perf_counter() - started
+            finally:
+                window.gate.release()
+                if not entered:
+                    await slot.__aexit__(None, None, None)
             if warming is not None:
                 self.warmer.leave(warming)  # the first attempt finished: the prompt cache holds the start
                 warming = None
@@ -153,6 +170,15 @@ class ChatClient:
         if reply is None:
             return None  # stopped before the first attempt went out
         return Attempted(reply, attempt, 0.0, sum(costs), costs)
+
+    async def _enter(self, slot: AbstractAsyncContextManager[None]) -> None:
+        """The slow way in: the limiter's slot, then a place in the in-flight window (either may wait)."""
+        await slot.__aenter__()
+        try:
+            await self.window.gate.acquire()
+        except BaseException:
+            await slot.__aexit__(None, None, None)
+            raise
 
     @staticmethod
     def _final(reply: Reply) -> bool:

@@ -217,10 +217,8 @@ def _decode(body: bytes, encoding: str) -> bytes:
     raise ValueError(f"unsupported Content-Encoding {encoding!r}")
 
 
-def _user_agent() -> str:
-    from pipeline import __version__
-
-    return f"pipeline/{__version__} Python/{sys.version_info.major}.{sys.version_info.minor}"
+# Who is asking, for the provider's logs (aiohttp sends its own name and version the same way).
+USER_AGENT = f"pipeline Python/{sys.version_info.major}.{sys.version_info.minor}"
 
 
 class LeanPoster:
@@ -244,7 +242,7 @@ class LeanPoster:
         # The system's trusted roots and a hostname check, as aiohttp's default (tests pass their own roots).
         self._ssl = (ssl_context or ssl.create_default_context()) if self.https else None
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        fixed = {"Host": parts.netloc, "User-Agent": _user_agent(), "Accept": "*/*", "Accept-Encoding": "gzip, deflate"}
+        fixed = {"Host": parts.netloc, "User-Agent": USER_AGENT, "Accept": "*/*", "Accept-Encoding": "gzip, deflate"}
         lower = {name.lower() for name in headers}
         merged = {**{k: v for k, v in fixed.items() if k.lower() not in lower}, **headers}
         lines = [f"POST {path} HTTP/1.1"] + [f"{name}: {value}" for name, value in merged.items()]

@@ -271,6 +271,13 @@ class Gate:
                 self._waiters.remove(waiter)
             raise
 
+    def try_acquire(self) -> bool:
+        """Take a place now if one is free and nobody waits (no coroutine); False: await :meth:`acquire`."""
+        if self.in_use < self.limit and not self._waiters:
+            self.in_use += 1
+            return True
+        return False
+
     def release(self) -> None:
         self.in_use -= 1
         self._wake()
