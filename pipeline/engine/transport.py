@@ -23,12 +23,13 @@ import importlib.util
 import os
 import ssl
 from collections.abc import Mapping
-from typing import Protocol
-
-import aiohttp
+from typing import TYPE_CHECKING, Protocol
 
 from pipeline.providers.base import Reply, ReplyKind, parse_response
 from pipeline.secrets import Redactor
+
+if TYPE_CHECKING:
+    import aiohttp  # imported where used: a run on the lean client never loads it
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -38,6 +39,7 @@ __all__ = [
     "LeanTransport",
     "chat_transport",
     "lean_available",
+    "open_session",
 ]
 
 # Connecting should take well under this; a server that cannot be reached is
@@ -64,6 +66,10 @@ class AiohttpTransport:
     name = "aiohttp"
 
     def __init__(self, session: aiohttp.ClientSession, url: str, timeout_s: float) -> None:
+        import aiohttp
+
+        self._connect_timeout_error = aiohttp.ConnectionTimeoutError
+        self._client_error = aiohttp.ClientError
         self.session = session
         self.url = url
         self.timeout_s = timeout_s
@@ -75,12 +81,12 @@ class AiohttpTransport:
             async with self.session.post(self.url, data=body) as resp:
                 raw = self._redactor.response(await resp.read())
                 reply = parse_response(resp.status, raw, resp.headers)
-        except aiohttp.ConnectionTimeoutError:
+        except self._connect_timeout_error:
             # The server never accepted the connection: as unreachable as a refused one.
             reply = Reply(ReplyKind.RETRY, error=CONNECT_TIMEOUT_TEXT)
         except TimeoutError:
             return Reply(ReplyKind.RETRY, error=f"timeout after {self.timeout_s:g} s")
-        except aiohttp.ClientError as exc:
+        except self._client_error as exc:
             reply = Reply(ReplyKind.RETRY, error=f"connection error: {type(exc).__name__}: {describe(exc)}")
         reply.error = self._redactor.message(reply.error)
         return reply
@@ -156,6 +162,19 @@ def chat_transport(
         except ImportError:  # httptools found but broken (a wheel for another platform)
             pass
     return AiohttpTransport(session, url, timeout_s)
+
+
+def open_session(
+    headers: Mapping[str, str], connections: int, timeout_s: float, connect_timeout_s: float
+) -> aiohttp.ClientSession:
+    """An aiohttp session with a run's headers and timeouts (the aiohttp transport, the stated limit)."""
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections),
+        headers=dict(headers),
+        timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s),
+    )
 
 
 def describe(exc: BaseException) -> str:
