@@ -26,6 +26,7 @@ from pipeline.engine.recorder import Recorder
 from pipeline.engine.reports import RunSummary
 from pipeline.engine.selection import RowSelector, pick_sample
 from pipeline.engine.settlement import Settlement, StopReason, Stops
+from pipeline.engine.written import record_output, unchanged_output
 from pipeline.errors import ExitCode, InputError
 from pipeline.io.output import READ_COLUMNS, input_arrays, output_schema, result_arrays, write_output, write_table
 from pipeline.store.batches import refuse_fresh_if_batches_pending
@@ -230,6 +231,10 @@ def write_plan_output(
     # Rows whose senders were cancelled (a stop's grace period ended) may still wait
     # for their group commit: commit them first, so the output has every paid answer.
     journal.flush()
+    if plan.output_path is not None and not stops.stopped:
+        unchanged = unchanged_output(plan, journal)  # a rerun that changed nothing: the file is current
+        if unchanged is not None:
+            return (*unchanged, None)
     schema = output_schema(plan.source.schema, plan.structured)
     joined = joined_batches(schema, batches, journal, plan)
     try:
@@ -240,6 +245,7 @@ def write_plan_output(
     except OSError as exc:
         stops.stop(StopReason.output_write(plan.output_path, exc))
         return 0, 0, None
+    record_output(plan, journal, rows, errors)
     return rows, errors, None
 
 

@@ -251,6 +251,15 @@ class Journal:
     def set_meta(self, key: Meta, value: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def fingerprint(self) -> list[Any]:
+        """Figures that change whenever a result is journaled: rows, the last row id, their write times, spending.
+
+        ``INSERT OR REPLACE`` gives a rewritten row a new row id (and a new
+        ``updated`` time), so a retried row changes it too.
+        """
+        rows, last, stamps = self.conn.execute("SELECT count(*), max(rowid), total(updated) FROM results").fetchone()
+        return [rows, last, stamps, self.get_meta(Meta.SPENT_USD)]
+
     def has_rows(self) -> bool:
         return self.conn.execute("SELECT EXISTS (SELECT 1 FROM results)").fetchone()[0] == 1
 
