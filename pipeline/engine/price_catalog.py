@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-__all__ = ["CatalogPrices", "TierPrices", "catalog_model_ids", "catalog_prices", "catalog_version"]
+__all__ = ["CatalogPrices", "TierPrices", "catalog_model_ids", "catalog_prices", "catalog_version", "default_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,15 @@ class CatalogPrices:
     """OpenAI's ``service_tier = "flex"`` prices, when the model has them."""
     batch: TierPrices | None = None
     """Batch API prices, when the catalog lists them."""
+
+
+def default_cache_dir() -> Path:
+    """The cache folder: ``$PIPELINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/pipeline``, else ``~/.cache/pipeline``."""
+    if env_dir := os.environ.get("PIPELINE_CACHE_DIR"):
+        return Path(env_dir).expanduser()
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg).expanduser() / "pipeline"
+    return Path.home() / ".cache" / "pipeline"
 
 
 def catalog_version() -> str:
@@ -170,8 +180,6 @@ class _DiskCache:
     """
 
     def __init__(self, version: str) -> None:
-        from pipeline.engine.pricing import default_cache_dir  # pricing imports this module
-
         self.path = default_cache_dir() / f"catalog-{version}.json"
 
     def _read(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -26,12 +26,15 @@ from pipeline.engine.recorder import Recorder
 from pipeline.engine.reports import RunSummary
 from pipeline.engine.selection import RowSelector, pick_sample
 from pipeline.engine.settlement import Settlement, StopReason, Stops
-from pipeline.engine.written import record_output, unchanged_output
+from pipeline.engine.unchanged import record_output, unchanged_output
 from pipeline.errors import ExitCode, InputError
 from pipeline.io.output import READ_COLUMNS, input_arrays, output_schema, result_arrays, write_output, write_table
 from pipeline.store.batches import refuse_fresh_if_batches_pending
 from pipeline.store.journal import Journal, RunLock
 from pipeline.store.meta import Meta
+
+if TYPE_CHECKING:
+    from pipeline.engine.client import Stopper
 
 
 class Controls:
@@ -43,8 +46,12 @@ class Controls:
 
     def __init__(self) -> None:
         self.stops = Stops()
-        self.stopper = self.stops.stopper  # the flag senders watch
         self.hurry_event = asyncio.Event()
+
+    @property
+    def stopper(self) -> Stopper:
+        """The flag senders watch (made on first use, with the HTTP client it belongs to)."""
+        return self.stops.stopper
 
     def stop(self, reason: str) -> None:
         if self.stopper.stopped:

@@ -53,6 +53,11 @@ class RowStatus(StrEnum):
     SKIPPED = "skipped"
 
 
+_FINGERPRINT = (
+    "SELECT count(*), max(rowid), total(updated), "
+    + ", ".join(f"sum(status = '{status.value}')" for status in RowStatus)
+    + " FROM results"
+)
 _STATUS = {status.value: status for status in RowStatus}
 DONE_STATUSES = frozenset({RowStatus.OK, RowStatus.FAILED, RowStatus.INVALID, RowStatus.SKIPPED})
 
@@ -252,13 +257,20 @@ class Journal:
         self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def fingerprint(self) -> list[Any]:
-        """Figures that change whenever a result is journaled: rows, the last row id, their write times, spending.
+        """Figures that change whenever a result is journaled: rows, the last row id, write times, statuses, spending.
 
-        ``INSERT OR REPLACE`` gives a rewritten row a new row id (and a new
-        ``updated`` time), so a retried row changes it too.
+        ``INSERT OR REPLACE`` gives a rewritten row a new ``updated`` time (and
+        mostly a new row id), so a retried row changes it too; the counts per
+        status catch a status changed in place.
         """
-        rows, last, stamps = self.conn.execute("SELECT count(*), max(rowid), total(updated) FROM results").fetchone()
-        return [rows, last, stamps, self.get_meta(Meta.SPENT_USD)]
+        figures = self.conn.execute(_FINGERPRINT).fetchone()
+        return [*figures, self.get_meta(Meta.SPENT_USD)]
+
+    def done_rows(self, *, retry_failed: bool = False) -> int:
+        """Rows a run would not send again (``ok`` alone with ``retry_failed``), whatever their prompt."""
+        done = [RowStatus.OK] if retry_failed else sorted(DONE_STATUSES)
+        marks = ", ".join("?" * len(done))
+        return int(self.conn.execute(f"SELECT count(*) FROM results WHERE status IN ({marks})", done).fetchone()[0])
 
     def has_rows(self) -> bool:
         return self.conn.execute("SELECT EXISTS (SELECT 1 FROM results)").fetchone()[0] == 1

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,9 +22,11 @@ import pytest
 
 from pipeline.cli.app import main
 from pipeline.config.job import load_job
-from pipeline.engine.plan import prepare
+from pipeline.engine import price_catalog
+from pipeline.engine import run as run_module
+from pipeline.engine.plan import Plan, prepare
 from pipeline.store.journal import Journal, JournalRow, RowStatus
-from tests.conftest import read_output, reviews, run_cli, write_job, write_parquet
+from tests.conftest import ROOT, read_output, reviews, run_cli, write_job, write_parquet
 from tests.fakes.server import FakeServer, expected_reply
 
 OUTPUT = Path("data/out/job.parquet")
@@ -152,3 +157,64 @@ def test_an_input_column_outside_the_prompt_edited_is_written(workdir: Path, ser
     assert run_cli("job") == 0
     assert server.stats()["requests"] == 30
     assert read_output(OUTPUT).column("note").to_pylist() == [f"note {i}" for i in range(30)]
+
+
+_NEVER_LOADED = ("aiohttp", "genai_prices", "tiktoken", "mistral_common", "tokenizers")
+
+
+def test_a_noop_rerun_in_a_fresh_process_loads_no_http_client_tokenizer_or_catalog(
+    workdir: Path, server: FakeServer
+) -> None:
+    price_catalog._cached_lookup.cache_clear()  # as in a fresh process: this test's cache folder gets the lookup
+    _finished(workdir, server)
+    code = (
+        "import contextlib, io, json, sys\nfrom pipeline.cli.app import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n    code = main(['run', 'job', '--json'])\n"
+        "print(json.dumps({'code': code, 'summary': json.loads(out.getvalue()), 'modules': sorted(sys.modules)}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for _ in range(2):  # the first rerun reads the input, the second trusts what the first found
+        res = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        found = json.loads(res.stdout.strip().splitlines()[-1])
+        assert found["code"] == 0 and found["summary"]["rows_resumed"] == 30
+        loaded = {m.split(".")[0] for m in found["modules"]} & set(_NEVER_LOADED)
+        assert not loaded, loaded
+    assert server.stats()["requests"] == 30
+
+
+@pytest.mark.parametrize("limits", [{}, {"requests_per_minute": "auto"}])
+def test_the_settled_driver_sums_up_as_the_realtime_driver_would(
+    workdir: Path,
+    server: FakeServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    limits: dict[str, object],
+) -> None:
+    _finished(workdir, server, limits=limits)
+    settled = _summary(capsys)
+    monkeypatch.setattr(run_module, "settled_rows", lambda plan, journal, options: None)  # the realtime driver
+    realtime = _summary(capsys)
+    settled.pop("wall_s"), realtime.pop("wall_s")
+    assert settled == realtime
+    assert server.stats()["requests"] == 30
+
+
+def test_the_second_noop_rerun_does_not_read_the_input(
+    workdir: Path, server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _finished(workdir, server)
+    assert run_cli("job") == 0  # reads the input, finds every row done, and the journal remembers it
+
+    def unread(self: Plan) -> None:
+        raise AssertionError("the input was read")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Plan, "batches", unread)
+        assert run_cli("job") == 0
+    # A status changed in place (no new row, no new write time): the pass runs again and sends that row.
+    with sqlite3.connect(JOURNAL) as conn:
+        conn.execute("UPDATE results SET status = 'transient' WHERE rowid = (SELECT min(rowid) FROM results)")
+    assert run_cli("job") == 0
+    assert server.stats()["requests"] == 31
+    _rows_right(OUTPUT, 30)

@@ -110,3 +110,12 @@ def test_prices_that_change_with_the_clock_are_not_kept() -> None:
     assert not _timeless(model(None, later), now)
     assert not _timeless(model(None, off_peak), now)
     assert not _timeless(model(variant=off_peak), now)
+
+
+@pytest.mark.parametrize(
+    "module", ["pipeline.cli.report", "pipeline.config.job", "pipeline.engine.run", "pipeline.engine.plan"]
+)
+def test_what_a_rerun_imports_loads_no_http_client_and_no_price_catalog(module: str) -> None:
+    """A rerun with nothing to send needs neither aiohttp nor genai-prices: both load where first used."""
+    loaded = _imported_after(f"import {module}")
+    assert not loaded & {"aiohttp", "genai_prices", "tiktoken", "mistral_common", "tokenizers"}, sorted(loaded)
