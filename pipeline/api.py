@@ -46,7 +46,7 @@ from pydantic import ValidationError
 from pipeline.config.job import Job, describe_validation_error, load_job
 from pipeline.engine.plan import KeyScheme, Plan, prepare
 from pipeline.engine.reports import Estimate, JobStatus, RunSummary, html_table
-from pipeline.errors import ExitCode, JobError, UserError
+from pipeline.errors import ExitCode, InputError, JobError, UserError
 from pipeline.evaluation.evaluate import aevaluate_job
 from pipeline.evaluation.results import EvalOptions, Evaluation
 from pipeline.io import fs
@@ -207,6 +207,7 @@ async def arun(
     from pipeline.engine.run import run_plan
     from pipeline.engine.selection import pick_sample
     from pipeline.engine.session import RunOptions
+    from pipeline.engine.settlement import StopKind
 
     sample = check_sample(sample)
     if engine not in ("default", "ray"):
@@ -235,6 +236,10 @@ async def arun(
         result = await _steered(lambda controls: run_plan(prepared, options, controls, ray=settings))
     else:
         result = await _steered(lambda controls: run_plan(prepared, options, controls))
+    if result.summary.stop_kind == StopKind.INPUT_ERROR:
+        # A bad record found while streaming (the file changed during the run): the
+        # CLI's exit 2 and its line; the answers paid for are in the journal and the output.
+        raise InputError(result.summary.stop_reason or "the input could not be read")
     rows = sorted(pick_sample(sample, prepared.total_rows, seed) or ()) if sample else None
     table = result.table
     if table is None or rows is not None:

@@ -25,6 +25,8 @@ def print_summary(plan: Plan, result: RunResult, args: argparse.Namespace) -> No
         fields = summary.to_dict()
         if summary.exit_code == ExitCode.STOPPED:
             fields["error"] = _stopped(plan, summary)  # what stopped it, as for any other exit 3
+        elif summary.exit_code == ExitCode.USAGE and summary.stop_reason:
+            fields["error"] = summary.stop_reason  # a bad record deep in the input
         print(json.dumps(fields))  # one JSON object, for scripts
         _print_problems(plan, summary)  # and the error line on stderr, as with --quiet
         return
@@ -132,6 +134,8 @@ def pinnable(rpm: float) -> int:
 def _stop_lines(s: RunSummary, job_arg: str) -> list[str]:
     if s.exit_code == ExitCode.STOPPED:
         return [f"  stopped: {s.stop_reason}", f"  resume with: pipeline run {job_arg}"]
+    if s.exit_code == ExitCode.USAGE and s.stop_reason:  # a bad record deep in the input
+        return [f"  stopped: {s.stop_reason}"]
     if s.exit_code == ExitCode.ROWS_FAILED:
         return [
             f"  {_rows_have_an_error(s)} (see the error column); "
@@ -145,6 +149,8 @@ def _print_problems(plan: Plan, s: RunSummary) -> None:
     """``--quiet`` and ``--json``: nothing on success; one line per problem on stderr."""
     if s.exit_code == ExitCode.STOPPED:
         print(f"pipeline: {_stopped(plan, s)}", file=sys.stderr)
+    elif s.exit_code == ExitCode.USAGE and s.stop_reason:  # a bad record deep in the input
+        print(f"pipeline: error: {s.stop_reason}", file=sys.stderr)
     elif s.exit_code == ExitCode.ROWS_FAILED:
         print(
             f"pipeline: {plan.job.name}: {_rows_have_an_error(s)} (see the error column of {s.output})",

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from pipeline.engine.canary import CanaryVerdict
     from pipeline.engine.lanes import LaneCost
     from pipeline.engine.limits.limiter import LimitSource
+    from pipeline.engine.settlement import StopKind
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class RunSummary:
     """Prompt tokens this run read from the provider's prompt cache (billed at the cached price)."""
     cache_saved_usd: float = 0.0
     """What reading them from the cache saved against the input price."""
+    stop_kind: StopKind | None = None
+    """Why the run stopped early (``budget``, ``user``, ``input_error``, ...; a ``str``), None when it did not."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

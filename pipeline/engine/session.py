@@ -203,12 +203,16 @@ class Session:
                 (batch, keys, [rendered.prompt_hash(i) for i in range(batch.num_rows)])
                 for batch, keys, rendered in plan.batches()
             )
+        written = 0
         try:
-            yield from batches
-        except InputError:
-            if self.stops.stopped:
-                return  # the run stopped on this record: write what came before it
-            raise
+            for item in batches:
+                yield item
+                written += item[0].num_rows
+        except InputError as exc:
+            # The run stopped on this record, or the file changed after it was read
+            # and paid for: write what comes before it, and say so.
+            if not self.stops.stopped:
+                self.stops.stop(StopReason.input_error(f"{exc}; the output holds the first {written} rows"))
 
     def write_output(self, batches: OutputBatches) -> tuple[int, int, pa.Table | None]:
         return write_plan_output(self.plan, self.journal, batches, self.stops)
@@ -299,6 +303,7 @@ def build_result(
         model=plan.model_name,
         exit_code=code,
         stop_reason=stop.message if stop is not None else None,
+        stop_kind=stop.kind if stop is not None else None,
         rows_ok=c.ok,
         rows_failed=c.failed,
         rows_invalid=c.invalid,

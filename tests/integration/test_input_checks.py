@@ -228,18 +228,21 @@ def test_record_error_names_file_and_row_when_a_folder_file_breaks(workdir: Path
 
 
 def test_record_error_in_csv_changed_after_the_checks(workdir: Path) -> None:
-    """A CSV that gained a bad line after opening: the error names the row after the last good one."""
+    """A CSV that gained a bad line after opening: the rows before it are read, the error names it."""
     path = workdir / "data" / "in.csv"
     path.write_text("id,n\n1,10\n2,20\n3,30\n", encoding="utf-8")
     source = Source.open(path, batch_size=2)
     assert source.schema.field("n").type == pa.int64()
     with path.open("a", encoding="utf-8") as fh:
         fh.write("4,forty\n")  # no longer an integer column
+    seen = []
     with pytest.raises(RecordError) as caught:
-        list(source.batches())
+        for batch in source.batches():
+            seen += batch.column("id").to_pylist()
+    assert seen == [1, 2, 3]
     assert caught.value.path == path
-    assert caught.value.row == 3  # rows 1-2 were read; the batch of rows 3-4 holds the bad one
-    assert "in.csv: row 3:" in str(caught.value) and "'forty'" in str(caught.value)
+    assert caught.value.row == 4  # the bad row itself, counted from 1 like every data row
+    assert "in.csv: row 4:" in str(caught.value) and "'forty'" in str(caught.value)
 
 
 # ------------------------------------------------------------------- forced dtypes

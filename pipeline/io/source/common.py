@@ -85,19 +85,29 @@ def check_forced(
     path: DataPath, column: str, values: pa.Array, kind: pa.DataType, first_row: int, *, text: bool
 ) -> None:
     """Every value of ``column`` converts to its forced type, or name the first that does not."""
+    found = first_unconvertible(values, kind, text=text)
+    if found is not None:
+        i, value = found
+        raise InputError(f"[input] dtypes: column {column!r} row {first_row + i} of {path}: {value!r} is not {kind}")
+
+
+def first_unconvertible(values: pa.Array, kind: pa.DataType, *, text: bool) -> tuple[int, object] | None:
+    """(Index, value) of the first value that does not convert to ``kind``, or None when all do.
+
+    ``text``: CSV text, where an empty cell is a missing value.
+    """
     convert = cast_text if text else cast
     try:
         convert(values, kind)
-        return
+        return None
     except READ_ERRORS:
         pass
     for i, value in enumerate(values.to_pylist()):
         try:
             convert(pa.array([value], values.type), kind)
         except READ_ERRORS:
-            raise InputError(
-                f"[input] dtypes: column {column!r} row {first_row + i} of {path}: {value!r} is not {kind}"
-            ) from None
+            return i, value
+    return None
 
 
 def cast(values: pa.Array, kind: pa.DataType) -> pa.Array:

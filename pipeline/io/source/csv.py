@@ -11,6 +11,8 @@ and so do the columns named in ``keep_text`` (the id column).
 from __future__ import annotations
 
 import codecs
+import csv
+import io
 from collections.abc import Callable
 
 import pyarrow as pa
@@ -89,7 +91,7 @@ def _csv_step(path: DataPath, rows: int, step: Callable[[], T]) -> T:
     try:
         return step()
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-        _raise_if_not_utf8(path, exc)
+        raise_if_not_utf8(path, exc)
         where = f" after row {rows}" if rows else ""
         raise InputError(f"{path}: cannot read csv{where}: {one_line(exc)}") from None
 
@@ -156,7 +158,7 @@ def _round_trips(values: pa.Array, kind: pa.DataType) -> bool:
     return bool(pc.all(pc.equal(back, values)).as_py())
 
 
-def _raise_if_not_utf8(path: DataPath, exc: Exception) -> None:
+def raise_if_not_utf8(path: DataPath, exc: Exception) -> None:
     """Turn a reader's bare "invalid UTF8" into the file's line and byte."""
     text = str(exc).lower()
     if not isinstance(exc, UnicodeDecodeError) and "utf8" not in text and "utf-8" not in text:
@@ -168,6 +170,22 @@ def _raise_if_not_utf8(path: DataPath, exc: Exception) -> None:
     raise InputError(
         f"{path}: line {line}: byte 0x{byte:02x} is not valid UTF-8; save the file as UTF-8 and rerun"
     ) from None
+
+
+def first_ragged_row(path: DataPath, start: int) -> int | None:
+    """The first data row (from 1) past ``start`` whose field count differs from the header's, or None.
+
+    The CSV reader says which text it could not parse but not where: only read again after that error.
+    """
+    with fs.open_binary(path) as handle:
+        rows = csv.reader(io.TextIOWrapper(handle, encoding="utf-8", errors="replace", newline=""))
+        header = next(rows, None)
+        if header is None:
+            return None
+        for row, fields in enumerate(rows, start=1):
+            if row > start and fields and len(fields) != len(header):
+                return row
+    return None
 
 
 def first_invalid_utf8(path: DataPath) -> tuple[int, int] | None:

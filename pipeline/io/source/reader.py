@@ -16,6 +16,7 @@ the file reaches the prompt unchanged. ``[input] dtypes`` forces a type.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -33,13 +34,28 @@ from pipeline.io.source.common import (
     Cursor,
     cast,
     cast_text,
+    first_unconvertible,
     forced_types,
     one_line,
     rebatch,
 )
-from pipeline.io.source.csv import csv_reader, open_csv
+from pipeline.io.source.csv import csv_reader, first_ragged_row, open_csv, raise_if_not_utf8
 from pipeline.io.source.jsonl import open_jsonl
 from pipeline.io.source.parquet import open_parquet, parquet_files
+
+# Where a reader's error names the row: the JSON reader counts from 0 within its block;
+# the CSV reader gives the text of a row with the wrong number of fields, not its number.
+_JSON_ROW = re.compile(r" in row (\d+)")
+_CSV_RAGGED = "CSV parse error: Expected"
+
+
+class _Unconvertible(Exception):
+    """A batch with a value that does not convert: the rows before it, and the error naming its row."""
+
+    def __init__(self, before: pa.RecordBatch, error: RecordError) -> None:
+        super().__init__(str(error))
+        self.before = before
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -103,39 +119,93 @@ class Source:
         """
         cursor = Cursor(self.path)
         try:
-            for batch in self._raw_batches(columns, cursor):
-                if batch.num_rows:
-                    cursor.row += batch.num_rows
-                    yield batch
-        except READ_ERRORS as exc:
-            problem = f"cannot read {self.format}: {one_line(exc)}"
+            try:
+                for batch in self._raw_batches(columns, cursor):
+                    if batch.num_rows:
+                        cursor.row += batch.num_rows
+                        yield batch
+            except _Unconvertible as partial:
+                if partial.before.num_rows:
+                    yield partial.before  # the rows before the bad one are as good as ever
+                raise partial.error from None
+        except KeyError as exc:  # a column the job reads is gone: the file was replaced during the run
+            detail = one_line(exc.args[0] if exc.args else exc)
+            problem = f"cannot read {self.format}: its columns changed since the run began ({detail})"
             raise RecordError(cursor.file, cursor.row + 1, problem) from None
+        except READ_ERRORS as exc:
+            raise self._read_error(cursor, exc) from None
+
+    def _read_error(self, cursor: Cursor, exc: Exception) -> InputError:
+        """A reader's error naming the row: readers count rows per block of the file, or not at all."""
+        row = cursor.row + 1  # every row before the failed block was yielded
+        if self.format == "jsonl" and (found := _JSON_ROW.search(str(exc))):
+            row = cursor.row + int(found[1]) + 1
+        elif self.format == "csv":
+            raise_if_not_utf8(cursor.file, exc)
+            if _CSV_RAGGED in str(exc):
+                row = first_ragged_row(cursor.file, cursor.row) or row
+        return RecordError(cursor.file, row, f"cannot read {self.format}: {one_line(exc)}")
 
     def _raw_batches(self, columns: list[str] | None, cursor: Cursor) -> Iterator[pa.RecordBatch]:
         names = columns or self.schema.names
         if self.format == "parquet":
             yield from self._parquet_batches(names, cursor)
         elif self.format == "csv":
-            yield from self._csv_batches(names)
+            yield from self._csv_batches(names, cursor)
         else:
-            yield from self._jsonl_batches(names)
+            yield from self._jsonl_batches(names, cursor)
 
-    def _convert(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """Apply ``casts`` to the columns of ``batch`` that have one."""
+    def _convert(self, batch: pa.RecordBatch, cursor: Cursor, *stages: Mapping[str, pa.DataType]) -> pa.RecordBatch:
+        """Cast the columns each stage names, in turn.
+
+        A value that does not convert (the file changed since it was opened and
+        checked) is a :class:`_Unconvertible`: the rows before it, converted, and
+        the error naming its row.
+        """
+        for types in stages:
+            try:
+                batch = self._cast(batch, types)
+            except READ_ERRORS:
+                found = self._first_unconvertible(batch, types)
+                if found is None:
+                    raise
+                i, problem = found
+                error = RecordError(cursor.file, cursor.row + i + 1, problem)
+                raise _Unconvertible(self._convert(batch.slice(0, i), cursor, *stages), error) from None
+        return batch
+
+    def _cast(self, batch: pa.RecordBatch, types: Mapping[str, pa.DataType]) -> pa.RecordBatch:
         names = batch.schema.names
-        if not any(name in self.casts for name in names):
+        if not any(name in types and batch.schema.field(name).type != types[name] for name in names):
             return batch
         # CSV columns are read as text: an empty cell is a missing value, not a parse error.
         convert = cast_text if self.format == "csv" else cast
         arrays = [
-            convert(column, self.casts[name]) if name in self.casts else column
+            convert(column, types[name]) if name in types else column
             for name, column in zip(names, batch.columns, strict=True)
         ]
-        return pa.RecordBatch.from_arrays(arrays, schema=pa.schema([self.schema.field(n) for n in names]))
+        fields = [
+            self.schema.field(n).with_type(a.type) if n in self.schema.names else pa.field(n, a.type)
+            for n, a in zip(names, arrays, strict=True)
+        ]
+        return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+    def _first_unconvertible(self, batch: pa.RecordBatch, types: Mapping[str, pa.DataType]) -> tuple[int, str] | None:
+        """The index of the batch's first row with a value that does not convert, and the problem."""
+        first: tuple[int, str] | None = None
+        for name in batch.schema.names:
+            found = (
+                first_unconvertible(batch.column(name), types[name], text=self.format == "csv")
+                if name in types
+                else None
+            )
+            if found is not None and (first is None or found[0] < first[0]):
+                first = (found[0], f"column {name!r} holds {found[1]!r}, not {types[name]} as when the run began")
+        return first
 
     def _parquet_batches(self, names: list[str], cursor: Cursor) -> Iterator[pa.RecordBatch]:
         read_schema = self.read_schema or self.schema
-        target = pa.schema([read_schema.field(n) for n in names])
+        widen = {n: read_schema.field(n).type for n in names}
         for file in parquet_files(self.path):
             cursor.start(file)
             # Buffered, un-prebuffered reads decode a large row group page by page
@@ -144,16 +214,17 @@ class Source:
             parquet = pq.ParquetFile(fs.readable(file), pre_buffer=False, buffer_size=1 << 20)
             for batch in parquet.iter_batches(batch_size=self.batch_size, columns=names):
                 # Files of a folder may order (or widen) their columns differently.
-                yield self._convert(batch if batch.schema == target else batch.select(names).cast(target))
+                batch = batch if batch.schema.names == names else batch.select(names)
+                yield self._convert(batch, cursor, widen, self.casts)
 
-    def _csv_batches(self, names: list[str]) -> Iterator[pa.RecordBatch]:
+    def _csv_batches(self, names: list[str], cursor: Cursor) -> Iterator[pa.RecordBatch]:
         # Read as text, then convert with the very function that chose the types,
         # so what the first pass accepted is what is read.
         reader = csv_reader(self.path, names)
         for batch in rebatch(reader, self.batch_size):
-            yield self._convert(batch)
+            yield self._convert(batch, cursor, self.casts)
 
-    def _jsonl_batches(self, names: list[str]) -> Iterator[pa.RecordBatch]:
+    def _jsonl_batches(self, names: list[str], cursor: Cursor) -> Iterator[pa.RecordBatch]:
         # An explicit schema from the first pass: the reader would otherwise infer
         # types from its first block only and fail on a column that starts null.
         parse = pajson.ParseOptions(explicit_schema=self.read_schema or self.schema)
@@ -161,7 +232,7 @@ class Source:
             fs.readable(self.path), read_options=pajson.ReadOptions(block_size=BLOCK), parse_options=parse
         )
         for batch in rebatch(reader, self.batch_size):
-            yield self._convert(batch.select(names))
+            yield self._convert(batch.select(names), cursor, self.casts)
 
     def count_rows(self) -> int:
         """Row count: known from opening, or from Parquet metadata."""
