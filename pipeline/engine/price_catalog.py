@@ -76,12 +76,8 @@ def default_cache_dir() -> Path:
 
 def catalog_version() -> str:
     """``genai-prices 0.2.5`` (or "genai-prices (not installed)")."""
-    try:
-        from importlib.metadata import version
-
-        return f"genai-prices {version('genai-prices')}"
-    except Exception:  # not installed
-        return "genai-prices (not installed)"
+    version = _installed_version()
+    return "genai-prices (not installed)" if version is None else f"genai-prices {version}"
 
 
 def catalog_prices(model: str, provider: str) -> CatalogPrices | None:
@@ -89,13 +85,31 @@ def catalog_prices(model: str, provider: str) -> CatalogPrices | None:
     return _cached_lookup(model.strip().lower(), provider)
 
 
+@lru_cache(maxsize=1)
 def _installed_version() -> str | None:
-    """genai-prices' version from its metadata (the package itself is not imported), or None."""
+    """genai-prices' version from its metadata (the package itself is not imported), or None.
+
+    The ``genai_prices-X.Y.Z.dist-info`` folder beside the package names it: finding
+    that folder is a directory listing, where ``importlib.metadata`` scans every
+    entry of ``sys.path`` (0.01 s of a rerun). Any other layout asks it.
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("genai_prices")
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.origin is not None:
+        found = sorted(Path(spec.origin).parent.parent.glob("genai_prices-*.dist-info"))
+        if len(found) == 1:
+            return found[0].name.removeprefix("genai_prices-").removesuffix(".dist-info")
     try:
         from importlib.metadata import version
 
         return version("genai-prices")
-    except Exception:  # not installed
+    except Exception:  # installed without metadata
         return None
 
 

@@ -101,7 +101,8 @@ def opened(plan: Plan, options: RunOptions) -> Iterator[Journal]:
         try:
             if plan.key_scheme != KeyScheme.ID:  # --fresh may have replaced the journal prepare() read
                 plan.key_scheme = KeyScheme(journal.get_meta(Meta.KEY_SCHEME) or KeyScheme.CONTENT)
-            journal.set_meta(Meta.TOTAL_ROWS, str(plan.total_rows))
+            if journal.get_meta(Meta.TOTAL_ROWS) != str(plan.total_rows):  # a rerun writes nothing it need not
+                journal.set_meta(Meta.TOTAL_ROWS, str(plan.total_rows))
             yield journal
         finally:
             journal.close()
@@ -256,7 +257,8 @@ def write_plan_output(
     except OSError as exc:
         stops.stop(StopReason.output_write(plan.output_path, exc))
         return 0, 0, None
-    record_output(plan, journal, rows, errors)
+    if not stops.stopped:  # a run that stopped (the input edited mid-run) may have written part of it
+        record_output(plan, journal, rows, errors)
     return rows, errors, None
 
 

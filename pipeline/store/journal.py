@@ -195,6 +195,7 @@ class Journal:
                 f"(or rerun with --fresh, which keeps it as *.old) and rerun"
             ) from None
         self._group = _Group()
+        self._fingerprint: tuple[int, list[Any]] | None = None  # (total_changes when read, figures)
 
     def _create_or_migrate(self) -> None:
         new = self.conn.execute("SELECT name FROM sqlite_master WHERE name = 'results'").fetchone() is None
@@ -261,10 +262,15 @@ class Journal:
 
         ``INSERT OR REPLACE`` gives a rewritten row a new ``updated`` time (and
         mostly a new row id), so a retried row changes it too; the counts per
-        status catch a status changed in place.
+        status catch a status changed in place. Read once per state of this
+        connection (``total_changes`` counts every row it wrote; the run lock
+        keeps other processes from writing): a rerun asks twice.
         """
-        figures = self.conn.execute(_FINGERPRINT).fetchone()
-        return [*figures, self.get_meta(Meta.SPENT_USD)]
+        changes = self.conn.total_changes
+        if self._fingerprint is None or self._fingerprint[0] != changes:
+            figures = self.conn.execute(_FINGERPRINT).fetchone()
+            self._fingerprint = (changes, [*figures, self.get_meta(Meta.SPENT_USD)])
+        return self._fingerprint[1]
 
     def done_rows(self, *, retry_failed: bool = False) -> int:
         """Rows a run would not send again (``ok`` alone with ``retry_failed``), whatever their prompt."""
