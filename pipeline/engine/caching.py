@@ -18,6 +18,7 @@ one reads its cacheable part from the cache.
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -175,9 +176,9 @@ class SharedPrefixes:
             total = 0
             for user, earlier in group.pairs:
                 # After the stable head, both go on as their own tokens: count the ones they share.
-                mine = encode_text(_template_text(counter, system, user)[len(base_head) :])
-                theirs = encode_text(_template_text(counter, system, earlier)[len(base_head) :])
-                total += rule.cacheable(base_tokens + _shared_count(mine, theirs))
+                mine = _template_text(counter, system, user)[len(base_head) :]
+                theirs = _template_text(counter, system, earlier)[len(base_head) :]
+                total += rule.cacheable(base_tokens + _shared_tokens(mine, theirs))
             total += (group.rows - 1 - len(group.pairs)) * rule.cacheable(base_tokens)
             if total:
                 groups += 1
@@ -195,6 +196,30 @@ def _closest_earlier(seen: list[str], user: str) -> str:
             best, best_length = neighbour, length
     seen.insert(at, user)
     return best
+
+
+# An ASCII letter followed by an ASCII non-letter: Tekken's pre-tokenizer always cuts between
+# them (see tokens._split_stable_head), so the tokens before such a cut never depend on what follows.
+_CUT = re.compile(r"[A-Za-z](?=[\x00-\x40\x5b-\x60\x7b-\x7f])")
+
+
+def _shared_tokens(a: str, b: str) -> int:
+    """How many tokens ``a`` and ``b`` share at the start: ``_shared_count(encode(a), encode(b))``.
+
+    Cheaper than encoding both texts: where they part at character ``p``,
+    the tokens before the last cut common to both (before ``p``) are the
+    same in both and only counted, and the tokens they share all end by the
+    end of character ``p`` (equal tokens are equal bytes), so each text is
+    encoded only up to its first cut after ``p``.
+    """
+    p = len(_common_prefix(a, b))
+    cuts = [m.end() for m in _CUT.finditer(a, 0, p)]  # within a[:p], so a cut in b too
+    head = cuts[-1] if cuts else 0
+    a_end, b_end = _CUT.search(a, p), _CUT.search(b, p)
+    shared = count_text(a[:head]) if head else 0
+    mine = encode_text(a[head : a_end.end() if a_end else len(a)])
+    theirs = encode_text(b[head : b_end.end() if b_end else len(b)])
+    return shared + _shared_count(mine, theirs)
 
 
 def _shared_count(a: list[int], b: list[int]) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
+from pipeline.engine import caching
 from pipeline.engine.caching import CacheRule, SharedPrefixes, cache_rule
 from pipeline.engine.limits.inflight import InFlightWindow
-from pipeline.engine.tokens import counter_for
+from pipeline.engine.tokens import counter_for, encode_text
 from pipeline.engine.warmup import PrefixWarmer, prefix_key
 from pipeline.providers.credit import LimitKind, credit_limit
 from pipeline.providers.usage import Usage, parse_cost, parse_usage
@@ -117,6 +119,22 @@ def test_shared_prefix_in_exact_tokens_matches_the_server_cache():
         cache.finished(tokens)
     assert estimate.groups == 1
     assert estimate.cached_tokens <= cached <= estimate.cached_tokens * 1.02
+
+
+def test_shared_tokens_of_two_texts_equal_comparing_their_whole_encodings():
+    """Only the stretch where two prompts part is encoded; the count is that of whole encodings."""
+    from tests.unit.test_tokens import random_text
+
+    rng = random.Random(11)
+    for _ in range(3000):
+        start = random_text(rng, 10)
+        a, b = start + random_text(rng, 6), start + random_text(rng, 6)
+        if rng.random() < 0.1:
+            b = a
+        elif rng.random() < 0.1:
+            b = a[: rng.randint(0, len(a))]
+        want = caching._shared_count(encode_text(a), encode_text(b))
+        assert caching._shared_tokens(a, b) == want, (a, b)
 
 
 def test_rows_without_a_shared_start_share_nothing():

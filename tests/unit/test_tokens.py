@@ -113,10 +113,10 @@ EDGE_CASES: list[tuple[str | None, str]] = [
 
 @pytest.mark.parametrize(("system", "user"), EDGE_CASES)
 def test_edge_cases_match_encode_chat_completion(mistral: MistralTokenizer, system: str | None, user: str) -> None:
-    # Twice over, so a system prompt is counted both as a one-off (first call)
-    # and as a shared prompt split at its stable head (second call).
+    # Row by row (few rows) and in a batch counted piece by piece (many rows).
     assert_matches_reference(mistral, [system], [user])
-    assert_matches_reference(mistral, [system, system], [user, user])
+    want = reference(mistral, system, user)
+    assert TekkenV3ChatCounter().count_chat([system] * 70, [user] * 70) == [want] * 70
 
 
 @pytest.mark.parametrize(
@@ -124,9 +124,10 @@ def test_edge_cases_match_encode_chat_completion(mistral: MistralTokenizer, syst
     ["abc", "abc.", "abc ", "abc\n", "abc...\n\n", "It's", "ÉCOLE", "naïve", "a1", "a b c d", "end."],
 )
 def test_shared_system_split_is_exact(mistral: MistralTokenizer, system: str) -> None:
-    # Systems ending right at, or just after, the cut point with users that
-    # start with every kind of character the Tekken pattern distinguishes.
-    users = ["", " x", "x", "X", "\n", "\n\nx", ".", "1", "é", "🙂", "'s", "  \n", "/"]
+    # Systems ending right at, or just after, a cut point with users that
+    # start with every kind of character the Tekken pattern distinguishes
+    # (five times over: enough rows to be counted piece by piece).
+    users = ["", " x", "x", "X", "\n", "\n\nx", ".", "1", "é", "🙂", "'s", "  \n", "/"] * 5
     assert_matches_reference(mistral, [system] * len(users), users)
 
 
@@ -140,6 +141,66 @@ def test_split_stable_head_is_additive(mistral: MistralTokenizer) -> None:
         suffix = tail + random_text(rng, 4)
         whole = len(encoding.encode_ordinary(head + suffix))
         assert whole == len(encoding.encode_ordinary(head)) + len(encoding.encode_ordinary(suffix))
+
+
+# Texts for the batch counter: the random ones above plus what a prompt template
+# renders (placeholders, literal braces), text without any ASCII letter (one
+# long piece), NUL bytes, letters next to marks and digits, and very long rows.
+# fmt: off
+BATCH_EXTRAS = [
+    "", " ", "\n\n", "{text}", "{{text}}", "Classify: {text}\n\n", "Review: {{ not a field }}",
+    "日本語のテキストです。" * 40, "١٢٣٤٥٦٧٨٩٠" * 10, "0123456789" * 50, "a\x00b", "\x00",
+    "ab\u0301c", "a\u0301", "x1y2z3", "A.B.C.", "word" * 300, "word " * 2000, "🙂" * 100,
+    "👩‍💻👩‍💻 done", "Ünïcödé ÀÉÎ", "tab\tand\r\nlines\n", "ends with letter", "z",
+]
+# fmt: on
+
+
+def batch_texts(rng: random.Random, n: int) -> list[str]:
+    return [
+        rng.choice(BATCH_EXTRAS) + random_text(rng, 30) if rng.random() < 0.3 else random_text(rng, 30)
+        for _ in range(n)
+    ]
+
+
+def test_count_texts_equals_counting_each_text(mistral: MistralTokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch counter (pieces, chunks, a bounded memo of pieces) gives every text's exact count."""
+    encoding = mistral.instruct_tokenizer.tokenizer._model  # type: ignore[attr-defined]
+    rng = random.Random(20261205)
+    texts = batch_texts(rng, 3000) + BATCH_EXTRAS * 3
+    rng.shuffle(texts)
+    # Small chunks and a small memo, so several chunks, a short last one and clearing the memo are all exercised.
+    monkeypatch.setattr(tokens, "_PIECES_CHUNK", 700)
+    monkeypatch.setattr(tokens, "_KNOWN_PIECES_MAX", 500)
+    monkeypatch.setattr(tokens, "_known_pieces", {})
+    want = [len(encoding.encode_ordinary(text)) for text in texts]
+    assert tokens.count_texts(texts) == want
+    assert tokens.count_texts(texts) == want  # again, with pieces remembered from the first pass
+
+
+def test_count_texts_falls_back_for_text_arrow_cannot_hold(mistral: MistralTokenizer) -> None:
+    # A lone surrogate (possible from the Python API) is no valid UTF-8: tiktoken's own fix-up counts it.
+    encoding = mistral.instruct_tokenizer.tokenizer._model  # type: ignore[attr-defined]
+    texts = ["fine text"] * 70 + ["bad \ud800 surrogate"]
+    assert tokens.count_texts(texts) == [len(encoding.encode_ordinary(text)) for text in texts]
+
+
+def test_encoding_read_from_file_is_mistral_commons_own(mistral: MistralTokenizer) -> None:
+    theirs = mistral.instruct_tokenizer.tokenizer._model  # type: ignore[attr-defined]
+    ours = tokens._encoding_from_file()
+    assert ours._pat_str == theirs._pat_str
+    assert ours._mergeable_ranks == theirs._mergeable_ranks
+    assert ours._special_tokens == theirs._special_tokens == {}
+
+
+def test_without_the_bundled_file_the_mistral_tokenizer_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing() -> None:
+        raise OSError("no such file")
+
+    monkeypatch.setattr(tokens, "_encoding_from_file", missing)
+    encode = tokens._load_encode()  # mistral-common's own Tekkenizer, ~1 s slower
+    text = "Hello, world! [INST] café 🙂 {text}"
+    assert encode(text) == tokens.encode_text(text)
 
 
 def test_length_mismatch_is_an_error() -> None:
