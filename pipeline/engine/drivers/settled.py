@@ -35,14 +35,14 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Settled:
+class AllDone:
     """Every input row is done: how many, and when looking started (the run's wall time counts from there)."""
 
     done: int
     started: float  # time.monotonic()
 
 
-def settled_rows(plan: Plan, journal: Journal, options: RunOptions) -> Settled | None:
+def settled_rows(plan: Plan, journal: Journal, options: RunOptions) -> AllDone | None:
     """The input's rows, all done in the journal under their current prompt; None when any needs doing."""
     started = time.monotonic()
     if options.sample or options.rows is not None or options.fresh or plan.job.model.mode == "batch":
@@ -50,7 +50,7 @@ def settled_rows(plan: Plan, journal: Journal, options: RunOptions) -> Settled |
     retry_failed = options.retry_failed
     known = settled_before(plan, journal, retry_failed)
     if known is not None:  # nothing the pass depends on changed since it last found every row done
-        return Settled(known, started)
+        return AllDone(known, started)
     # Every input row has its own key (repeated content gets "#2", "#3"), so this is necessary, and cheap.
     if journal.done_rows(retry_failed=retry_failed) < plan.total_rows:
         return None
@@ -65,11 +65,11 @@ def settled_rows(plan: Plan, journal: Journal, options: RunOptions) -> Settled |
     except InputError:
         return None  # the realtime driver sends the rows before the bad record and reports it
     record_settled(plan, journal, retry_failed, done)
-    return Settled(done, started)
+    return AllDone(done, started)
 
 
 async def run_settled(
-    plan: Plan, journal: Journal, options: RunOptions, controls: Controls | None, settled: Settled
+    plan: Plan, journal: Journal, options: RunOptions, controls: Controls | None, settled: AllDone
 ) -> RunResult:
     """The run when :func:`settled_rows` found every row done: write the output, sum up."""
     session = Session(plan, journal, options, controls)
