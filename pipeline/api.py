@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import html
+import numbers
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 from pydantic import ValidationError
 
-from pipeline.config.job import Job, describe_validation_error, load_job
+from pipeline.config.job import Job, check_job_name, describe_validation_error, load_job
 from pipeline.engine.plan import KeyScheme, Plan, prepare
 from pipeline.engine.reports import Estimate, JobStatus, RunSummary, html_table
 from pipeline.errors import ExitCode, InputError, JobError, UserError
@@ -124,7 +125,7 @@ def load(job: JobLike) -> Job:
         return job
     if isinstance(job, dict):
         fields = dict(job)
-        name = str(fields.pop("name", "job"))
+        name = check_job_name(fields.pop("name", "job"))
         try:
             return Job.model_validate(fields).model_copy(update={"name": name})
         except ValidationError as exc:
@@ -164,9 +165,10 @@ def check_sample(sample: Any) -> int | None:
     """``sample`` as the CLI's ``--sample`` takes it: a positive whole number of rows, or None."""
     if sample is None:
         return None
-    if isinstance(sample, bool) or not isinstance(sample, int) or sample <= 0:
+    # numbers.Integral: a numpy whole number (``len(df) // 10`` on numpy figures) counts too.
+    if isinstance(sample, bool) or not isinstance(sample, numbers.Integral) or sample <= 0:
         raise UserError(f"sample: must be a positive whole number of rows, not {sample!r}")
-    return sample
+    return int(sample)
 
 
 def check_workers(workers: Any, address: str | None) -> int | None:

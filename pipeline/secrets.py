@@ -36,8 +36,10 @@ class Redactor:
         forms: set[str] = set()
         for secret in secrets:
             if secret and len(secret) >= MIN_SECRET_LENGTH:
-                # The forms a server might echo it in: raw, JSON-escaped, URL-encoded.
-                forms.update({secret, json.dumps(secret)[1:-1], quote(secret, safe="")})
+                # The forms a server might echo it in: raw, JSON-escaped, URL-encoded (also
+                # every byte percent-encoded, in either case). JSON \u escapes: see redact_bytes.
+                every = "".join(f"%{b:02x}" for b in secret.encode())
+                forms.update({secret, json.dumps(secret)[1:-1], quote(secret, safe=""), every, every.upper()})
         # Longest first, so a form that contains another is replaced whole.
         self._secrets = sorted(forms, key=len, reverse=True)
         self._secret_bytes = [s.encode("utf-8", "replace") for s in self._secrets]
@@ -87,7 +89,24 @@ class Redactor:
         for secret in self._secret_bytes:
             if secret in raw:
                 raw = raw.replace(secret, MASK.encode())
+        if b"\\u00" in raw:
+            # JSON may write any character as \uXXXX ("sk\u002dor..."): the parsed text would
+            # hold the key although the bytes do not. Spell printable ASCII out, then look again.
+            plain = _ASCII_ESCAPE.sub(_unescape, raw)
+            if any(secret in plain for secret in self._secret_bytes):
+                return self.redact_bytes(plain)
         return raw
+
+
+# A JSON \u escape of printable ASCII, not itself escaped (an even run of backslashes before it).
+_ASCII_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u00([2-7][0-9a-fA-F])")
+
+
+def _unescape(found: re.Match[bytes]) -> bytes:
+    char = int(found[2], 16)
+    if char in (0x22, 0x5C, 0x7F):  # a quote or a backslash stays escaped: the JSON stays valid
+        return found[0]
+    return found[1] + bytes([char])
 
 
 # An environment variable name as shells write it.

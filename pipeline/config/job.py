@@ -223,6 +223,11 @@ class Job(_Section):
     variants: list[VariantSpec] = Field(default_factory=list)
     name: str = Field(default="job", exclude=True)
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return check_job_name(value)
+
     @model_validator(mode="after")
     def _check_structured(self) -> Job:
         if self.prompt.labels is not None and (
@@ -271,6 +276,23 @@ class Job(_Section):
 def identity_hash(identity: dict[str, Any]) -> str:
     canonical = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def check_job_name(name: object) -> str:
+    """A job's name names its journal file (and its progress bar): one file name, no folder in it."""
+    text = name if isinstance(name, str) else None
+    if (
+        not text
+        or text != text.strip()
+        or text.startswith(".")
+        or len(text) > 100
+        or any(c in "/\\" or ord(c) < 32 for c in text)
+    ):
+        raise JobError(
+            f"job: name {name!r} cannot name a journal file: use letters, digits, spaces, '-', '_' or '.' "
+            "(not first), at most 100 characters, no '/'"
+        )
+    return text
 
 
 def resolve_job_path(name_or_path: str, jobs_dir: Path = Path("jobs")) -> Path:

@@ -108,10 +108,11 @@ class StopReason:
         return cls(StopKind.BUDGET, message, limit=limit, reserved_by_batches=reserved_by_batches)
 
     @classmethod
-    def model_gone(cls, error: str | None, successes: int) -> StopReason:
+    def model_gone(cls, error: str | None, successes: int | None) -> StopReason:
+        when = "while a batch ran" if successes is None else f"after {successes} answers"
         return cls(
             StopKind.JOB_REFUSED,
-            f"the provider stopped serving the model after {successes} answers: {error}; "
+            f"the provider stopped serving the model {when}: {error}; "
             "the rows not answered were not sent (or not journaled): rerun later, or check [model] name",
         )
 
@@ -262,6 +263,13 @@ def model_level_failure(reply: Reply, successes: int) -> StopReason | None:
         return StopReason.come_back_later(reply.retry_after, reply.error)
     if successes and reply.kind == ReplyKind.FATAL and reply.status == 404 and _NO_ENDPOINTS.search(reply.error or ""):
         return StopReason.model_gone(reply.error, successes)
+    return None
+
+
+def model_gone_in_batch(reply: Reply) -> StopReason | None:
+    """The stop for a batch result saying the model has no endpoints left (the row is not at fault)."""
+    if reply.kind == ReplyKind.FATAL and reply.status == 404 and _NO_ENDPOINTS.search(reply.error or ""):
+        return StopReason.model_gone(reply.error, None)
     return None
 
 

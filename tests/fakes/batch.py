@@ -57,6 +57,20 @@ CHAT = "/v1/chat/completions"
 LIMITS = {"openrouter": 5_000, "mistral": 100_000, "openai": 50_000}
 
 
+_ECHO_FORMS: dict[str, Any] = {
+    "unicode": lambda key: "".join(f"\\u{ord(c):04x}" for c in key),
+    "lower_hex": lambda key: "".join(f"%{ord(c):02x}" for c in key),
+}
+# Script behaviours: usage objects that carry less than the tokens billed.
+_PARTIAL_USAGE: dict[str, Any] = {
+    "usage_nulls": lambda u: {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None},
+    "usage_total_only": lambda u: {"total_tokens": u.get("total_tokens")},
+    "usage_empty": lambda u: {},
+    "usage_prompt_only": lambda u: {"prompt_tokens": u.get("prompt_tokens")},
+    "usage_zeros": lambda u: {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+}
+
+
 def _ok(result: JSON) -> bool:
     return bool((result.get("response") or {}).get("status_code") == 200)
 
@@ -97,6 +111,9 @@ class BatchConfig:
     expire_stuck: bool = False
     # {n: message}: the n-th batch fails with this message, which also quotes the Authorization header.
     fail_echo: dict[int, str] = field(default_factory=dict)
+    # How an echoed key is written in every answer: "raw", "unicode" (each character a JSON
+    # \\uXXXX escape), "lower_hex" (URL-encoded with lower-case hex, every character).
+    echo_form: str = "raw"
 
 
 @dataclass
@@ -253,6 +270,15 @@ class FakeBatchServer:
             good = self._answer(custom_id, body, batch.model, 200)
             del good["response"]["body"]["usage"]
             return [good]
+        if status in _PARTIAL_USAGE:  # a billed answer whose usage says less than it should
+            good = self._answer(custom_id, body, batch.model, 200)
+            usage = good["response"]["body"].get("usage") or {}
+            good["response"]["body"]["usage"] = _PARTIAL_USAGE[status](usage)
+            return [good]
+        if status == "no_endpoints":  # the model lost its endpoints while the batch ran (not billed)
+            message = f"No endpoints found for {batch.model}."
+            return [{"id": f"req-{custom_id}", "custom_id": custom_id,
+                     "response": {"status_code": 404, "body": error_body(404, message)}, "error": None}]  # fmt: skip
         raise ValueError(f"fakebatch: unknown script behaviour {status!r}")
 
     def _answer(self, custom_id: str, body: JSON, model: str, status: int = 200) -> JSON:
@@ -549,6 +575,11 @@ class FakeBatchServer:
         if not self._authorised(request):
             return web.json_response(error_body(401), status=401)
         response: web.StreamResponse = await handler(request)
+        form = self.config.echo_form
+        if form != "raw" and isinstance(response, web.Response) and isinstance(response.body, bytes):
+            key = request.headers.get("Authorization", "").partition(" ")[2]
+            if key:
+                response.body = response.body.replace(key.encode(), _ECHO_FORMS[form](key).encode())
         return response
 
     def make_app(self) -> web.Application:

@@ -99,6 +99,13 @@ _CONTENT_BEHAVIOURS = {
 }
 
 
+def _cost_field(cost: float, as_string: bool | str) -> float | str:
+    """``usage.cost`` as a number, as its text, or in a format (``" {} "``)."""
+    if isinstance(as_string, str):
+        return as_string.format(cost)
+    return str(cost) if as_string else cost
+
+
 def default_models() -> list[JSON]:
     """The default ``GET /v1/models`` listing (OpenRouter shape)."""
     return [
@@ -402,7 +409,7 @@ class FakeConfig:
     # False: no usage object at all (some OpenAI-compatible servers); stats still add it up.
     include_usage: bool = True
     # True: usage.cost as a JSON string ("0.0000021"), as some proxies send it.
-    cost_as_string: bool = False
+    cost_as_string: bool | str = False  # a str: a format for the figure, e.g. " {} " (spaces around it)
     # The response's "provider" key; None omits it.
     provider_name: str | None = "FakeProvider"
     price_per_token: float = DEFAULT_PRICE_PER_TOKEN
@@ -999,7 +1006,7 @@ class FakeServer:
         if cfg.prompt_caching:
             usage["prompt_tokens_details"] = {"cached_tokens": cached}
         if cfg.include_cost:
-            usage["cost"] = str(cost) if cfg.cost_as_string else cost
+            usage["cost"] = _cost_field(cost, cfg.cost_as_string)
         payload = self._envelope(body, content, finish_reason, usage)
         h16 = content_hash(u)[:16]
         if cache is not None:
@@ -1111,7 +1118,7 @@ class FakeServer:
         cost = (prompt + completion) * cfg.price_per_token
         usage: JSON = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         if cfg.include_cost:
-            usage["cost"] = str(cost) if cfg.cost_as_string else cost
+            usage["cost"] = _cost_field(cost, cfg.cost_as_string)
         status = 200
         if kind == "null_content":
             payload = self._envelope(body, None, "length", usage)  # type: ignore[arg-type]
@@ -1120,6 +1127,21 @@ class FakeServer:
         elif kind == "no_choices":
             payload = self._envelope(body, "", "length", usage)
             del payload["choices"]
+        elif kind == "reasoning":  # every max_token spent thinking: reasoning text, no content
+            payload = self._envelope(body, None, "length", usage)  # type: ignore[arg-type]
+            payload["choices"][0]["message"]["reasoning"] = "Let me think about this step by step. " * 4
+        elif kind == "empty_choice":
+            payload = self._envelope(body, "", "length", usage)
+            payload["choices"] = [{}]
+        elif kind == "null_message":
+            payload = self._envelope(body, "", "length", usage)
+            payload["choices"] = [{"index": 0, "message": None, "finish_reason": "length"}]
+        elif kind == "chunk":  # a streaming chunk's shape for a request that did not ask to stream
+            payload = self._envelope(body, "", "length", usage)
+            payload["object"] = "chat.completion.chunk"
+            payload["choices"] = [
+                {"index": 0, "delta": {"role": "assistant", "content": None}, "finish_reason": "length"}
+            ]
         elif kind == "error200":
             payload = {**error_body(502, "Provider returned error"), "usage": usage}
         elif kind.isdigit():

@@ -31,7 +31,7 @@ import asyncio
 import hashlib
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -42,7 +42,7 @@ from pipeline.engine.client import Attempted, backoff_delay, request_headers
 from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.selection import RowSelector
 from pipeline.engine.session import Session
-from pipeline.engine.settlement import Settled, StopReason
+from pipeline.engine.settlement import Settled, StopReason, model_gone_in_batch
 from pipeline.errors import InputError, JobError, UserError
 from pipeline.providers.base import Reply, ReplyKind
 from pipeline.providers.batches import (
@@ -435,6 +435,9 @@ class BatchRun:
                 continue  # not ours, or journaled before (a rerun reading the page again)
             ref.collected = True
             reply = result.reply
+            if gone := model_gone_in_batch(reply):  # not the row's fault: it is left for a rerun
+                reply = replace(reply, kind=ReplyKind.RETRY)
+                self.stops.stop(gone)
             ticket = Ticket(ref.key, ref.prompt_hash, (tokens or {}).get(ref.key, 0))
             attempted = Attempted(reply, attempts.get(ref.key, 1), max(0.0, now - known.submitted), billed)
             one = settlement.settle(ticket, attempted)
