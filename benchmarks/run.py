@@ -711,7 +711,8 @@ def machine() -> list[str]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return [
         f"- CPU: {model}, {os.cpu_count()} cores ({usable} usable)",
-        f"- Python {platform.python_version()} ({PY}), {platform.system()} {platform.release()}",
+        # No interpreter path: results.md is committed, and a path names one machine's layout.
+        f"- Python {platform.python_version()} (the virtualenv's python), {platform.system()} {platform.release()}",
     ]
 
 

@@ -12,16 +12,15 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from pipeline.engine.limits.inflight import InFlightWindow
-from pipeline.engine.limits.limiter import RateLimiter
-from pipeline.engine.warmup import PrefixWarmer, prefix_key
-from pipeline.providers.base import Reply, ReplyKind, parse_response
+from pipeline.engine.limits.limiter import NO_SLOT, RateLimiter
+from pipeline.engine.transport import ChatTransport
+from pipeline.engine.warmup import PREFIX_BYTES, PrefixWarmer, prefix_key
+from pipeline.providers.base import Reply, ReplyKind
 from pipeline.providers.dialect import Dialect
-from pipeline.secrets import Redactor
 
 MAX_IN_FLIGHT = 4096  # [limits] concurrency's own maximum
 BACKOFF_BASE_S = 0.5
@@ -80,14 +79,14 @@ class ChatClient:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        transport: ChatTransport,
         dialect: Dialect,
         limiter: RateLimiter,
         stopper: Stopper,
         max_attempts: int,
         timeout_s: float,
     ) -> None:
-        self.session = session
+        self.transport = transport
         self.dialect = dialect
         self.limiter = limiter
         self.stopper = stopper
@@ -98,8 +97,6 @@ class ChatClient:
         self.window = InFlightWindow(MAX_IN_FLIGHT)
         # Requests sharing a start wait for the first of them to finish: it writes the prompt cache.
         self.warmer = PrefixWarmer()
-        # Whatever a server echoes, the key never reaches a Reply (and so the journal or a screen).
-        self._redactor = Redactor.for_headers(session.headers)
 
     async def complete(self, body: bytes, tokens: int = 0) -> Attempted | None:
         """Send until success, a permanent error, or attempts run out.
@@ -109,7 +106,12 @@ class ChatClient:
         prompt cache instead of all writing it. Returns None when the run is
         stopping before the first attempt went out.
         """
-        key = prefix_key(self.dialect.messages_start(body))
+        start = self.dialect.messages_start(body, PREFIX_BYTES)
+        if len(start) < PREFIX_BYTES:
+            # Messages this short are no cacheable prefix (providers cache from about 1,024 tokens):
+            # nothing to warm, no digest, no coroutine.
+            return await self._complete(body, tokens, None)
+        key = prefix_key(start)
         # A warm prefix (every row after the first of its start) needs no coroutine.
         warming = False if self.warmer.is_warm(key) else await self.warmer.enter(key)
         try:
@@ -124,18 +126,29 @@ class ChatClient:
         latency = 0.0
         reply: Reply | None = None
         window = self.window
+        limiter = self.limiter
         while attempt < self.max_attempts and not self.stopper.stopped:
             # The slot (auto rate limits) bounds requests in flight, the wait for the rate included.
             # Waiting for it is not raced with a stop: a slot frees within one request's latency.
-            async with self.limiter.slot(), window.gate:
+            slot = limiter.slot()
+            # Nothing bounds requests in flight but the workers (no auto limits, no in-flight
+            # budget refused yet): take the window's place without a coroutine.
+            entered = slot is NO_SLOT and window.gate.try_acquire()
+            if not entered:
+                await self._enter(slot)
+            try:
                 # Without caps, or with room under them, nothing waits: no coroutine on every request.
-                if not self.limiter.try_admit(tokens) and not await self._acquire(tokens):
+                if not limiter.try_admit(tokens) and not await self._acquire(tokens):
                     break
                 attempt += 1
                 epoch = window.epoch
                 started = time.perf_counter()
-                reply = await self._send_once(body)
+                reply = await self.transport.send(body)  # every outcome a reply, the key masked
                 latency = time.perf_counter() - started
+            finally:
+                window.gate.release()
+                if not entered:
+                    await slot.__aexit__(None, None, None)
             if warming is not None:
                 self.warmer.leave(warming)  # the first attempt finished: the prompt cache holds the start
                 warming = None
@@ -157,6 +170,15 @@ class ChatClient:
         if reply is None:
             return None  # stopped before the first attempt went out
         return Attempted(reply, attempt, 0.0, sum(costs), costs)
+
+    async def _enter(self, slot: AbstractAsyncContextManager[None]) -> None:
+        """The slow way in: the limiter's slot, then a place in the in-flight window (either may wait)."""
+        await slot.__aenter__()
+        try:
+            await self.window.gate.acquire()
+        except BaseException:
+            await slot.__aexit__(None, None, None)
+            raise
 
     @staticmethod
     def _final(reply: Reply) -> bool:
@@ -186,28 +208,6 @@ class ChatClient:
             slot.cancel()
             return False
         return not self.stopper.stopped
-
-    async def _send_once(self, body: bytes) -> Reply:
-        """One POST; transport failures become retryable replies, never exceptions."""
-        try:
-            # Headers and timeout are the session's defaults (set once per run).
-            async with self.session.post(self.dialect.url, data=body) as resp:
-                raw = self._redactor.response(await resp.read())
-                reply = parse_response(resp.status, raw, resp.headers)
-        except aiohttp.ConnectionTimeoutError:
-            # The server never accepted the connection: as unreachable as a refused one.
-            reply = Reply(ReplyKind.RETRY, error="connection error: could not connect before the connect timeout")
-        except TimeoutError:
-            return Reply(ReplyKind.RETRY, error=f"timeout after {self.timeout_s:g} s")
-        except aiohttp.ClientError as exc:
-            reply = Reply(ReplyKind.RETRY, error=f"connection error: {type(exc).__name__}: {_describe(exc)}")
-        reply.error = self._redactor.message(reply.error)
-        return reply
-
-
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200] if text else "no details"
 
 
 def request_headers(api_key: str | None, extra: dict[str, str]) -> dict[str, str]:

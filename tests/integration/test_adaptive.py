@@ -43,6 +43,7 @@ from pipeline.engine.limits.adaptive import (
 )
 from pipeline.engine.limits.limiter import RateLimiter
 from pipeline.engine.tokens import counter_for
+from pipeline.engine.transport import AiohttpTransport
 from pipeline.providers import get_provider
 from pipeline.providers.base import parse_response
 from pipeline.providers.ratelimits import RateLimitInfo, key_rate_limit, parse_reset, rate_limit_info
@@ -510,7 +511,8 @@ def simulate(
             concurrency=concurrency,
         )
         server = BucketServer(loop, cap_rpm, stated, latency_s)
-        client = ChatClient(server, Dialect(), limiter, Stopper(), max_attempts=50, timeout_s=60)  # type: ignore[arg-type]
+        transport = AiohttpTransport(server, "http://bucket/v1/chat/completions", 60)  # type: ignore[arg-type]
+        client = ChatClient(transport, Dialect(), limiter, Stopper(), max_attempts=50, timeout_s=60)  # type: ignore[arg-type]
         todo = iter(range(rows))
         attempts = 0
 

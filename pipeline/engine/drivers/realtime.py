@@ -15,24 +15,30 @@ handlers and prints nothing: front ends steer it through ``Controls``.
 from __future__ import annotations
 
 import asyncio
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from pipeline.engine.admission import Ticket
 from pipeline.engine.client import ChatClient, request_headers
-from pipeline.engine.limits.adaptive import make_limiter, read_stated_limit
+from pipeline.engine.limits.adaptive import make_limiter, read_stated_limit, wants_stated_limit
 from pipeline.engine.limits.limiter import RateLimiter
 from pipeline.engine.plan import Plan
 from pipeline.engine.prompts import RenderedBatch
 from pipeline.engine.session import Controls, RunOptions, RunResult, Session
 from pipeline.engine.settlement import StopReason
+from pipeline.engine.transport import (
+    CONNECT_TIMEOUT_S,
+    AiohttpTransport,
+    ChatTransport,
+    LeanTransport,
+    lean_available,
+    open_session,
+)
 from pipeline.engine.workqueue import WorkQueue
 from pipeline.errors import InputError
 from pipeline.store.journal import Journal
 
-# Connecting should take well under this; a server that cannot be reached is
-# then found in seconds, not after the whole request timeout.
-CONNECT_TIMEOUT_S = 10.0
+if TYPE_CHECKING:
+    import aiohttp
 
 
 class RealtimeRun:
@@ -61,27 +67,47 @@ class RealtimeRun:
         limiter = self.limiter = make_limiter(limits, self.job.model.max_tokens, self.plan.provider)
         self.tracker.learned = limiter.learned
         headers = request_headers(self.plan.api_key, self.job.model.headers)
-        connector = aiohttp.TCPConnector(limit=limits.concurrency + 4)
-        timeout = aiohttp.ClientTimeout(total=limits.timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, limits.timeout_s))
-        async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as session:
-            client = ChatClient(session, self.dialect, limiter, self.stopper, limits.max_attempts, limits.timeout_s)
+        connect_s = min(CONNECT_TIMEOUT_S, limits.timeout_s)
+        url = self.dialect.url
+        lean = lean_available(url)
+        # An aiohttp session only where one is needed: chat requests the lean client cannot send,
+        # or the provider's stated limit (auto rate limits). Otherwise aiohttp is never imported.
+        session = None
+        if not lean or wants_stated_limit(limiter):
+            session = open_session(headers, limits.concurrency + 4, limits.timeout_s, connect_s)
+        transport: ChatTransport | None = None
+        try:
+            if lean:
+                transport = LeanTransport(url, headers, limits.timeout_s, connect_s)
+            else:
+                assert session is not None
+                transport = AiohttpTransport(session, url, limits.timeout_s)
+            client = ChatClient(transport, self.dialect, limiter, self.stopper, limits.max_attempts, limits.timeout_s)
             client.on_pause = self.tracker.paused
-            await self._run_tasks(client)
+            await self._run_tasks(client, session)
+        finally:
+            if transport is not None:
+                transport.close()
+            if session is not None:
+                await session.close()
         if self.input_error is not None:
             self.stops.stop(self.input_error)
         self.tracker.close()
 
-    async def _run_tasks(self, client: ChatClient) -> None:
+    async def _run_tasks(self, client: ChatClient, session: aiohttp.ClientSession | None) -> None:
         async with asyncio.TaskGroup() as tg:
             producer = tg.create_task(self._produce())
-            stated = read_stated_limit(client.limiter, client.session, self.job.model.base_url, self.plan.provider)
-            key = tg.create_task(stated)
+            key = None
+            if session is not None:
+                stated = read_stated_limit(client.limiter, session, self.job.model.base_url, self.plan.provider)
+                key = tg.create_task(stated)
             workers = [tg.create_task(self._work(client)) for _ in range(self.job.limits.concurrency)]
             guard = tg.create_task(self._guard(workers))
             await asyncio.wait(workers)
             producer.cancel()
             guard.cancel()
-            key.cancel()
+            if key is not None:
+                key.cancel()
 
     async def _guard(self, workers: list[asyncio.Task[None]]) -> None:
         """On a stop: unblock idle workers, then give busy ones the grace period."""

@@ -32,13 +32,15 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
-
-import aiohttp
+from typing import TYPE_CHECKING, TypeGuard
 
 from pipeline.config.job import AUTO, LimitsSpec
 from pipeline.engine.limits.limiter import LearnedRate, LimitSource, RateLimiter, fixed_rate
 from pipeline.providers.provider import Provider
 from pipeline.providers.ratelimits import RateLimitInfo
+
+if TYPE_CHECKING:
+    import aiohttp  # the stated limit's session only: the lean chat client runs without aiohttp
 
 START_RPM = 600.0
 
@@ -271,6 +273,13 @@ class Gate:
                 self._waiters.remove(waiter)
             raise
 
+    def try_acquire(self) -> bool:
+        """Take a place now if one is free and nobody waits (no coroutine); False: await :meth:`acquire`."""
+        if self.in_use < self.limit and not self._waiters:
+            self.in_use += 1
+            return True
+        return False
+
     def release(self) -> None:
         self.in_use -= 1
         self._wake()
@@ -420,11 +429,16 @@ def make_limiter(limits: LimitsSpec, max_tokens: int, provider: Provider) -> Rat
     )
 
 
+def wants_stated_limit(limiter: RateLimiter) -> TypeGuard[AdaptiveLimiter]:
+    """True when :func:`read_stated_limit` would ask the provider (auto request limits only)."""
+    return isinstance(limiter, AdaptiveLimiter) and limiter.requests_auto
+
+
 async def read_stated_limit(
     limiter: RateLimiter, session: aiohttp.ClientSession, base_url: str, provider: Provider
 ) -> None:
     """Best effort, once per run: a limit the provider states outside replies (OpenRouter's GET /key)."""
-    if not isinstance(limiter, AdaptiveLimiter) or not limiter.requests_auto:
+    if not wants_stated_limit(limiter):
         return
     try:
         info = await provider.stated_rate_limit(session, base_url)

@@ -49,8 +49,8 @@ class LearnedRate:
     current_requests_per_minute: float | None  # the rate of the moment (the progress bar)
 
 
-# Shared by every request when nothing gates requests in flight.
-_NO_SLOT: AbstractAsyncContextManager[None] = contextlib.nullcontext()
+# Shared by every request when nothing gates requests in flight (the client skips it: no coroutine).
+NO_SLOT: AbstractAsyncContextManager[None] = contextlib.nullcontext()
 
 
 def bucket_capacity(per_second: float) -> int:
@@ -199,7 +199,7 @@ class RateLimiter:
 
     def slot(self) -> AbstractAsyncContextManager[None]:
         """Held around each request: nothing limits requests in flight here but the workers."""
-        return _NO_SLOT
+        return NO_SLOT
 
     def observe(
         self, status: int | None, latency_s: float, info: RateLimitInfo | None, retry_after_s: float | None

@@ -33,6 +33,7 @@ from pipeline.engine.limits.global_limiter import Grant, Schedule
 from pipeline.engine.limits.limiter import RateLimiter
 from pipeline.engine.prompts import PromptRenderer, RenderedBatch
 from pipeline.engine.tokens import TokenCounter, counter_for
+from pipeline.engine.transport import CONNECT_TIMEOUT_S, ChatTransport, chat_transport
 from pipeline.io import fs
 from pipeline.io.source import row_keys
 from pipeline.providers.dialect import Dialect
@@ -199,6 +200,7 @@ class RowWorker:
         self._counter: TokenCounter | None = None
         self._client: ChatClient | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._transport: ChatTransport | None = None
         self._api_key = self._read_key()
 
     def _read_key(self) -> str | None:
@@ -283,8 +285,13 @@ class RowWorker:
                 headers=request_headers(self._api_key, spec.headers),
                 timeout=aiohttp.ClientTimeout(total=spec.timeout_s),
             )
+            # Chat requests through the lean client where it can (engine/transport.py), at most
+            # ``connections`` open at once, as the session's connector allows.
+            connect_s = min(CONNECT_TIMEOUT_S, spec.timeout_s)
+            url, connections = spec.dialect.url, spec.connections
+            self._transport = chat_transport(self._session, url, spec.timeout_s, connect_s, connections)
             self._client = ChatClient(
-                self._session, spec.dialect, self.limiter, self.stopper, spec.max_attempts, spec.timeout_s
+                self._transport, spec.dialect, self.limiter, self.stopper, spec.max_attempts, spec.timeout_s
             )
         return self._client
 
@@ -331,5 +338,7 @@ class RowWorker:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+        if self._transport is not None:
+            self._transport.close()
         if self._session is not None:
             await self._session.close()
