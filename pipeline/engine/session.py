@@ -196,6 +196,8 @@ class Session:
         """
         plan = self.plan
         batches: OutputBatches
+        if current and plan.input_changed():  # edited during the run: an answer may be for an old prompt
+            current = False
         if current:
             batches = ((batch, keys, None) for batch, keys in plan.keyed_batches())
         else:
