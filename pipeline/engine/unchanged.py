@@ -48,7 +48,8 @@ def unchanged_output(plan: Plan, journal: Journal) -> tuple[int, int] | None:
 
 def record_output(plan: Plan, journal: Journal, rows: int, errors: int) -> None:
     """After a write: what it was made from (nothing for an output that is always written)."""
-    _record(journal, Meta.OUTPUT_WRITTEN, _output_basis(plan, journal), rows=rows, errors=errors)
+    if not plan.input_changed():  # an input edited since the run opened it: the write may mix both
+        _record(journal, Meta.OUTPUT_WRITTEN, _output_basis(plan, journal), rows=rows, errors=errors)
 
 
 def settled_before(plan: Plan, journal: Journal, retry_failed: bool) -> int | None:
@@ -59,7 +60,8 @@ def settled_before(plan: Plan, journal: Journal, retry_failed: bool) -> int | No
 
 def record_settled(plan: Plan, journal: Journal, retry_failed: bool, done: int) -> None:
     """After a pass that found every row done: what it read."""
-    _record(journal, Meta.SETTLED, _input_basis(plan, journal, retry_failed), done=done)
+    if not plan.input_changed():  # an input edited during the pass: it may have read both
+        _record(journal, Meta.SETTLED, _input_basis(plan, journal, retry_failed), done=done)
 
 
 def _matching(journal: Journal, key: Meta, basis: dict[str, Any] | None) -> dict[str, Any] | None:
