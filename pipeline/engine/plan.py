@@ -127,6 +127,10 @@ class Plan:
             return row_keys(batch, None, offset)
         return content_keys(rendered, occurrences)
 
+    def input_changed(self) -> bool:
+        """True when the input file was written since the plan opened it (an in-memory input never is)."""
+        return isinstance(self.source, Source) and self.source.changed()
+
     def fits_without_counting(self, rendered: RenderedBatch, i: int) -> bool:
         return fits_without_counting(rendered, i, self.context_length, self.job.model.max_tokens)
 

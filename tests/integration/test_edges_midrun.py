@@ -25,7 +25,7 @@ import pytest
 import pipeline
 from tests.conftest import spawn, write_job
 from tests.fakes.batch import FakeBatchServer
-from tests.fakes.server import FakeServer
+from tests.fakes.server import FakeServer, expected_reply
 
 OUTPUT = Path("data/out/job.parquet")
 ROWS, BAD = 40, 30  # the value at index 30 (row 31) stops converting
@@ -162,3 +162,31 @@ def test_the_python_api_raises_the_same_line_and_the_rerun_pays_nothing(workdir:
     result = pipeline.run(None, job, progress=False)
     assert result.ok and len(result.to_pandas()) == ROWS
     assert server.stats()["requests"] == ROWS and server.duplicates() == 0
+
+
+def test_a_prompt_edited_after_it_was_answered_is_not_written_with_the_old_answer(
+    workdir: Path, server: FakeServer
+) -> None:
+    """Row 3's text changes after it was sent: the output must not pair the new text with the old answer."""
+    path = workdir / "data/in.csv"
+    write_input(path, rows())
+    write_job(workdir, server.base_url, input_path="data/in.csv", user="Summarise {text} ({qty})")
+    server.config.latency_s = 0.05
+    proc = spawn(workdir, "run", "job", "--quiet", "--no-canary")
+    wait_for(lambda: server.stats()["ok"] >= 8, proc)
+    edited = rows()
+    edited[3]["text"] = "an entirely different review"
+    write_input(path, edited)
+    code, err = finish(proc)
+    assert server.stats()["requests"] == ROWS
+    out = pq.read_table(OUTPUT).to_pylist()
+    assert out[3]["text"] == "an entirely different review"
+    assert out[3]["completion"] is None and out[3]["error"], out[3]
+    assert code == 1, err
+    # The rerun asks for the new prompt only.
+    code, err = finish(spawn(workdir, "run", "job", "--quiet"))
+    assert code == 0, err
+    assert server.stats()["requests"] == ROWS + 1
+    assert pq.read_table(OUTPUT).to_pylist()[3]["completion"] == expected_reply(
+        "Summarise an entirely different review (3)"
+    )

@@ -16,6 +16,7 @@ the file reaches the prompt unchanged. ``[input] dtypes`` forces a type.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ class Source:
     """The columns as the reader sees them, before ``casts`` (JSONL and Parquet)."""
     casts: Mapping[str, pa.DataType] = field(default_factory=dict)
     """Columns converted while reading: CSV types found losslessly, forced dtypes."""
+    stamp: tuple[tuple[str, int, int], ...] | None = None
+    """Each local file's (path, size, mtime) when opened: see :meth:`changed`."""
 
     @classmethod
     def open(
@@ -105,7 +108,12 @@ class Source:
                 opened = open_jsonl(path, batch_size, forced)
         except READ_ERRORS as exc:
             raise InputError(f"{path}: cannot read {fmt}: {one_line(exc)}") from None
-        return cls(path, opened.format, opened.schema, batch_size, opened.rows, opened.read_schema, opened.casts)
+        stamp = _stamp(path, opened.format)
+        return cls(path, opened.format, opened.schema, batch_size, opened.rows, opened.read_schema, opened.casts, stamp)
+
+    def changed(self) -> bool:
+        """True when a local input file was written (or replaced) since it was opened."""
+        return self.stamp is not None and _stamp(self.path, self.format) != self.stamp
 
     @property
     def columns(self) -> list[str]:
@@ -239,3 +247,14 @@ class Source:
         if self.rows is not None:
             return self.rows
         return sum(batch.num_rows for batch in self.batches(self.columns[:1]))
+
+
+def _stamp(path: DataPath, fmt: str) -> tuple[tuple[str, int, int], ...] | None:
+    """Each local file's (path, size, mtime in ns); None for object storage or a file gone."""
+    if fs.is_uri(path):
+        return None
+    try:
+        files = parquet_files(path) if fmt == "parquet" else [path]
+        return tuple((str(f), (st := os.stat(f)).st_size, st.st_mtime_ns) for f in files)
+    except (OSError, InputError):
+        return None
