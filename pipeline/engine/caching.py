@@ -17,9 +17,8 @@ one reads its cacheable part from the cache.
 
 from __future__ import annotations
 
-import bisect
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.engine.tokens import TekkenV3ChatCounter, TokenCounter, count_text, encode_text
@@ -103,14 +102,22 @@ class CachedEstimate:
 
 
 def _common_prefix(a: str, b: str) -> str:
-    """The longest common start of two strings (halving: fast on long equal runs)."""
+    """The longest common start of two strings.
+
+    Compared in stretches that double (16, 32, 64, ... characters), then
+    halving within the first stretch that differs: the work follows the
+    length of the common start, not of the strings (rows share tens of
+    characters of texts hundreds long).
+    """
     n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return a[:n]
-    low, high = 0, n  # a[:low] == b[:low]; a[:high] != b[:high]
-    while high - low > 1:
+    low, high = 0, min(16, n)  # a[:low] == b[:low]
+    while a[low:high] == b[low:high]:
+        if high == n:
+            return a[:n]
+        low, high = high, min(2 * high, n)
+    while high - low > 1:  # a[low:high] != b[low:high]
         mid = (low + high) // 2
-        if a[:mid] == b[:mid]:
+        if a[low:mid] == b[low:mid]:
             low = mid
         else:
             high = mid
@@ -131,10 +138,8 @@ class _Group:
 
     common: str
     rows: int = 1
-    seen: list[str] = field(default_factory=list)
-    """Earlier user messages, sorted: a row's longest start shared with any is its longest with a neighbour."""
-    pairs: list[tuple[str, str]] = field(default_factory=list)
-    """Each later row's user message and the earlier one it shares the longest start with."""
+    compared: list[str] = field(default_factory=list)
+    """The first row's user message, then those of the later rows compared with the earlier ones, in order."""
 
 
 class SharedPrefixes:
@@ -150,18 +155,28 @@ class SharedPrefixes:
         self._compared = 0
 
     def add(self, systems: Sequence[str | None], users: Sequence[str]) -> None:
+        if len(systems) != len(users):
+            raise ValueError(f"{len(systems)} system prompts for {len(users)} user messages")
+        if users and self._compared >= MAX_COMPARED and systems.count(systems[0]) == len(systems):
+            group = self._groups.get(systems[0])
+            if group is not None:
+                # One system, no more rows to compare: only the group's common start changes. The start
+                # all the users share is the one the first and last of them in sorted order share.
+                group.common = _common_prefix(group.common, _common_prefix(min(users), max(users)))
+                group.rows += len(users)
+                return
         for system, user in zip(systems, users, strict=True):
             group = self._groups.get(system)
             if group is None:
                 if len(self._groups) < MAX_GROUPS:
-                    self._groups[system] = _Group(user, seen=[user])
+                    self._groups[system] = _Group(user, compared=[user])
                 continue
             if not user.startswith(group.common):
                 group.common = _common_prefix(group.common, user)
             group.rows += 1
             if self._compared < MAX_COMPARED:
                 self._compared += 1
-                group.pairs.append((user, _closest_earlier(group.seen, user)))
+                group.compared.append(user)
 
     def estimate(self, counter: TokenCounter, rule: CacheRule) -> CachedEstimate:
         """Expected cached tokens when each group's first row warms the cache for the others."""
@@ -174,28 +189,51 @@ class SharedPrefixes:
             if group.rows < 2:
                 continue
             total = 0
-            for user, earlier in group.pairs:
+            for user, earlier in _closest_earlier(group.compared):
                 # After the stable head, both go on as their own tokens: count the ones they share.
                 mine = _template_text(counter, system, user)[len(base_head) :]
                 theirs = _template_text(counter, system, earlier)[len(base_head) :]
                 total += rule.cacheable(base_tokens + _shared_tokens(mine, theirs))
-            total += (group.rows - 1 - len(group.pairs)) * rule.cacheable(base_tokens)
+            total += (group.rows - len(group.compared)) * rule.cacheable(base_tokens)
             if total:
                 groups += 1
                 cached += total
         return CachedEstimate(cached, groups, longest, rule.name)
 
 
-def _closest_earlier(seen: list[str], user: str) -> str:
-    """The one of ``seen`` (sorted) sharing the longest start with ``user``, which is then inserted."""
-    at = bisect.bisect_left(seen, user)
-    best, best_length = "", -1
-    for neighbour in seen[max(0, at - 1) : at + 1]:
-        length = len(_common_prefix(neighbour, user))
-        if length > best_length:
-            best, best_length = neighbour, length
-    seen.insert(at, user)
-    return best
+def _closest_earlier(arrivals: list[str]) -> Iterator[tuple[str, str]]:
+    """Each message after the first, with the earlier one it shares the longest start with.
+
+    That earlier message is one of its two neighbours in sorted order among
+    the earlier ones (sorted texts share less the farther apart they are);
+    on a tie, the smaller one. All are found at once: one sort, then each
+    message's nearest earlier neighbour on either side with a stack, where
+    inserting every message into a sorted list took quadratic time.
+    """
+    order = sorted(range(len(arrivals)), key=arrivals.__getitem__)  # stable: equal texts in arrival order
+    below = _nearest_earlier(order)
+    above = _nearest_earlier(order[::-1])[::-1]
+    for at, i in enumerate(order):
+        if i == 0:
+            continue  # the first message has nothing earlier
+        user = arrivals[i]
+        best, best_length = "", -1
+        for j in (below[at], above[at]):
+            if j >= 0 and (length := len(_common_prefix(arrivals[j], user))) > best_length:
+                best, best_length = arrivals[j], length
+        yield user, best
+
+
+def _nearest_earlier(order: list[int]) -> list[int]:
+    """For each position of ``order``, the nearest value before it that is smaller (-1: none)."""
+    nearest: list[int] = []
+    stack: list[int] = []
+    for i in order:
+        while stack and stack[-1] > i:
+            stack.pop()
+        nearest.append(stack[-1] if stack else -1)
+        stack.append(i)
+    return nearest
 
 
 # An ASCII letter followed by an ASCII non-letter: Tekken's pre-tokenizer always cuts between

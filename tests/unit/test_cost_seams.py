@@ -137,6 +137,84 @@ def test_shared_tokens_of_two_texts_equal_comparing_their_whole_encodings():
         assert caching._shared_tokens(a, b) == want, (a, b)
 
 
+def common_start(texts):
+    """The characters all texts start with, one character at a time."""
+    n = 0
+    while all(len(t) > n for t in texts) and len({t[n] for t in texts}) == 1:
+        n += 1
+    return texts[0][:n]
+
+
+def test_batches_past_the_compared_rows_keep_each_groups_common_start(monkeypatch):
+    """Past MAX_COMPARED rows a one-system batch is added at once: same common start and row count as row by row."""
+    from tests.unit.test_tokens import random_text
+
+    monkeypatch.setattr(caching, "MAX_COMPARED", 7)
+    rng = random.Random(3)
+    systems = ["sys A", "sys B", None]
+    starts = {system: random_text(rng, 6) for system in systems}
+    prefixes, users_of = SharedPrefixes(), {system: [] for system in systems}
+    for _ in range(60):
+        system = rng.choice(systems)
+        start = starts[system]
+        # Some users part early from the others, wherever they sort among them.
+        users = [
+            (start[: rng.randint(0, len(start))] if rng.random() < 0.15 else start) + random_text(rng, 4)
+            for _ in range(rng.randint(1, 9))
+        ]
+        mixed = rng.random() < 0.3  # some batches hold two systems: the row-by-row path
+        batch_systems = [system] * len(users) if not mixed else [system, *[systems[0]] * (len(users) - 1)]
+        prefixes.add(batch_systems, users)
+        for s, u in zip(batch_systems, users, strict=True):
+            users_of[s].append(u)
+    for system, users in users_of.items():
+        group = prefixes._groups[system]
+        assert group.rows == len(users)
+        assert group.common == common_start(users)
+
+    # A user parting early from the others sorts last in one batch, first in the next.
+    monkeypatch.setattr(caching, "MAX_COMPARED", 0)
+    prefixes = SharedPrefixes()
+    prefixes.add(["s"], ["abc-1"])
+    prefixes.add(["s", "s"], ["abc-2", "abd"])
+    assert prefixes._groups["s"].common == "ab"
+    prefixes.add(["s", "s"], ["a-", "ab"])
+    assert (prefixes._groups["s"].common, prefixes._groups["s"].rows) == ("a", 5)
+
+
+def test_common_prefix():
+    rng = random.Random(23)
+    for _ in range(3000):
+        start = "".join(rng.choice("ab é🙂") for _ in range(rng.choice([0, 1, 15, 16, 17, 31, 32, 33, 100, 300])))
+        a = start + "".join(rng.choice("ab") for _ in range(rng.randint(0, 40)))
+        b = start + "".join(rng.choice("ab") for _ in range(rng.randint(0, 40)))
+        assert caching._common_prefix(a, b) == common_start([a, b]), (a, b)
+
+
+def test_closest_earlier_row_is_the_one_sorted_insertion_finds():
+    """All rows' closest earlier rows at once equal inserting them one by one into a sorted list."""
+    import bisect
+
+    def one_by_one(arrivals):
+        seen, pairs = [arrivals[0]], []
+        for user in arrivals[1:]:
+            at = bisect.bisect_left(seen, user)
+            best, best_length = "", -1
+            for neighbour in seen[max(0, at - 1) : at + 1]:
+                length = len(caching._common_prefix(neighbour, user))
+                if length > best_length:
+                    best, best_length = neighbour, length
+            seen.insert(at, user)
+            pairs.append((user, best))
+        return sorted(pairs)
+
+    rng = random.Random(17)
+    words = ["a", "ab", "abc", "b", "ba", " ", "é", "🙂", "z", ""]
+    for _ in range(300):
+        arrivals = ["".join(rng.choice(words) for _ in range(rng.randint(0, 6))) for _ in range(rng.randint(1, 40))]
+        assert sorted(caching._closest_earlier(arrivals)) == one_by_one(arrivals), arrivals
+
+
 def test_rows_without_a_shared_start_share_nothing():
     prefixes = SharedPrefixes()
     prefixes.add([None, None], ["alpha one", "beta two"])
