@@ -27,6 +27,7 @@ import platform
 import resource
 import selectors
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -66,6 +67,9 @@ DRY_TARGET_ROWS_PER_S = 2 * 19_153
 # [limits] requests_per_minute: a whole number, 0 meaning no cap (pipeline/job.py).
 NO_CAP_RPM = 0
 CHILD_TIMEOUT_S = 3600.0
+# Start-up: `pipeline --help` and a rerun of a finished job with nothing to send (wall, median).
+STARTUP_REPEATS = 3
+STARTUP_TARGET_S = 0.5
 # benchmarks/adaptive.py's section of results.md starts here; this script keeps it.
 KEPT_MARKER = "<!-- benchmarks/adaptive.py -->"
 
@@ -702,6 +706,66 @@ def bench_dry_run(log: Any) -> list[Row]:
 # -------------------------------------------------------------------------------- report
 
 
+def bench_startup(log: Any) -> list[Row]:
+    """Wall time of ``pipeline --help`` and of reruns of a finished 20,000-row job (nothing to send).
+
+    The first rerun after the run that finished the job reads the input once to
+    find every row done; later ones find the journal's record of that pass still
+    true and skip it. The first kind is timed by deleting that record before each
+    run. Median of ``STARTUP_REPEATS`` runs each, after one untimed run of each.
+    """
+    name = "startup_noop"
+    with fake_server() as server:
+        data = ensure_data("short", OVERHEAD_ROWS)
+        job = write_job(name, server.base_url, data)
+        output = clean_output(name)
+        finish = run_child(pipeline_argv(job, "--quiet"))
+        if finish.returncode != 0 or server.stats()["requests"] != OVERHEAD_ROWS:
+            return [Row("5. start-up: finishing the job", finish.describe_failure(), "", "ERROR")]
+        journal = output.with_name(output.name + ".journal.sqlite")
+
+        def forget_settled() -> None:
+            with contextlib.closing(sqlite3.connect(journal)) as conn, conn:
+                conn.execute("DELETE FROM meta WHERE key = 'settled'")
+
+        kinds: list[tuple[str, list[str], Any]] = [
+            ("`pipeline --help`", [PY, "-m", "pipeline", "--help"], None),
+            (f"no-op rerun of a finished {OVERHEAD_ROWS:,}-row job, the first one", pipeline_argv(job), forget_settled),
+            (f"no-op rerun of a finished {OVERHEAD_ROWS:,}-row job, later ones", pipeline_argv(job), None),
+        ]
+        rows = []
+        for label, argv, before in kinds:
+            runs = []
+            for i in range(STARTUP_REPEATS + 1):  # the first is untimed: page cache, bytecode
+                if before is not None:
+                    before()
+                run = run_child(argv)
+                if run.returncode != 0:
+                    rows.append(Row(f"5. start-up: {label}", run.describe_failure(), "", "ERROR"))
+                    break
+                if i:
+                    runs.append(run)
+                    log(f"start-up: {label} run {i}: {run.wall_s:.3f} s wall, {run.cpu_s:.3f} s CPU")
+            else:
+                wall = statistics.median(r.wall_s for r in runs)
+                cpu = statistics.median(r.cpu_s for r in runs)
+                walls = ", ".join(f"{r.wall_s:.2f}" for r in runs)
+                rows.append(
+                    Row(
+                        f"5. start-up: {label}",
+                        f"{wall:.2f} s wall, {cpu:.2f} s CPU (median of {len(runs)}: {walls} s)",
+                        f"≤ {STARTUP_TARGET_S:.1f} s",
+                        "PASS" if wall <= STARTUP_TARGET_S else "FAIL",
+                    )
+                )
+        sent = server.stats()["requests"] - OVERHEAD_ROWS
+        if sent or parquet_rows(output) != OVERHEAD_ROWS:
+            rows.append(
+                Row("5. start-up: reruns", f"sent {sent} requests; output {parquet_rows(output)} rows", "", "ERROR")
+            )
+    return rows
+
+
 def machine() -> list[str]:
     model = "unknown CPU"
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -739,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=OVERHEAD_REPEATS, help="alternating overhead pairs (the median counts)"
     )
     parser.add_argument("--only-overhead", action="store_true", help="run only benchmark 1 (and print its rows)")
+    parser.add_argument("--only-startup", action="store_true", help="run only benchmark 5 (and print its rows)")
     parser.add_argument("--generate", nargs=3, metavar=("KIND", "ROWS", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.generate:
@@ -753,6 +818,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
 
     compile_bytecode()
+    if args.only_startup:
+        rows = bench_startup(log)
+        print(table(rows))
+        return 0 if all(r.result in ("", "PASS") for r in rows) else 1
     rows: list[Row] = bench_overhead(max(1, args.repeats), log)
     if args.only_overhead:
         print(table(rows))
@@ -762,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_cap(server, log)
         rows += bench_memory(server, args.quick, log)
     rows += bench_dry_run(log)
+    rows += bench_startup(log)
 
     header = [
         *machine(),

@@ -120,6 +120,11 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself (not a caller passing arguments): the process is ours
+        # Its own models (the job file) use no pydantic plugin, and looking plugins up scans
+        # every installed package's entry points: 0.02 s of every command. An explicit
+        # PYDANTIC_DISABLE_PLUGINS (even empty) is kept.
+        os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     argv = sys.argv[1:] if argv is None else argv
     # Known before parsing, so that a usage error is answered in JSON too: with
     # --json, stdout holds exactly one JSON object on every exit (cron parses it).

@@ -41,6 +41,7 @@ from pipeline.engine.price_catalog import (
     catalog_model_ids,
     catalog_prices,
     catalog_version,
+    default_cache_dir,
 )
 from pipeline.errors import UnavailableError
 from pipeline.providers.catalogue import ListedModel
@@ -371,15 +372,6 @@ def _valid_price(value: object) -> TypeGuard[float]:
 
 # --------------------------------------------------------------------------
 # The price cache.
-
-
-def default_cache_dir() -> Path:
-    """The cache folder: ``$PIPELINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/pipeline``, else ``~/.cache/pipeline``."""
-    if env_dir := os.environ.get("PIPELINE_CACHE_DIR"):
-        return Path(env_dir).expanduser()
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return Path(xdg).expanduser() / "pipeline"
-    return Path.home() / ".cache" / "pipeline"
 
 
 def cache_path(cache_dir: Path | None = None) -> Path:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.engine.prompts import RenderedBatch
-from pipeline.store.journal import RowStatus, Seen
+from pipeline.store.journal import DONE_STATUSES, RowStatus, Seen
 
+_OK_ONLY = frozenset({RowStatus.OK})
 BLANK_ERROR = "skipped: the rendered user prompt is empty (its columns are null or blank); nothing was sent"
 
 
@@ -40,28 +41,34 @@ class RowSelector:
         self.sample = sample
 
     def is_done(self, state: Seen) -> bool:
-        if state.status == RowStatus.OK:
-            return True
+        return state.status in self._done
+
+    @property
+    def _done(self) -> frozenset[RowStatus]:
         # --retry-failed looks again at skipped rows too: a prompt over the context window
         # may fit now (a larger context_length); a blank one is skipped again, for free.
-        return state.status in (RowStatus.FAILED, RowStatus.INVALID, RowStatus.SKIPPED) and not self.retry_failed
+        return _OK_ONLY if self.retry_failed else DONE_STATUSES
 
     def select(self, keys: list[str], rendered: RenderedBatch, offset: int) -> Selection:
         seen = self.seen(keys) if self.seen is not None else {}
         out = Selection()
+        # Once per row of every rerun: the lookups are hoisted out of the loop.
+        done, sample, blank = self._done, self.sample, rendered.blank
+        hashes, todo, blanks = out.hashes, out.todo, out.blank
+        prompt_hash, state_of = rendered.prompt_hash, seen.get
         for i, key in enumerate(keys):
-            if self.sample is not None and offset + i not in self.sample:
-                out.hashes.append("")
+            if sample is not None and offset + i not in sample:
+                hashes.append("")
                 continue
-            h = rendered.prompt_hash(i)
-            out.hashes.append(h)
-            state = seen.get(key)
-            if state is not None and state.prompt_hash == h and self.is_done(state):
+            h = prompt_hash(i)
+            hashes.append(h)
+            state = state_of(key)
+            if state is not None and state.prompt_hash == h and state.status in done:
                 out.done += 1
-            elif rendered.blank[i]:
-                out.blank.append(i)
+            elif blank[i]:
+                blanks.append(i)
             else:
-                out.todo.append(i)
+                todo.append(i)
         return out
 
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -26,11 +26,15 @@ from pipeline.engine.recorder import Recorder
 from pipeline.engine.reports import RunSummary
 from pipeline.engine.selection import RowSelector, pick_sample
 from pipeline.engine.settlement import Settlement, StopReason, Stops
+from pipeline.engine.unchanged import record_output, unchanged_output
 from pipeline.errors import ExitCode, InputError
 from pipeline.io.output import READ_COLUMNS, input_arrays, output_schema, result_arrays, write_output, write_table
 from pipeline.store.batches import refuse_fresh_if_batches_pending
 from pipeline.store.journal import Journal, RunLock
 from pipeline.store.meta import Meta
+
+if TYPE_CHECKING:
+    from pipeline.engine.client import Stopper
 
 
 class Controls:
@@ -42,8 +46,12 @@ class Controls:
 
     def __init__(self) -> None:
         self.stops = Stops()
-        self.stopper = self.stops.stopper  # the flag senders watch
         self.hurry_event = asyncio.Event()
+
+    @property
+    def stopper(self) -> Stopper:
+        """The flag senders watch (made on first use, with the HTTP client it belongs to)."""
+        return self.stops.stopper
 
     def stop(self, reason: str) -> None:
         if self.stopper.stopped:
@@ -93,7 +101,8 @@ def opened(plan: Plan, options: RunOptions) -> Iterator[Journal]:
         try:
             if plan.key_scheme != KeyScheme.ID:  # --fresh may have replaced the journal prepare() read
                 plan.key_scheme = KeyScheme(journal.get_meta(Meta.KEY_SCHEME) or KeyScheme.CONTENT)
-            journal.set_meta(Meta.TOTAL_ROWS, str(plan.total_rows))
+            if journal.get_meta(Meta.TOTAL_ROWS) != str(plan.total_rows):  # a rerun writes nothing it need not
+                journal.set_meta(Meta.TOTAL_ROWS, str(plan.total_rows))
             yield journal
         finally:
             journal.close()
@@ -236,6 +245,10 @@ def write_plan_output(
     # Rows whose senders were cancelled (a stop's grace period ended) may still wait
     # for their group commit: commit them first, so the output has every paid answer.
     journal.flush()
+    if plan.output_path is not None and not stops.stopped:
+        unchanged = unchanged_output(plan, journal)  # a rerun that changed nothing: the file is current
+        if unchanged is not None:
+            return (*unchanged, None)
     schema = output_schema(plan.source.schema, plan.structured)
     joined = joined_batches(schema, batches, journal, plan)
     try:
@@ -246,6 +259,8 @@ def write_plan_output(
     except OSError as exc:
         stops.stop(StopReason.output_write(plan.output_path, exc))
         return 0, 0, None
+    if not stops.stopped:  # a run that stopped (the input edited mid-run) may have written part of it
+        record_output(plan, journal, rows, errors)
     return rows, errors, None
 
 

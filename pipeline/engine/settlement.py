@@ -33,7 +33,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.engine.client import MAX_RETRY_AFTER_S, Attempted, Stopper
 from pipeline.errors import ExitCode
 from pipeline.providers.base import Reply, ReplyKind
 from pipeline.store.journal import Journal, JournalRow, RowStatus
@@ -41,6 +40,7 @@ from pipeline.store.journal import Journal, JournalRow, RowStatus
 if TYPE_CHECKING:
     from pipeline.engine.admission import Ticket
     from pipeline.engine.budget import Budget
+    from pipeline.engine.client import Attempted, Stopper
     from pipeline.engine.progress import Tracker
     from pipeline.engine.recorder import Charge, Recorder
 
@@ -259,6 +259,8 @@ _NO_ENDPOINTS = re.compile(r"no endpoints found(?! that)", re.IGNORECASE)
 
 def model_level_failure(reply: Reply, successes: int) -> StopReason | None:
     """The stop for a reply that ends the job at any time: the model gone, or a Retry-After of hours."""
+    from pipeline.engine.client import MAX_RETRY_AFTER_S  # loaded by then: a reply came through the client
+
     if reply.kind == ReplyKind.RETRY and reply.retry_after is not None and reply.retry_after > MAX_RETRY_AFTER_S:
         return StopReason.come_back_later(reply.retry_after, reply.error)
     if successes and reply.kind == ReplyKind.FATAL and reply.status == 404 and _NO_ENDPOINTS.search(reply.error or ""):
@@ -291,21 +293,30 @@ class Stops:
     """The run's stop: the first reason wins and raises the flag every sender watches."""
 
     def __init__(self, stopper: Stopper | None = None) -> None:
-        self.stopper = stopper or Stopper()
+        self._stopper = stopper
         self.reason: StopReason | None = None
 
     @property
+    def stopper(self) -> Stopper:
+        """The flag senders watch, made on first use: a rerun with nothing to send never loads the HTTP client."""
+        if self._stopper is None:
+            from pipeline.engine.client import Stopper
+
+            self._stopper = Stopper()
+        return self._stopper
+
+    @property
     def stopped(self) -> bool:
-        return self.stopper.stopped
+        return self._stopper is not None and self._stopper.stopped
 
     def stop(self, reason: StopReason) -> None:
-        if not self.stopper.stopped:
+        if not self.stopped:
             self.reason = reason
         self.stopper.stop(reason.message)
 
     def current(self) -> StopReason | None:
         """The stop, if any (a stop raised on the bare flag counts as the user's)."""
-        if self.reason is None and self.stopper.stopped:
+        if self.reason is None and self.stopped:
             return StopReason.user(self.stopper.reason or "stopped")
         return self.reason
 

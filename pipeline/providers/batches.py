@@ -24,12 +24,13 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
-
-import aiohttp
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.providers.base import Reply, ReplyKind, classify_status, parse_response
 from pipeline.secrets import Redactor
+
+if TYPE_CHECKING:
+    import aiohttp
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"
@@ -292,6 +293,8 @@ async def get_batch(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
 
 async def request_bytes(session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> bytes:
     """One call to a batch route; the raw body of a 2xx answer, or a :class:`BatchApiError`."""
+    import aiohttp  # here, not at the top: a rerun with nothing to send never loads it
+
     redactor = Redactor.for_headers(session.headers)
     try:
         async with session.request(method, url, **kwargs) as resp:
@@ -343,6 +346,8 @@ def batch_id_from(data: Any, what: str) -> str:
 
 async def upload_jsonl(session: aiohttp.ClientSession, files_url: str, lines: list[bytes]) -> str:
     """``POST {files_url}`` a JSONL file with ``purpose=batch``; its file id."""
+    import aiohttp  # here, not at the top: a rerun with nothing to send never loads it
+
     form = aiohttp.FormData()
     form.add_field("purpose", "batch")
     form.add_field("file", b"\n".join(lines) + b"\n", filename="batch.jsonl", content_type="application/jsonl")

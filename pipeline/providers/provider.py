@@ -13,11 +13,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import aiohttp
-
 from pipeline.providers.ratelimits import RateLimitInfo
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from pipeline.config.job import ModelSpec
     from pipeline.providers.batches import BatchAdapter
     from pipeline.providers.catalogue import ListedModel

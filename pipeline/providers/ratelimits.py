@@ -13,9 +13,10 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
+if TYPE_CHECKING:
+    import aiohttp
 
 # (OpenRouter's header, OpenAI's header)
 _LIMIT_REQUESTS = ("x-ratelimit-limit", "x-ratelimit-limit-requests")
@@ -123,6 +124,8 @@ def key_rate_limit(data: Any) -> RateLimitInfo | None:
 
 async def fetch_key_limit(session: aiohttp.ClientSession, base_url: str) -> RateLimitInfo | None:
     """``GET {base_url}/key`` (OpenRouter), never failing: any problem means no information."""
+    import aiohttp  # here, not at the top: a rerun with nothing to send never loads it
+
     try:
         async with session.get(f"{base_url}/key", timeout=aiohttp.ClientTimeout(total=KEY_TIMEOUT_S)) as resp:
             if resp.status != 200:

@@ -25,7 +25,7 @@ from dataclasses import Field, dataclass, field, fields
 from enum import StrEnum
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.errors import IdentityError, JournalError, LockedError
 from pipeline.store.meta import Meta
@@ -53,6 +53,12 @@ class RowStatus(StrEnum):
     SKIPPED = "skipped"
 
 
+_FINGERPRINT = (
+    "SELECT count(*), max(rowid), total(updated), "
+    + ", ".join(f"sum(status = '{status.value}')" for status in RowStatus)
+    + " FROM results"
+)
+_STATUS = {status.value: status for status in RowStatus}
 DONE_STATUSES = frozenset({RowStatus.OK, RowStatus.FAILED, RowStatus.INVALID, RowStatus.SKIPPED})
 
 
@@ -149,9 +155,12 @@ class RunLock:
         return None
 
 
-@dataclass(frozen=True)
-class Seen:
-    """What the journal knows of a row when deciding whether to send it."""
+class Seen(NamedTuple):
+    """What the journal knows of a row when deciding whether to send it.
+
+    A tuple, not a dataclass: a rerun builds one per input row, and a frozen
+    dataclass costs several times as much to make.
+    """
 
     prompt_hash: str
     status: RowStatus
@@ -186,6 +195,7 @@ class Journal:
                 f"(or rerun with --fresh, which keeps it as *.old) and rerun"
             ) from None
         self._group = _Group()
+        self._fingerprint: tuple[int, list[Any]] | None = None  # (total_changes when read, figures)
 
     def _create_or_migrate(self) -> None:
         new = self.conn.execute("SELECT name FROM sqlite_master WHERE name = 'results'").fetchone() is None
@@ -247,16 +257,39 @@ class Journal:
     def set_meta(self, key: Meta, value: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def fingerprint(self) -> list[Any]:
+        """Figures that change whenever a result is journaled: rows, the last row id, write times, statuses, spending.
+
+        ``INSERT OR REPLACE`` gives a rewritten row a new ``updated`` time (and
+        mostly a new row id), so a retried row changes it too; the counts per
+        status catch a status changed in place. Read once per state of this
+        connection (``total_changes`` counts every row it wrote; the run lock
+        keeps other processes from writing): a rerun asks twice.
+        """
+        changes = self.conn.total_changes
+        if self._fingerprint is None or self._fingerprint[0] != changes:
+            figures = self.conn.execute(_FINGERPRINT).fetchone()
+            self._fingerprint = (changes, [*figures, self.get_meta(Meta.SPENT_USD)])
+        return self._fingerprint[1]
+
+    def done_rows(self, *, retry_failed: bool = False) -> int:
+        """Rows a run would not send again (``ok`` alone with ``retry_failed``), whatever their prompt."""
+        done = [RowStatus.OK] if retry_failed else sorted(DONE_STATUSES)
+        marks = ", ".join("?" * len(done))
+        return int(self.conn.execute(f"SELECT count(*) FROM results WHERE status IN ({marks})", done).fetchone()[0])
+
     def has_rows(self) -> bool:
         return self.conn.execute("SELECT EXISTS (SELECT 1 FROM results)").fetchone()[0] == 1
 
     def seen(self, keys: list[str]) -> dict[str, Seen]:
         """Journal state for a batch of row keys (one query per batch)."""
         rows = self.conn.execute(
-            "SELECT key, prompt_hash, status, invalid_tries FROM results WHERE key IN (SELECT value FROM json_each(?))",
+            "SELECT r.key, r.prompt_hash, r.status, r.invalid_tries FROM json_each(?) AS k "
+            "JOIN results AS r ON r.key = k.value",
             (json.dumps(keys),),
         )
-        return {key: Seen(h, RowStatus(s), n) for key, h, s, n in rows}
+        status = _STATUS  # a dictionary lookup: calling RowStatus(...) per row cost a 20,000-row rerun 0.05 s
+        return {key: Seen(h, status[s], n) for key, h, s, n in rows}
 
     def columns_in_order(self, keys: list[str], columns: tuple[str, ...]) -> list[tuple[Any, ...]]:
         """``columns`` of each of ``keys``, in the order of ``keys``; a key never journaled gives nulls.

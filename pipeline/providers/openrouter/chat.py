@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
 from pipeline.providers.openrouter.batches import OpenRouterBatches
 from pipeline.providers.openrouter.models import fetch_models
 from pipeline.providers.provider import Provider
 from pipeline.providers.ratelimits import RateLimitInfo, fetch_key_limit
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from pipeline.config.job import ModelSpec
     from pipeline.providers.catalogue import ListedModel
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import aiohttp
-
 from pipeline.errors import UnavailableError
 from pipeline.providers.catalogue import ListedModel
 
@@ -30,6 +28,8 @@ async def fetch_models(base_url: str, timeout_s: float = 30) -> list[ListedModel
 
 async def _fetch_json(url: str, timeout_s: float) -> Any:
     """GET ``url`` and decode its JSON body, turning every failure into an UnavailableError."""
+    import aiohttp  # here, not at the top: a rerun with nothing to send never loads it
+
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with (
