@@ -19,7 +19,7 @@ import email.utils
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +135,9 @@ def _parse_success(data: dict[str, Any]) -> Reply:
         reply = Reply(ReplyKind.RETRY, 200, "HTTP 200 with no content (message.content is null)", finish_reason=finish)
         return _unanswered(reply, usage)
     used = parse_usage(usage)
+    if content and used.prompt_tokens == 0 and used.completion_tokens == 0:
+        # An answer takes tokens: usage of zeros was never filled in (counted instead, like no usage).
+        used = replace(used, prompt_tokens=None, completion_tokens=None)
     return Reply(
         ReplyKind.OK,
         200,

@@ -121,7 +121,9 @@ def test_a_poll_answering_a_4xx_that_quotes_the_key_is_masked(
 
 
 @pytest.mark.parametrize("flavour", PROVIDERS)
-@pytest.mark.parametrize("behaviour", ["usage_nulls", "usage_total_only", "usage_empty", "usage_prompt_only"])
+@pytest.mark.parametrize(
+    "behaviour", ["usage_nulls", "usage_total_only", "usage_empty", "usage_prompt_only", "usage_zeros"]
+)
 def test_results_with_partial_usage_are_charged_for_prompt_and_completion(
     workdir: Path, capsys: pytest.CaptureFixture[str], flavour: str, behaviour: str
 ) -> None:
