@@ -19,7 +19,7 @@ limit keep using aiohttp: they send a handful of requests per run.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import ssl
 from collections.abc import Mapping
@@ -141,11 +141,11 @@ def lean_available(url: str) -> bool:
     """True when chat requests to ``url`` go through the lean client (see the module's docstring)."""
     if os.environ.get(ENV_VAR, "").strip().lower() == "aiohttp":
         return False
-    if importlib.util.find_spec("httptools") is None:
+    try:
+        http1 = importlib.import_module("pipeline.engine.http1")
+    except ImportError:  # no httptools for this platform, or a broken wheel
         return False
-    from pipeline.engine.http1 import supports
-
-    return supports(url)
+    return bool(http1.supports(url))
 
 
 def chat_transport(
@@ -157,10 +157,7 @@ def chat_transport(
     ``connections`` bounds the lean client's open connections (0: one per request in flight).
     """
     if lean_available(url):
-        try:
-            return LeanTransport(url, session.headers, timeout_s, connect_timeout_s, connections)
-        except ImportError:  # httptools found but broken (a wheel for another platform)
-            pass
+        return LeanTransport(url, session.headers, timeout_s, connect_timeout_s, connections)
     return AiohttpTransport(session, url, timeout_s)
 
 

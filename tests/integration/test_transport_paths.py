@@ -7,6 +7,8 @@ client the server actually saw (its User-Agent).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,17 @@ def test_timeout_text_on_each_path(workdir: Path, server: FakeServer, path: str)
     assert rows[2]["error"] == "timeout after 0.4 s" and rows[2]["attempts"] == 2
     for i in (0, 1, 3, 4):
         assert_ok(rows[i], i)
+
+
+def test_lean_run_never_imports_aiohttp(workdir: Path, server: FakeServer, path: str) -> None:
+    """A run on the lean client loads no aiohttp at all (its import is a fifth of a second); the fallback does."""
+    job = make_job(workdir, server, 10)
+    code = (
+        "import sys\n"
+        "from pipeline.cli.app import main\n"
+        f"code = main(['run', {str(job)!r}, '--quiet'])\n"
+        "print(code, 'aiohttp' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout.split() == ["0", str(path == "aiohttp")], done.stderr
+    assert server.stats()["ok"] == 10

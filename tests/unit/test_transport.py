@@ -13,6 +13,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import sys
 import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -370,5 +371,7 @@ async def test_chat_transport_picks_lean_unless_told(monkeypatch: pytest.MonkeyP
         monkeypatch.setenv(seam.ENV_VAR, "aiohttp")
         assert chat_transport(session, url, 5, 2).name == "aiohttp"
         monkeypatch.delenv(seam.ENV_VAR)
-        monkeypatch.setattr(seam.importlib.util, "find_spec", lambda name: None)  # httptools missing
+        # httptools missing (or broken): importing the lean client fails, aiohttp is used.
+        monkeypatch.setitem(sys.modules, "httptools", None)
+        monkeypatch.setitem(sys.modules, "pipeline.engine.http1", None)
         assert chat_transport(session, url, 5, 2).name == "aiohttp"
