@@ -16,11 +16,13 @@ Two counters exist:
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
     import pyarrow as pa
     import tiktoken
 
@@ -171,10 +173,12 @@ def _split_stable_head(system: str) -> tuple[str, str]:
 
 # Fewer texts than this are counted one by one: the array set-up costs more than it saves.
 _PIECES_MIN_TEXTS = 64
-_PIECES_CHUNK = 1024
-# Distinct pieces remembered across batches (English prose has tens of thousands); longer
+_PIECES_CHUNK = 4096
+# Texts with fewer pieces than this on average are counted whole (see _count_pieces).
+_PIECES_MIN_PER_TEXT = 4
+# Distinct pieces remembered across batches (prose uses tens of thousands; at most ~10 MB); longer
 # pieces (scripts without ASCII letters, long numbers) are encoded per batch, not kept.
-_KNOWN_PIECES_MAX = 1 << 18
+_KNOWN_PIECES_MAX = 1 << 16
 _KNOWN_PIECE_MAX_CHARS = 64
 _known_pieces: dict[str, int] = {}
 
@@ -202,8 +206,10 @@ def count_texts(texts: Sequence[str]) -> list[int]:
     # resident over a 1,000,000-row dry run for these short-lived arrays.
     pool = pa.system_memory_pool()
     totals: list[int] = []
-    # In chunks: the arrays of a chunk take ~10 bytes per byte of text, and
-    # small ones are reused by the allocator instead of raising the peak RSS.
+    # In chunks: a chunk's arrays take a few bytes per byte of text, and ones
+    # this size are reused by the allocator instead of raising the peak RSS
+    # (larger chunks look each distinct piece up fewer times: 4,096 rows of
+    # ~100 words ran 25% faster than 1,024 on varied English, same peak RSS).
     for at in range(0, len(texts), _PIECES_CHUNK):
         chunk = texts[at : at + _PIECES_CHUNK]
         try:
@@ -211,12 +217,17 @@ def count_texts(texts: Sequence[str]) -> list[int]:
         except (pa.ArrowException, UnicodeError):
             totals += [count(text) for text in chunk]
         else:
-            totals += _count_pieces(array, count, pool)
+            counted = _count_pieces(array, count, pool)
+            totals += counted if counted is not None else [count(text) for text in chunk]
     return totals
 
 
-def _count_pieces(array: pa.LargeStringArray, count: Callable[[str], int], pool: pa.MemoryPool) -> list[int]:
-    """Tokens of each string of ``array`` (no nulls), as the sum of its pieces' tokens."""
+def _count_pieces(array: pa.LargeStringArray, count: Callable[[str], int], pool: pa.MemoryPool) -> list[int] | None:
+    """Tokens of each string of ``array`` (no nulls), as the sum of its pieces' tokens.
+
+    None when the texts have too few cuts for pieces to pay (text without
+    ASCII letters, such as Chinese, is one piece): they are counted whole.
+    """
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -228,34 +239,42 @@ def _count_pieces(array: pa.LargeStringArray, count: Callable[[str], int], pool:
         return [0] * n
     data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[start:end]
     offsets = offsets - start
-    # uint8 arithmetic wraps, so only 'A'-'Z' and 'a'-'z' land below 26.
-    letter = ((data | 32) - 97) < 26
-    other_ascii = (data < 128) & ~letter
+    # In place where it can be: a byte of text takes a few bytes of arrays here, not ten.
+    work = np.bitwise_or(data, 32)
+    work -= 97  # uint8 arithmetic wraps: only 'A'-'Z' and 'a'-'z' land below 26
+    letter = work < 26
+    other_ascii = np.less(data, 128, out=work.view(np.bool_))
+    np.greater(other_ascii, letter, out=other_ascii)  # ASCII and not a letter
     cut = np.zeros(len(data) + 1, dtype=bool)
     np.logical_and(letter[:-1], other_ascii[1:], out=cut[1:-1])
+    del work, letter, other_ascii
     cut[offsets] = True  # every text starts and ends a piece
     bounds = np.flatnonzero(cut).astype(np.int64, copy=False)
+    del cut
+    if len(bounds) - 1 < _PIECES_MIN_PER_TEXT * n:
+        return None
     pieces = pa.LargeStringArray.from_buffers(len(bounds) - 1, pa.py_buffer(bounds), pa.py_buffer(data))
     encoded = pc.dictionary_encode(pieces, memory_pool=pool)
-    distinct = np.fromiter(
-        (_piece_tokens(piece, count) for piece in encoded.dictionary.to_pylist()),
-        dtype=np.int64,
-        count=len(encoded.dictionary),
-    )
+    distinct = _pieces_tokens(encoded.dictionary.to_pylist(), count)
     running = np.zeros(len(bounds), dtype=np.int64)
-    np.cumsum(distinct[encoded.indices.to_numpy()], out=running[1:])
+    np.cumsum(distinct.take(encoded.indices.to_numpy()), out=running[1:])
     first = np.searchsorted(bounds, offsets)  # each text's first piece (its start is a bound)
     return (running[first[1:]] - running[first[:-1]]).tolist()
 
 
-def _piece_tokens(piece: str, count: Callable[[str], int]) -> int:
-    tokens = _known_pieces.get(piece)
-    if tokens is None:
-        tokens = count(piece)
+def _pieces_tokens(pieces: list[str], count: Callable[[str], int]) -> np.ndarray:
+    """Tokens of each distinct piece: remembered ones looked up in one C loop, the others encoded."""
+    import numpy as np
+
+    known = _known_pieces
+    tokens = np.fromiter(map(known.get, pieces, itertools.repeat(-1)), dtype=np.int32, count=len(pieces))
+    for i in np.flatnonzero(tokens < 0).tolist():
+        piece = pieces[i]
+        tokens[i] = found = count(piece)
         if len(piece) <= _KNOWN_PIECE_MAX_CHARS:
-            if len(_known_pieces) >= _KNOWN_PIECES_MAX:
-                _known_pieces.clear()  # a new vocabulary: start over rather than grow without end
-            _known_pieces[piece] = tokens
+            if len(known) >= _KNOWN_PIECES_MAX:
+                known.clear()  # a new vocabulary: start over rather than grow without end
+            known[piece] = found
     return tokens
 
 

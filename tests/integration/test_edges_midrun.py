@@ -97,9 +97,8 @@ def test_realtime_writes_what_was_paid_and_names_the_row(workdir: Path, server: 
     paid = server.stats()["requests"]
     assert paid == ROWS, "every row was read before the edit"
     assert_stopped_on_row_31(code, err, f"data/in{suffix}")
-    if suffix != ".jsonl":  # the JSON reader fails a whole block: its rows before the bad one are not written
-        assert_partial_output()
-        assert f"the output holds the first {BAD} rows" in err, err
+    assert_partial_output()
+    assert f"the output holds the first {BAD} rows" in err, err
     # Fixed: the rerun writes every row and pays nothing again.
     write_input(path, rows())
     code, err = finish(spawn(workdir, "run", "job", "--quiet"))
@@ -190,3 +189,23 @@ def test_a_prompt_edited_after_it_was_answered_is_not_written_with_the_old_answe
     assert pq.read_table(OUTPUT).to_pylist()[3]["completion"] == expected_reply(
         "Summarise an entirely different review (3)"
     )
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_the_reader_yields_the_rows_before_a_changed_value_and_names_its_row(workdir: Path, suffix: str) -> None:
+    """Read in batches of 8: rows 1-30 come out, then the error names row 31 (not the batch's first row)."""
+    from pipeline.errors import RecordError
+    from pipeline.io.source import Source
+
+    path = workdir / f"data/in{suffix}"
+    write_input(path, rows())
+    source = Source.open(path, batch_size=8)
+    write_input(path, rows(bad=BAD))
+    if suffix == ".jsonl":  # blank lines are not rows
+        path.write_text(path.read_text().replace("\n", "\n\n", 5))
+    seen: list[int] = []
+    with pytest.raises(RecordError) as caught:
+        for batch in source.batches():
+            seen += batch.column("id").to_pylist()
+    assert seen == list(range(BAD))
+    assert caught.value.row == BAD + 1 and f"row {BAD + 1}:" in str(caught.value)

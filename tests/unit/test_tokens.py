@@ -178,6 +178,21 @@ def test_count_texts_equals_counting_each_text(mistral: MistralTokenizer, monkey
     assert tokens.count_texts(texts) == want  # again, with pieces remembered from the first pass
 
 
+@pytest.mark.parametrize("min_per_text", [0, 10**6])
+def test_text_with_few_cuts_is_counted_whole_or_in_pieces_alike(
+    mistral: MistralTokenizer, monkeypatch: pytest.MonkeyPatch, min_per_text: int
+) -> None:
+    # Chinese, Cyrillic and digits have no ASCII letter to cut after: a text is one piece, or a few.
+    encoding = mistral.instruct_tokenizer.tokenizer._model  # type: ignore[attr-defined]
+    rng = random.Random(min_per_text)
+    texts = [
+        "".join(rng.choice("日本語のテキスト。中文，Привет мир 12345 e\u0301 🙂x.") for _ in range(80))
+        for _ in range(300)
+    ]
+    monkeypatch.setattr(tokens, "_PIECES_MIN_PER_TEXT", min_per_text)
+    assert tokens.count_texts(texts) == [len(encoding.encode_ordinary(text)) for text in texts]
+
+
 def test_count_texts_falls_back_for_text_arrow_cannot_hold(mistral: MistralTokenizer) -> None:
     # A lone surrogate (possible from the Python API) is no valid UTF-8: tiktoken's own fix-up counts it.
     encoding = mistral.instruct_tokenizer.tokenizer._model  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ the file reaches the prompt unchanged. ``[input] dtypes`` forces a type.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Collection, Iterator, Mapping
@@ -141,7 +142,11 @@ class Source:
             problem = f"cannot read {self.format}: its columns changed since the run began ({detail})"
             raise RecordError(cursor.file, cursor.row + 1, problem) from None
         except READ_ERRORS as exc:
-            raise self._read_error(cursor, exc) from None
+            error = self._read_error(cursor, exc)
+            if self.format == "jsonl" and isinstance(error, RecordError) and error.row > cursor.row + 1:
+                # The JSON reader fails a whole block: its rows before the bad one, read again.
+                yield from self._jsonl_rows(columns or self.schema.names, cursor, error.row - 1)
+            raise error from None
 
     def _read_error(self, cursor: Cursor, exc: Exception) -> InputError:
         """A reader's error naming the row: readers count rows per block of the file, or not at all."""
@@ -241,6 +246,30 @@ class Source:
         )
         for batch in rebatch(reader, self.batch_size):
             yield self._convert(batch.select(names), cursor, self.casts)
+
+    def _jsonl_rows(self, names: list[str], cursor: Cursor, stop: int) -> Iterator[pa.RecordBatch]:
+        """Rows ``cursor.row`` to ``stop`` (from 0, ``stop`` excluded) parsed line by line; none if they differ."""
+        lines = []
+        with fs.open_binary(self.path) as handle:
+            row = 0
+            for line in handle:
+                if not line.strip():
+                    continue  # the JSON reader skips blank lines too
+                if row >= cursor.row:
+                    lines.append(line.rstrip(b"\r\n") + b"\n")
+                row += 1
+                if row >= stop:
+                    break
+        try:
+            parse = pajson.ParseOptions(explicit_schema=self.read_schema or self.schema)
+            table = pajson.read_json(io.BytesIO(b"".join(lines)), parse_options=parse).select(names)
+            if table.num_rows != stop - cursor.row:
+                return
+            batch = self._convert(table.combine_chunks().to_batches()[0], cursor, self.casts)
+        except (*READ_ERRORS, _Unconvertible):
+            return
+        for start in range(0, batch.num_rows, self.batch_size):
+            yield batch.slice(start, self.batch_size)
 
     def count_rows(self) -> int:
         """Row count: known from opening, or from Parquet metadata."""
