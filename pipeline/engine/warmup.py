@@ -20,10 +20,14 @@ import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-__all__ = ["PREFIX_BYTES", "PrefixWarmer", "prefix_key"]
+__all__ = ["MAX_WARM", "PREFIX_BYTES", "PrefixWarmer", "prefix_key"]
 
 # OpenAI routes requests by a hash of about their first 256 tokens: about 1,000 bytes.
 PREFIX_BYTES = 1024
+# Warm prefixes remembered at most. Rows whose starts all differ (long documents after a short
+# system prompt) would otherwise keep one key each: about 80 MB at a million rows. Forgetting
+# the oldest half costs a shared prefix one more lone request when it next comes.
+MAX_WARM = 65_536
 
 
 def prefix_key(start: bytes) -> bytes:
@@ -35,7 +39,7 @@ class PrefixWarmer:
     """One request per prefix first; the rest of that prefix after it finishes."""
 
     def __init__(self) -> None:
-        self._warm: set[bytes] = set()
+        self._warm: dict[bytes, None] = {}  # ordered: the oldest are forgotten first
         self._warming: dict[bytes, asyncio.Event] = {}
 
     def is_warm(self, key: bytes) -> bool:
@@ -55,7 +59,11 @@ class PrefixWarmer:
     def leave(self, key: bytes) -> None:
         """The warming request finished (answered, failed or stopped): the others may go."""
         event = self._warming.pop(key, None)
-        self._warm.add(key)
+        warm = self._warm
+        warm[key] = None
+        if len(warm) > MAX_WARM:
+            for old in list(warm)[: MAX_WARM // 2]:
+                del warm[old]
         if event is not None:
             event.set()
 

@@ -11,7 +11,7 @@ from pipeline.engine import caching
 from pipeline.engine.caching import CacheRule, SharedPrefixes, cache_rule
 from pipeline.engine.limits.inflight import InFlightWindow
 from pipeline.engine.tokens import counter_for, encode_text
-from pipeline.engine.warmup import PrefixWarmer, prefix_key
+from pipeline.engine.warmup import MAX_WARM, PrefixWarmer, prefix_key
 from pipeline.providers.credit import LimitKind, credit_limit
 from pipeline.providers.usage import Usage, parse_cost, parse_usage
 from tests.fakes.billing import PrefixCache, budget_403_body, in_flight_body, weight_body, word_tokens
@@ -269,6 +269,23 @@ def test_different_prefixes_do_not_wait_for_each_other():
         return events
 
     assert asyncio.run(scenario()) == ["a sent", "b sent"]
+
+
+def test_warm_prefixes_are_bounded_and_the_newest_kept():
+    """Rows whose starts all differ add a key each: the memory stays bounded, a shared start re-warms."""
+
+    async def scenario() -> PrefixWarmer:
+        warmer = PrefixWarmer()
+        for i in range(MAX_WARM + 1):
+            key = prefix_key(str(i).encode())
+            assert await warmer.enter(key)
+            warmer.leave(key)
+        return warmer
+
+    warmer = asyncio.run(scenario())
+    assert len(warmer._warm) == MAX_WARM // 2 + 1
+    assert warmer.is_warm(prefix_key(str(MAX_WARM).encode()))  # the newest stay warm
+    assert not warmer.is_warm(prefix_key(b"0"))  # the oldest go: one lone request warms it again
 
 
 def test_in_flight_window_halves_once_per_episode_and_grows_back():
