@@ -515,7 +515,8 @@ def _median_ratio(runs: dict[str, list[Loop]], a: Contender, b: Contender) -> tu
 
 def bench_overhead(repeats: int, log: Any) -> list[Row]:
     """Median of ``repeats`` alternating rounds (pipeline, minimal loop, capped pipeline, minimal
-    loop on uvloop, in turn); the server logs every request. Ratios are taken within a round."""
+    loop on uvloop, in turn; every other round reversed); the server logs every request. Ratios
+    are taken within a round."""
     runs: dict[str, list[Loop]] = {c.name: [] for c in CONTENDERS}
     with fake_server(record=True) as server:
         data = ensure_data("short", OVERHEAD_ROWS)
@@ -534,8 +535,10 @@ def bench_overhead(repeats: int, log: Any) -> list[Row]:
         for c in CONTENDERS:
             warm = timed(c)
             log(f"overhead: {c.name} warm-up (not counted): {warm.rps:,.0f} req/s {warm.problems or ''}")
-        for i in range(repeats):  # alternating, so drift affects all alike
-            for c in CONTENDERS:
+        for i in range(repeats):
+            # Alternating, and every other round in reverse order (A B C D, D C B A): a machine that
+            # speeds up or slows down over the run then favours no contender within a pair.
+            for c in CONTENDERS if i % 2 == 0 else CONTENDERS[::-1]:
                 loop = timed(c)
                 runs[c.name].append(loop)
                 log(
