@@ -57,6 +57,8 @@ def journal_spent() -> float:
 
 
 BILLED_NO_ANSWER = ["null_content+cost", "no_choices+cost"]
+# Other shapes of a billed reply without an answer (a reasoning-only message, an empty choice, ...).
+BILLED_SHAPES = ["reasoning+cost", "empty_choice+cost", "null_message+cost", "chunk+cost"]
 
 
 @pytest.mark.parametrize("behaviour", BILLED_NO_ANSWER)
@@ -82,7 +84,9 @@ def test_a_billed_reply_without_content_is_charged_once_and_not_paid_again(
     assert server.stats()["requests"] == 40
 
 
-@pytest.mark.parametrize("behaviour", [*BILLED_NO_ANSWER, "error200+cost", "500+cost", "502+cost", "400+cost"])
+@pytest.mark.parametrize(
+    "behaviour", [*BILLED_NO_ANSWER, *BILLED_SHAPES, "error200+cost", "500+cost", "502+cost", "400+cost"]
+)
 def test_the_budget_counts_billed_replies_that_carry_no_answer(
     workdir: Path, server: FakeServer, capsys: pytest.CaptureFixture[str], behaviour: str
 ) -> None:
